@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from rich.console import Console
 
@@ -28,27 +27,34 @@ def _register() -> None:
     from partita.commands import inspect as inspect_cmd
 
     app.command("inspect")(inspect_cmd.inspect)
+    from partita.commands import keys as keys_cmd
+
+    app.add_typer(keys_cmd.app, name="keys")
+    from partita.commands import worker as worker_cmd
+
+    app.command("worker")(worker_cmd.worker)
+    from partita.commands import plan as plan_cmd
+
+    app.command("plan")(plan_cmd.plan)
+    from partita.commands import simulate as simulate_cmd
+
+    app.command("simulate")(simulate_cmd.simulate)
 
 
 _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app, mapping partita errors to one line and exit 2."""
-    err = Console(stderr=True)
+    """Console-script entry point.
+
+    typer's standalone mode already turns usage errors, Ctrl-C and exits into messages and exit
+    codes; a `PartitaError` escaping a command becomes one line on stderr and exit code 2.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv)
     except PartitaError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

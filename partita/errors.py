@@ -65,3 +65,7 @@ class EmulationError(PartitaError):
 
 class FLError(PartitaError):
     """Federated training failed: an unknown task, no clients left, or a bad update."""
+
+
+class StageInputError(PartitaError):
+    """Tensors given to a stage do not match what it takes (count, dtype or shape)."""

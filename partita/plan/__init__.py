@@ -1,0 +1,55 @@
+"""Planning: choose stages and devices for a model on a cluster, and predict what that gives.
+
+Pure: takes a model profile and a `ClusterSpec`, returns a frozen `Plan`; no torch, no zmq, no I/O
+beyond `load_profile` reading a JSON file when given a path.
+
+    plan(profile, cluster, objective="throughput", planner="optimal") -> Plan
+    predict(profile, cluster, [(devices, start, end), ...]) -> Plan      # the cost model of any assignment
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from partita.cluster import ClusterSpec
+from partita.errors import PlanError
+from partita.plan.baselines import BASELINES, plan_baseline
+from partita.plan.cost import check_segment_times, predict
+from partita.plan.optimal import plan_optimal
+from partita.plan.profile import Profile, SegmentCost, load_profile
+from partita.plan.types import Plan, StagePlan
+
+__all__ = ["OBJECTIVES", "PLANNERS", "Plan", "Profile", "SegmentCost", "StagePlan", "load_profile", "plan",
+           "predict"]
+
+OBJECTIVES = ("throughput", "latency")
+PLANNERS = ("optimal", *BASELINES)
+
+
+def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throughput",
+         planner: str = "optimal", max_stages: int | None = None, replicate: bool = True,
+         segment_times_s: Mapping[str, Sequence[float]] | None = None) -> Plan:
+    """Choose stages and devices for the model on the cluster.
+
+    objective: "throughput" minimises the period, "latency" the source-to-source latency.
+    planner: "optimal" (see `partita.plan.optimal`) or a baseline: "single", "even", "memory", "flops".
+    max_stages: at most this many stages (None: no limit beyond segments and devices).
+    replicate: let the optimal planner run a stage on several interchangeable devices (round-robin).
+    segment_times_s: measured seconds per segment, per device name, at the profile's batch size;
+        overrides flops / flops_per_s for the devices it names.
+    Raises PlanError when the model fits nowhere (the message says what is needed and what there is).
+    """
+    if objective not in OBJECTIVES:
+        raise PlanError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    if planner not in PLANNERS:
+        raise PlanError(f"unknown planner {planner!r}; expected one of {', '.join(PLANNERS)}")
+    if max_stages is not None and (isinstance(max_stages, bool) or int(max_stages) < 1):
+        raise PlanError(f"max_stages must be a whole number >= 1 or None, got {max_stages!r}")
+    profile = load_profile(graph_or_profile)
+    times = check_segment_times(profile, cluster, segment_times_s) or None
+    if planner == "optimal":
+        return plan_optimal(profile, cluster, objective=objective, max_stages=max_stages, replicate=replicate,
+                            segment_times_s=times)
+    return plan_baseline(planner, profile, cluster, objective=objective, max_stages=max_stages,
+                         segment_times_s=times)

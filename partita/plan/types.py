@@ -1,0 +1,167 @@
+"""What a planner returns: stages on devices, with the cost model's predictions.
+
+A `Plan` is a frozen value that prints one line per stage and round-trips through JSON, so the
+runtime can be held to it and a reference plan can be checked into a test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from partita.errors import PlanError
+
+__all__ = ["Plan", "StagePlan"]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One pipeline stage: segments [start, end) run on `devices` (more than one: replicas, round-robin).
+
+    `compute_s` is the compute time of one request on the stage's slowest replica (not divided by the
+    replica count; the period divides it). `memory_bytes` is what each replica holds (weights plus peak
+    activations). `in_bytes`/`out_bytes` are the bytes of one request entering and leaving the stage.
+    """
+
+    devices: tuple[str, ...]
+    start: int
+    end: int
+    compute_s: float
+    memory_bytes: float
+    in_bytes: int
+    out_bytes: int
+
+    @property
+    def replicas(self) -> int:
+        return len(self.devices)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "devices": list(self.devices),
+            "start": self.start,
+            "end": self.end,
+            "compute_s": self.compute_s,
+            "memory_bytes": self.memory_bytes,
+            "in_bytes": self.in_bytes,
+            "out_bytes": self.out_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Stages in pipeline order and what the cost model predicts for them (see `partita.plan.cost`).
+
+    `period_s` is the time between results in steady state (throughput_rps = 1 / period_s);
+    `latency_s` is the time one request takes through an empty pipeline, source to source.
+    `lower_bound_period_s` is a proven lower bound on the period of any plan for this model and
+    cluster, reported when the planner is not exact (None when it is exact, or for baselines).
+    `source` is the node where requests enter and results return; `model` names the profile.
+    """
+
+    stages: tuple[StagePlan, ...]
+    period_s: float
+    throughput_rps: float
+    latency_s: float
+    objective: str
+    planner: str
+    lower_bound_period_s: float | None = None
+    source: str = ""
+    model: str = ""
+
+    def cuts(self) -> list[int]:
+        """Indices of the segments after which a new stage starts (what `partita.model.split` takes).
+
+        Stages [0, 5) and [5, 12) give [4]: segment 4 is the last one of the first stage.
+        """
+        return [stage.end - 1 for stage in self.stages[:-1]]
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Every device the plan uses, in stage order."""
+        return tuple(name for stage in self.stages for name in stage.devices)
+
+    @property
+    def gap(self) -> float | None:
+        """period / lower bound - 1 (0 means provably optimal); None when no bound was reported."""
+        if self.lower_bound_period_s is None or self.lower_bound_period_s <= 0:
+            return None
+        return self.period_s / self.lower_bound_period_s - 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "objective": self.objective,
+            "planner": self.planner,
+            "period_s": self.period_s,
+            "throughput_rps": self.throughput_rps,
+            "latency_s": self.latency_s,
+            "lower_bound_period_s": self.lower_bound_period_s,
+            "stages": [stage.to_dict() for stage in self.stages],
+            "source": self.source,
+            "model": self.model,
+        }
+
+    def to_json(self, *, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        try:
+            stages = tuple(
+                StagePlan(
+                    devices=tuple(str(d) for d in s["devices"]),
+                    start=int(s["start"]),
+                    end=int(s["end"]),
+                    compute_s=float(s["compute_s"]),
+                    memory_bytes=float(s["memory_bytes"]),
+                    in_bytes=int(s["in_bytes"]),
+                    out_bytes=int(s["out_bytes"]),
+                )
+                for s in data["stages"]
+            )
+            bound = data.get("lower_bound_period_s")
+            return cls(
+                stages=stages,
+                period_s=float(data["period_s"]),
+                throughput_rps=float(data["throughput_rps"]),
+                latency_s=float(data["latency_s"]),
+                objective=str(data["objective"]),
+                planner=str(data["planner"]),
+                lower_bound_period_s=None if bound is None else float(bound),
+                source=str(data.get("source", "")),
+                model=str(data.get("model", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            # Any of these means the JSON is not a plan; say which key is wrong rather than a bare KeyError.
+            raise PlanError(f"not a plan: {type(exc).__name__}: {exc}; expected the JSON of Plan.to_json()") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"not a plan: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+        if not isinstance(data, dict):
+            raise PlanError("not a plan: expected a JSON object")
+        return cls.from_dict(data)
+
+    def __str__(self) -> str:
+        head = (
+            f"{self.planner} plan ({self.objective}): period {_ms(self.period_s)}, "
+            f"{self.throughput_rps:.4g} req/s, latency {_ms(self.latency_s)}"
+        )
+        if self.gap is not None:
+            head += f", within {self.gap:.1%} of the lower bound"
+        lines = [head]
+        for k, stage in enumerate(self.stages):
+            lines.append(
+                f"  stage {k}: [{stage.start}, {stage.end}) on {','.join(stage.devices)}  "
+                f"compute {_ms(stage.compute_s)}  memory {stage.memory_bytes / 2**20:.1f} MiB  "
+                f"in {stage.in_bytes} B  out {stage.out_bytes} B"
+            )
+        return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return "inf" if math.isinf(seconds) else f"{seconds * 1e3:.3f} ms"
