@@ -1,0 +1,277 @@
+"""FedAvg, FedProx and FedNova under heterogeneity, and the round loop's overhead.
+
+1. Convergence: accuracy and loss against rounds on `synthetic` and `digits` (non-IID), with deadline-driven
+   unequal work: 10 clients on the devices of examples/clusters/home-edge.yaml (two clients per device), each
+   running as many local steps as fit in the round's deadline at its device's speed (capped at MAX_STEPS).
+   A step's emulated time is proportional to 1 / flops_per_s of the device. Ratios are against FedAvg.
+2. Round overhead: milliseconds per round for 10 clients with payloads from 10 KiB to 10 MiB, in process:
+   every update goes through the Flower-named record and the wire layout (and through
+   partita.runtime.wire encode/decode when that module is present). The baseline is the bare arithmetic of
+   one FedAvg round (a weighted sum of 10 tensors); the ratio is the loop's cost over it.
+
+Run: .venv/bin/python benchmarks/fl.py [--quick]. Writes benchmarks/results/fl.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from partita.fl import (
+    ClientProfile,
+    ClientUpdate,
+    FedAvg,
+    FedNova,
+    FedProx,
+    FLServer,
+    get_task,
+    record_from_wire,
+    record_to_wire,
+    run_in_process,
+    update_from_record,
+    update_to_record,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_FILE = ROOT / "examples" / "clusters" / "home-edge.yaml"
+RESULTS = ROOT / "benchmarks" / "results" / "fl.json"
+NUM_CLIENTS = 10
+MAX_STEPS = 40
+DEADLINE_S = 1.0
+# Used only when the cluster file is missing: catalog-like fp32 FLOP/s of a home lab.
+FALLBACK_DEVICES = [
+    ("laptop", 358.4e9),
+    ("jetson", 1280e9),
+    ("pi-a", 13.5e9),
+    ("pi-b", 13.5e9),
+    ("pi-c", 30.2e9),
+]
+
+console = Console()
+
+
+def cluster_devices() -> tuple[list[tuple[str, float]], str]:
+    """(name, flops_per_s) per device and where they came from."""
+    if CLUSTER_FILE.exists():
+        from partita.cluster import ClusterSpec
+
+        spec = ClusterSpec.from_yaml(CLUSTER_FILE)
+        return [(d.name, d.flops_per_s) for d in spec.devices], str(CLUSTER_FILE.relative_to(ROOT))
+    return FALLBACK_DEVICES, "built-in list (cluster file missing)"
+
+
+def deadline_profiles(devices, lr: float, batch_size: int) -> tuple[dict[int, ClientProfile], list[str]]:
+    """Client i runs on device i mod len(devices). The slowest device fits 2 steps in the deadline; the others
+    fit proportionally more, capped at MAX_STEPS."""
+    slowest = min(f for _, f in devices)
+    slow_step_s = DEADLINE_S / 2.5  # the slowest device fits two full steps, not three
+    profiles, names = {}, []
+    for i in range(NUM_CLIENTS):
+        name, flops = devices[i % len(devices)]
+        step_s = slow_step_s * slowest / flops
+        profiles[i] = ClientProfile(local_steps=MAX_STEPS, lr=lr, batch_size=batch_size, step_time_s=step_s)
+        names.append(name)
+    return profiles, names
+
+
+def convergence(task_name: str, rounds: int, seeds: list[int], lr: float, options: dict, devices) -> dict:
+    profiles, names = deadline_profiles(devices, lr, batch_size=32)
+    strategies = {"fedavg": FedAvg, "fedprox": lambda: FedProx(0.1), "fednova": FedNova}
+    out: dict = {
+        "task": task_name,
+        "lr": lr,
+        "rounds": rounds,
+        "seeds": seeds,
+        "devices": names,
+        "curves": {},
+    }
+    for label, make in strategies.items():
+        accuracy = [[] for _ in range(rounds)]
+        loss = [[] for _ in range(rounds)]
+        steps = None
+        began = time.perf_counter()
+        for seed in seeds:
+            task = get_task(task_name, num_clients=NUM_CLIENTS, seed=seed, **options)
+            history = run_in_process(
+                task, make(), rounds, profiles=profiles, deadline_s=DEADLINE_S, seed=seed
+            )
+            for r, record in enumerate(history.rounds):
+                accuracy[r].append(record.accuracy)
+                loss[r].append(record.loss)
+            steps = dict(zip(record.clients, record.steps, strict=True))
+        out["curves"][label] = {
+            "accuracy": [statistics.fmean(a) for a in accuracy],
+            "loss": [statistics.fmean(v) for v in loss],
+            "final_accuracy_per_seed": [accuracy[-1][i] for i in range(len(seeds))],
+            "steps_per_client": steps,
+            "wall_s": time.perf_counter() - began,
+        }
+    return out
+
+
+def print_convergence(result: dict) -> None:
+    curves = result["curves"]
+    rounds = result["rounds"]
+    checkpoints = sorted({1, *range(5, rounds + 1, 5), rounds})
+    table = Table(title=f"{result['task']}: test accuracy / loss vs round (mean of seeds {result['seeds']})")
+    table.add_column("round", justify="right")
+    for label in curves:
+        table.add_column(f"{label} acc", justify="right")
+        table.add_column(f"{label} loss", justify="right")
+    for r in checkpoints:
+        row = [str(r)]
+        for label in curves:
+            row += [f"{curves[label]['accuracy'][r - 1]:.3f}", f"{curves[label]['loss'][r - 1]:.3f}"]
+        table.add_row(*row)
+    base = curves["fedavg"]
+    ratio = ["final / fedavg"]
+    for label in curves:
+        ratio += [
+            f"{curves[label]['accuracy'][-1] / base['accuracy'][-1]:.2f}x",
+            f"{curves[label]['loss'][-1] / base['loss'][-1]:.2f}x",
+        ]
+    table.add_row(*ratio, style="bold")
+    console.print(table)
+    steps = curves["fedavg"]["steps_per_client"]
+    console.print(
+        "local steps per client (device): "
+        + ", ".join(
+            f"{cid}:{steps.get(cid, 'dropped')} ({result['devices'][cid]})" for cid in range(NUM_CLIENTS)
+        )
+    )
+
+
+class EchoClient:
+    """A client that 'trains' instantly: returns precomputed weights through the full record/wire layout."""
+
+    def __init__(self, client_id: int, weights: dict[str, torch.Tensor], wire_module) -> None:
+        self.client_id = client_id
+        self.weights = weights
+        self.wire = wire_module
+
+    def train(self, global_weights, config):
+        # The request crosses the wire too: the global weights and the config as one record.
+        request_header, request_tensors = record_to_wire(
+            {"arrays": global_weights, "config": config.to_dict()}
+        )
+        if self.wire is not None:
+            message = self.wire.decode(self.wire.encode("fl-train", request_header, request_tensors))
+            request_header, request_tensors = message.header, message.tensors
+        record_from_wire(request_header, request_tensors)
+        update = ClientUpdate(
+            self.weights, num_examples=100 + self.client_id, local_steps=1 + self.client_id, lr=0.1
+        )
+        header, tensors = record_to_wire(update_to_record(update))
+        if self.wire is not None:
+            message = self.wire.decode(self.wire.encode("fl-update", header, tensors))
+            header, tensors = message.header, message.tensors
+        return update_from_record(record_from_wire(header, list(tensors)))
+
+    def evaluate(self, global_weights):
+        return {"loss": 0.0, "num-examples": 1.0}
+
+
+def overhead(payloads_bytes: list[int], repeats: int) -> list[dict]:
+    try:
+        from partita.runtime import wire
+    except ImportError:  # the runtime is optional here; without it the record layout alone is measured
+        wire = None
+    rows = []
+    for nbytes in payloads_bytes:
+        numel = nbytes // 4
+        global_weights = {"w": torch.zeros(numel)}
+        client_weights = [{"w": torch.randn(numel)} for _ in range(NUM_CLIENTS)]
+        p = torch.tensor([100.0 + i for i in range(NUM_CLIENTS)], dtype=torch.float64)
+        p = p / p.sum()
+
+        def bare_round(client_weights=client_weights, p=p):
+            stacked = torch.stack([c["w"].double() for c in client_weights])
+            return (stacked * p[:, None]).sum(dim=0).float()
+
+        timings = {"bare weighted sum": bare_round}
+        for label, strategy in (("fedavg", FedAvg()), ("fednova", FedNova())):
+            clients = [EchoClient(i, client_weights[i], wire) for i in range(NUM_CLIENTS)]
+            server = FLServer(strategy, clients)
+            timings[label] = lambda server=server, gw=global_weights: server.run_round(1, gw)
+        row = {"payload_bytes": nbytes, "wire": wire is not None}
+        for label, fn in timings.items():
+            fn()  # warm-up
+            samples = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - began) * 1e3)
+            row[f"{label}_ms"] = statistics.median(samples)
+        rows.append(row)
+    return rows
+
+
+def print_overhead(rows: list[dict]) -> None:
+    wire_note = "through runtime.wire encode/decode" if rows and rows[0]["wire"] else "record layout only"
+    table = Table(
+        title=f"Round overhead, {NUM_CLIENTS} clients, in process ({wire_note}); median ms per round"
+    )
+    for col in ("payload", "bare sum ms", "fedavg ms", "fedavg / bare", "fednova ms", "fednova / bare"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        bare = row["bare weighted sum_ms"]
+        table.add_row(
+            _size(row["payload_bytes"]),
+            f"{bare:.2f}",
+            f"{row['fedavg_ms']:.2f}",
+            f"{row['fedavg_ms'] / bare:.1f}x",
+            f"{row['fednova_ms']:.2f}",
+            f"{row['fednova_ms'] / bare:.1f}x",
+        )
+    console.print(table)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g} {unit}"
+    return f"{nbytes} B"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and seeds (a smoke run)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny models: intra-op threads only add contention on a shared machine
+    devices, device_source = cluster_devices()
+    console.print(
+        f"devices from {device_source}: " + ", ".join(f"{n} {f / 1e9:g} GFLOP/s" for n, f in devices)
+    )
+    seeds = [0] if args.quick else [0, 1, 2]
+    results = {
+        "devices_source": device_source,
+        "deadline_s": DEADLINE_S,
+        "max_steps": MAX_STEPS,
+        "convergence": [],
+    }
+    settings = [
+        ("synthetic", 10 if args.quick else 40, 0.02, {"alpha": 1.0, "beta": 1.0}),
+        ("digits", 8 if args.quick else 30, 0.05, {"alpha": 0.3}),
+    ]
+    for task_name, rounds, lr, options in settings:
+        result = convergence(task_name, rounds, seeds, lr, options, devices)
+        print_convergence(result)
+        results["convergence"].append(result)
+    payloads = [10 * 2**10, 100 * 2**10, 2**20, 10 * 2**20]
+    rows = overhead(payloads, repeats=3 if args.quick else 10)
+    print_overhead(rows)
+    results["overhead"] = rows
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""FedNova (Wang et al., "Tackling the Objective Inconsistency Problem in Heterogeneous Federated
+Optimization", NeurIPS 2020; the authors' code JYWa/FedNova, `distoptim/FedNova.py`): normalised averaging.
+
+Client i starts a round at the global weights x and runs tau_i local steps of its solver with stochastic
+gradients g_1..g_tau. For every solver below its total change is a linear combination of those gradients,
+
+    Delta_i = x - x_i = eta_i * sum_k a_{i,k} g_k = eta_i * G_i a_i,
+
+with a normalising vector a_i that depends only on the solver (`partita.fl.local` runs exactly these):
+
+    vanilla SGD:                 a_i = [1, ..., 1],                          ||a_i||_1 = tau_i
+    momentum SGD (rho), buffer
+    reset each round:            a_{i,k} = (1 - rho^(tau_i - k + 1)) / (1 - rho),
+                                 ||a_i||_1 = [tau_i - rho (1 - rho^tau_i) / (1 - rho)] / (1 - rho)
+    proximal SGD (mu):           a_{i,k} = (1 - eta_i mu)^(tau_i - k),       ||a_i||_1 = [1 - (1 - eta_i mu)^tau_i] / (eta_i mu)
+    momentum and proximal:       the same linear recursion, solved numerically (`normalizing_vector`).
+
+Learning-rate weighting: clients may use different learning rates, so the normaliser is taken in
+learning-rate units, A_i = eta_i ||a_i||_1 (for a per-step schedule, sum_k eta_k a_{i,k}: what a client sends
+as `ClientUpdate.a_norm`). The normalised update d_i = Delta_i / A_i is then an average gradient, whatever
+eta_i and tau_i were, and the server takes
+
+    tau_eff = sum_i p_i A_i                                   (effective local work, in lr units)
+    D       = tau_eff * sum_i p_i d_i = sum_i p_i (tau_eff / A_i) Delta_i
+    x^{t+1} = x^t - server_lr * D                             (server_momentum = 0)
+    v <- server_momentum * v + D ;  x^{t+1} = x^t - server_lr * v      (server momentum, as the authors' `gmf`)
+
+With equal learning rates eta this is the authors' code exactly: x^{t+1} = x^t - sum_i p_i (tau_eff/||a_i||_1)
+Delta_i with tau_eff = sum_i p_i ||a_i||_1. One detail follows their code rather than the general formula: for a
+proximal client the code counts its work in tau_eff as tau_i (not ||a_i||_1), so a proximal client contributes
+p_i eta_i tau_i to tau_eff here too. tau_eff only scales the step; the fixed point, sum_i p_i grad F_i = 0, is the
+same either way. A client that ran no steps has no direction and is left out (p renormalised over the rest).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from torch import Tensor
+
+from partita.errors import FLError
+from partita.fl.strategy import Strategy, combine
+from partita.fl.update import ClientUpdate, example_weights
+
+
+def normalizing_vector(
+    local_steps: int, momentum: float = 0.0, prox_mu: float = 0.0, lr: float = 1.0
+) -> np.ndarray:
+    """a_i (length tau_i) such that x_0 - x_tau = lr * sum_k a_k g_k for the solver of `partita.fl.local`.
+
+    Solved from the solver's recursion on coefficient vectors: buf_k = rho buf_{k-1} + g_k,
+    d_k = buf_k - lr mu (sum_{j<k} d_j), so that S_tau = sum_k d_k = sum_k a_k g_k.
+    """
+    tau = int(local_steps)
+    buf = np.zeros(tau)
+    total = np.zeros(tau)
+    for k in range(tau):
+        buf *= momentum
+        buf[k] += 1.0
+        total = total + buf - lr * prox_mu * total
+    return total
+
+
+def a_norm_l1(local_steps: int, momentum: float = 0.0, prox_mu: float = 0.0, lr: float = 1.0) -> float:
+    """||a_i||_1 in closed form for vanilla, momentum and proximal SGD (recursion when both are on)."""
+    tau = int(local_steps)
+    if momentum and prox_mu:
+        return float(np.abs(normalizing_vector(tau, momentum, prox_mu, lr)).sum())
+    if momentum:
+        return (tau - momentum * (1 - momentum**tau) / (1 - momentum)) / (1 - momentum)
+    if prox_mu:
+        shrink = lr * prox_mu
+        return (1 - (1 - shrink) ** tau) / shrink
+    return float(tau)
+
+
+def lr_weighted_norm(update: ClientUpdate) -> float:
+    """A_i = eta_i ||a_i||_1, or the client's own `a_norm` when it sent one."""
+    if update.a_norm is not None:
+        return float(update.a_norm)
+    return update.lr * a_norm_l1(update.local_steps, update.momentum, update.prox_mu, update.lr)
+
+
+def effective_work(update: ClientUpdate) -> float:
+    """Client i's contribution to tau_eff before the p_i factor (eta_i tau_i for proximal, as the authors' code)."""
+    if update.a_norm is None and update.prox_mu and not update.momentum:
+        return update.lr * update.local_steps
+    return lr_weighted_norm(update)
+
+
+class FedNova(Strategy):
+    """server_lr: the server's step size on D (1.0 = the paper's plain FedNova).
+    server_momentum: beta of the server momentum buffer v (0 = none); the buffer persists across rounds
+    until `reset()`.
+    """
+
+    name = "fednova"
+
+    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.0) -> None:
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise FLError(f"FedNova server_lr must be > 0, got {server_lr!r}.")
+        if not 0.0 <= server_momentum < 1.0:
+            raise FLError(f"FedNova server_momentum must be in [0, 1), got {server_momentum!r}.")
+        self.server_lr = float(server_lr)
+        self.server_momentum = float(server_momentum)
+        self._velocity: dict[str, Tensor] = {}
+
+    def reset(self) -> None:
+        self._velocity = {}
+
+    def _aggregate(self, global_weights, updates: list[ClientUpdate]):
+        working = [u for u in updates if u.local_steps > 0 or u.a_norm is not None]
+        if not working:
+            return {name: t.detach().clone() for name, t in global_weights.items()}
+        p = example_weights(working)
+        norms = [lr_weighted_norm(u) for u in working]
+        tau_eff = sum(pi * effective_work(u) for pi, u in zip(p, working, strict=True))
+        coefficients = [pi * tau_eff / a for pi, a in zip(p, norms, strict=True)]
+        return combine(
+            global_weights, working, lambda name, base, xs: self._step(name, base, xs, coefficients)
+        )
+
+    def _step(
+        self, name: str, base: Tensor, clients: Sequence[Tensor], coefficients: Sequence[float]
+    ) -> Tensor:
+        direction = sum(c * (base - x) for c, x in zip(coefficients, clients, strict=True))
+        if self.server_momentum:
+            previous = self._velocity.get(name)
+            if previous is not None and previous.shape != direction.shape:
+                raise FLError(
+                    f"FedNova's momentum buffer for {name} has another shape; call reset() for a new model."
+                )
+            direction = direction if previous is None else self.server_momentum * previous + direction
+            self._velocity[name] = direction
+        return base - self.server_lr * direction
+
+    def __repr__(self) -> str:
+        return f"FedNova(server_lr={self.server_lr}, server_momentum={self.server_momentum})"

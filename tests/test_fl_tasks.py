@@ -1,0 +1,112 @@
+"""Built-in tasks, the task registry, the Dirichlet partition, and FedNova against FedAvg on non-IID digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from partita.errors import FLError
+from partita.fl import ClientProfile, FedAvg, FedNova, get_task, run_in_process
+from partita.fl.tasks.digits import dirichlet_partition
+from partita.fl.tasks.quadratic import Quadratic
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads oversubscribe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_registry_resolves_builtins_and_module_references():
+    assert get_task("quadratic", num_clients=3).name == "quadratic"
+    task = get_task("partita.fl.tasks.quadratic:Quadratic", num_clients=2)
+    assert isinstance(task, Quadratic)
+    with pytest.raises(FLError, match="built-in"):
+        get_task("no-such-task")
+    with pytest.raises(FLError, match="cannot import"):
+        get_task("no_such_package.mod:Task")
+    with pytest.raises(FLError, match="no attribute"):
+        get_task("partita.fl.tasks.quadratic:Nope")
+    with pytest.raises(FLError, match="does not accept"):
+        get_task("quadratic", bogus=1)
+    with pytest.raises(FLError, match="not a partita"):
+        get_task("partita.fl.tasks.quadratic:Point", dim=2)
+
+
+def test_client_ids_outside_the_partition_are_refused():
+    with pytest.raises(FLError, match="outside"):
+        get_task("quadratic", num_clients=2).client_data(2)
+
+
+def test_quadratic_optimum_is_the_example_weighted_mean_of_targets():
+    task = get_task("quadratic", num_clients=3, examples=[1, 1, 2])
+    assert torch.allclose(task.optimum(), torch.tensor([0.25, 0.25, 0.5]))
+    model = task.model()
+    with torch.no_grad():
+        model.x.copy_(task.optimum())
+    assert task.evaluate(model)["distance_to_optimum"] == pytest.approx(0.0)
+
+
+def test_dirichlet_partition_is_disjoint_complete_and_skewed_for_small_alpha():
+    labels = np.repeat(np.arange(10), 100)
+    skewed = dirichlet_partition(labels, 10, 0.1, np.random.default_rng(0))
+    even = dirichlet_partition(labels, 10, 100.0, np.random.default_rng(0))
+    for parts in (skewed, even):
+        joined = np.concatenate(parts)
+        assert sorted(joined.tolist()) == list(range(len(labels)))
+        assert min(len(p) for p in parts) >= 10
+
+    def labels_held(parts):  # labels holding at least 10% of a client's data, averaged over clients
+        return np.mean([np.sum(np.bincount(labels[p], minlength=10) >= 0.1 * len(p)) for p in parts])
+
+    assert labels_held(skewed) < 4 < labels_held(even)
+
+
+def test_tasks_are_deterministic_in_their_seed():
+    a, b = get_task("synthetic", num_clients=4, seed=3), get_task("synthetic", num_clients=4, seed=3)
+    assert torch.equal(a.client_data(2).x, b.client_data(2).x)
+    assert torch.equal(a.model().weight, b.model().weight)
+    assert a.client_data(0).x.shape[1] == 60
+    c = get_task("digits", num_clients=5, seed=1)
+    d = get_task("digits", num_clients=5, seed=1)
+    assert torch.equal(c.client_data(4).y, d.client_data(4).y)
+    assert c.test_data().x.shape[1:] == (1, 8, 8)
+
+
+def test_synthetic_logistic_regression_learns():
+    task = get_task("synthetic", num_clients=5, seed=0)
+    profiles = {i: ClientProfile(local_steps=10, lr=0.05, batch_size=16) for i in range(5)}
+    history = run_in_process(task, FedAvg(), 8, profiles=profiles)
+    assert history.final.accuracy > 0.5  # 10 classes: chance is about 0.1
+    assert history.final.loss < history.rounds[0].loss
+
+
+# Deadline-driven unequal work, as on the home-edge cluster: fast devices hit the 40-step cap, Pis fit 2 or 5.
+UNEQUAL_STEPS = [40, 40, 2, 2, 5, 40, 40, 2, 2, 5]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fednova_reaches_a_lower_global_loss_than_fedavg_under_unequal_steps(seed):
+    # Logistic regression on Synthetic(1, 1): the convex, first-order regime FedNova's analysis covers.
+    # Measured on seeds 0-5 (all of those tried): FedNova's test loss was lower on every one.
+    task = get_task("synthetic", num_clients=10, seed=seed)
+    profiles = {i: ClientProfile(local_steps=s, lr=0.02, batch_size=32) for i, s in enumerate(UNEQUAL_STEPS)}
+    fedavg = run_in_process(task, FedAvg(), 10, profiles=profiles, seed=seed).final
+    fednova = run_in_process(task, FedNova(), 10, profiles=profiles, seed=seed).final
+    assert fednova.loss <= fedavg.loss
+
+
+def test_non_iid_digits_with_unequal_steps_trains_under_both_strategies():
+    # Not FedNova >= FedAvg: on this CNN that did not hold robustly (see docs/fl.md, "digits").
+    task = get_task("digits", num_clients=6, seed=0, alpha=0.3)
+    profiles = {
+        i: ClientProfile(local_steps=s, lr=0.1, batch_size=32) for i, s in enumerate([2, 2, 2, 10, 10, 10])
+    }
+    for strategy in (FedAvg(), FedNova()):
+        history = run_in_process(task, strategy, 8, profiles=profiles)
+        assert history.final.steps == (2, 2, 2, 10, 10, 10)
+        assert history.final.accuracy > 0.2  # 10 balanced classes: chance is 0.1
