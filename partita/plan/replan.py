@@ -1,0 +1,481 @@
+"""When to re-plan a running pipeline, and onto what: after a failure, a join, or drift.
+
+The coordinator feeds a `ReplanPolicy` with what it sees and asks it, now and then, what to do:
+
+```python
+policy = ReplanPolicy(graph, cluster.spec, pipe.plan, segment_times_s=measured)
+policy.observe_stage("pi-b", compute_s=0.41, time_s=t)            # a device's measured stage time
+policy.observe_link("pi-a", "pi-b", bandwidth_bytes_per_s=2e6, time_s=t)
+policy.on_failure(["pi-c"], time_s=t)                             # missed heartbeats / broken send
+policy.on_join(DeviceSpec(...), time_s=t)                         # Pipeline.add_device / reappeared
+decision = policy.decide(now_s=t)                                 # None, or a Decision to carry out
+...redeploy decision.plan (decision.diff says what to ship), then:
+record = policy.completed(decision, switch_s=1.3)                 # -> Pipeline.stats()["replans"]
+```
+
+`decide` is a chain of small decisions, the first that returns something wins:
+
+1. failure: a device the plan uses has failed -> re-plan on the devices left (always; no gain or
+   cool-down rule). If they cannot hold the model, the planner's `PlanError` propagates (its
+   message says what is needed) and `policy.plan` becomes None until a join makes a plan fit.
+2. join: devices joined -> re-plan if the candidate beats the current plan by `min_gain` (always
+   when no plan is running; if the devices still cannot hold the model, `PlanError` again).
+3. drift: some measured figure has *sustained* drift (see `partita.plan.drift`) and the last switch
+   is at least `cooldown_s` old -> plan on the updated figures, and switch only if the candidate's
+   predicted period beats the current plan's period *re-predicted on the same updated figures* by
+   at least `min_gain` (0.1: 10% shorter). Either way the drifted figures become the believed ones,
+   so the same drift is not acted on twice: a sustained change leads to one check, and an
+   oscillation inside the hysteresis band leads to none.
+
+Everything is pure and deterministic: time comes in as arguments (any monotonic clock, seconds),
+no I/O, no threads. `decide` assumes the runtime carries out what it returns; if it cannot
+(a device died during the switch), report that with `on_failure` and call `decide` again.
+
+For the "latency" objective the gain rule compares predicted latency instead of period.
+Observations about devices that have failed are ignored (late stats from a dead worker). A device
+the plan leaves idle is not measured by running requests; to let it count as recovered, report a
+probe with `observe_stage(name, seconds, time_s=t, segments=(0, L))`. `decide` is cheap unless a
+rule fires (then it calls the planner once); the policy is not thread-safe: call it from one thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from partita.cluster import ClusterSpec, DeviceSpec, LinkSpec
+from partita.errors import ClusterSpecError, PlanError
+from partita.plan import plan as make_plan
+from partita.plan import predict
+from partita.plan.cost import check_segment_times
+from partita.plan.diff import PlanDiff, diff_plans
+from partita.plan.drift import (
+    DriftRule,
+    Signal,
+    base_segment_times,
+    compute_factor,
+    scaled_segment_times,
+    updated_cluster,
+)
+from partita.plan.profile import load_profile
+from partita.plan.types import Plan
+
+__all__ = ["CAUSES", "Decision", "Replan", "ReplanPolicy"]
+
+CAUSES = ("failure", "drift", "join")
+
+
+@dataclass(frozen=True)
+class Replan:
+    """One re-plan, as `Pipeline.stats()["replans"]` and `partita run --json` list it.
+
+    time_s: when it was decided (the caller's clock). old_period_s: the replaced plan's predicted
+    period on the figures known at that time (None when no plan was running, e.g. after a failure
+    that left too little memory); new_period_s: the new plan's. switch_s: how long the switch took
+    (filled in by the runtime via `ReplanPolicy.completed`; None until then). reason: one line
+    for people.
+    """
+
+    cause: str
+    time_s: float
+    old_period_s: float | None
+    new_period_s: float
+    switch_s: float | None = None
+    devices_lost: tuple[str, ...] = ()
+    devices_added: tuple[str, ...] = ()
+    reason: str = ""
+
+    def completed(self, switch_s: float) -> Replan:
+        return dataclasses.replace(self, switch_s=float(switch_s))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cause": self.cause,
+            "time_s": self.time_s,
+            "old_period_s": self.old_period_s,
+            "new_period_s": self.new_period_s,
+            "switch_s": self.switch_s,
+            "devices_lost": list(self.devices_lost),
+            "devices_added": list(self.devices_added),
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What `decide` asks the runtime to do: deploy `plan`, shipping what `diff` says.
+
+    `cluster` and `segment_times_s` are the figures the plan was made with (what the policy now
+    believes); `replan` is the record to report (its switch_s is None until `completed`).
+    """
+
+    cause: str
+    plan: Plan
+    diff: PlanDiff
+    replan: Replan
+    cluster: ClusterSpec
+    segment_times_s: Mapping[str, tuple[float, ...]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cause": self.cause, "plan": self.plan.to_dict(), "diff": self.diff.to_dict(),
+                "replan": self.replan.to_dict()}
+
+
+class ReplanPolicy:
+    """The coordinator's re-planning logic (see the module docstring for the rules).
+
+    profile: the model (a profile dict, a path, or a graph); cluster: the deployed cluster; current:
+    the deployed plan. segment_times_s: the measured per-device segment times the plan was made with
+    (None: flops / flops_per_s). objective / planner / max_stages / replicate: what re-plans use
+    (objective None: the current plan's). rule: when a figure has drifted. min_gain: the smallest
+    relative improvement worth a switch (0.1 = the new period is at most 90% of the old).
+    cooldown_s: no drift switch sooner than this after any switch.
+    """
+
+    def __init__(self, profile: Any, cluster: ClusterSpec, current: Plan, *,
+                 segment_times_s: Mapping[str, Sequence[float]] | None = None,
+                 objective: str | None = None, planner: str = "optimal", max_stages: int | None = None,
+                 replicate: bool = True, rule: DriftRule = DriftRule(), min_gain: float = 0.1,
+                 cooldown_s: float = 10.0) -> None:
+        if not (0.0 <= min_gain < 1.0):
+            raise PlanError(f"min_gain must be in [0, 1), got {min_gain!r}")
+        if not (math.isfinite(cooldown_s) and cooldown_s >= 0):
+            raise PlanError(f"cooldown_s must be a finite number >= 0, got {cooldown_s!r}")
+        self._profile = load_profile(profile)
+        segment_times_s = check_segment_times(self._profile, cluster, segment_times_s)
+        missing = sorted(set(current.devices) - set(cluster.names))
+        if missing:
+            raise PlanError(f"the current plan uses {', '.join(missing)}, which the cluster does not have")
+        self._options = {"objective": objective or current.objective, "planner": planner,
+                         "max_stages": max_stages, "replicate": replicate}
+        self.rule = rule
+        self.min_gain = float(min_gain)
+        self.cooldown_s = float(cooldown_s)
+        self._source, self._default_link = cluster.source, cluster.default_link
+        self._known = {d.name: d for d in cluster.devices}  # every device ever seen, in first-seen order
+        self._links = dict(cluster.pair_links)  # as given (and for joined devices), never measured values
+        self._present = set(self._known)
+        self._cluster: ClusterSpec | None = cluster
+        self._base = base_segment_times(self._profile, cluster, segment_times_s)
+        self._measured = set(segment_times_s or ())  # devices planned with measured times
+        self._plan: Plan | None = current
+        self._signals: dict[tuple[str, Any], Signal] = {}
+        self._lost_pending: list[str] = []
+        self._joined_pending: list[str] = []
+        self._last_switch_s: float | None = None
+        self._history: list[Replan] = []
+
+    # -- what the policy holds -------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan | None:
+        """The deployed plan, re-predicted on the believed figures; None when none fits the devices left."""
+        return self._plan
+
+    @property
+    def cluster(self) -> ClusterSpec | None:
+        """The devices present (failed ones removed, joined ones added), links as given; None if none is left."""
+        return self._cluster
+
+    @property
+    def history(self) -> tuple[Replan, ...]:
+        """Every re-plan decided so far, oldest first (switch_s filled in once completed)."""
+        return tuple(self._history)
+
+    def replans(self) -> list[dict[str, Any]]:
+        """`history` as dicts, for Pipeline.stats()["replans"] and `partita run --json`."""
+        return [r.to_dict() for r in self._history]
+
+    def estimates(self) -> dict[str, Any]:
+        """The current estimates, believed figures and drift state of every tracked figure."""
+        out: dict[str, Any] = {"compute_factor": {}, "bandwidth_bytes_per_s": {}, "latency_s": {}}
+        for (kind, key), signal in sorted(self._signals.items(), key=lambda item: (item[0][0], _label(item[0][1]))):
+            out[kind][_label(key)] = {"estimate": signal.estimate, "believed": signal.believed,
+                                      "samples": signal.estimator.samples, "change": signal.change,
+                                      "drifting": signal.drifting}
+        return out
+
+    # -- what the runtime reports ----------------------------------------------------------------
+    def observe_stage(self, device: str, compute_s: float, *, time_s: float,
+                      segments: tuple[int, int] | None = None) -> None:
+        """`device` took `compute_s` seconds (device time, one request) for its stage, measured at `time_s`.
+
+        segments: the [start, end) range it computed; None means its range in the current plan.
+        A stage the base figures predict as 0 s gives no factor and is not counted.
+        """
+        if self._skip(device):
+            return
+        if segments is None:
+            segments = self._segments_of(device)
+        start, end = int(segments[0]), int(segments[1])
+        if not (0 <= start < end <= len(self._profile.segments)):
+            raise PlanError(f"segments [{start}, {end}) are not a range of the model's {len(self._profile.segments)}")
+        factor = compute_factor(compute_s, self._base[device], start, end)
+        if factor is not None:
+            self._signal(("compute_factor", device), 1.0, 0.0).observe(factor, time_s)
+
+    def observe_link(self, a: str, b: str, *, time_s: float, bandwidth_bytes_per_s: float | None = None,
+                     latency_s: float | None = None) -> None:
+        """The link a-b (symmetric) was measured at `time_s`: its bandwidth and/or its one-way latency."""
+        if self._skip(a) or self._skip(b):
+            return
+        if a == b:
+            raise ClusterSpecError(f"a link joins two different nodes; got {a!r} twice")
+        pair = frozenset((a, b))
+        link = self._cluster.link(a, b)
+        if bandwidth_bytes_per_s is not None:
+            if not (bandwidth_bytes_per_s > 0):
+                raise PlanError(f"measured bandwidth of {a}-{b} must be > 0 bytes/s, got {bandwidth_bytes_per_s!r}")
+            signal = self._signal(("bandwidth_bytes_per_s", pair), link.bandwidth_bytes_per_s, 0.0)
+            signal.observe(bandwidth_bytes_per_s, time_s)
+        if latency_s is not None:
+            signal = self._signal(("latency_s", pair), link.latency_s, self.rule.latency_floor_s)
+            signal.observe(latency_s, time_s)
+
+    def observe_transfer(self, a: str, b: str, *, nbytes: float, transfer_s: float, time_s: float) -> None:
+        """A message of `nbytes` took `transfer_s` from a to b (latency + bytes / bandwidth).
+
+        Read as bandwidth, with the latency the policy believes: nbytes / (transfer_s - latency).
+        Pass only the time the link carried the message (not waits for credits or a busy receiver).
+        """
+        if self._skip(a) or self._skip(b) or nbytes <= 0:
+            return
+        latency = self._latency_believed(a, b)
+        bandwidth = nbytes / max(float(transfer_s) - latency, 1e-9)
+        self.observe_link(a, b, time_s=time_s, bandwidth_bytes_per_s=bandwidth)
+
+    def on_failure(self, devices: Iterable[str], *, time_s: float) -> None:
+        """These devices stopped answering; `decide` re-plans without them. Repeats are ignored.
+
+        ClusterSpecError for a name the policy has never known.
+        """
+        del time_s  # the decision is timed by decide(now_s); kept for a uniform event signature
+        for name in devices:
+            if name not in self._known:
+                raise ClusterSpecError(f"no device named {name!r} was ever part of this deployment")
+            if name not in self._present:
+                continue
+            self._present.discard(name)
+            self._forget(name)
+            self._lost_pending.append(name)
+            if name in self._joined_pending:
+                self._joined_pending.remove(name)
+        self._cluster = self._build_cluster()
+
+    def on_join(self, device: str | DeviceSpec, *, time_s: float, links: Mapping[str, LinkSpec] | None = None,
+                segment_times_s: Sequence[float] | None = None) -> None:
+        """A device joined: a DeviceSpec (new, or a known one with new figures) or the name of one that failed.
+
+        links: its links to other nodes (peer name -> LinkSpec); for a known device, its original
+        links are restored first. segment_times_s: its measured seconds per segment (None: its
+        earlier base times if known, else flops / flops_per_s).
+        """
+        del time_s  # see on_failure
+        spec = self._known.get(device) if isinstance(device, str) else device
+        if not isinstance(spec, DeviceSpec):
+            raise ClusterSpecError(f"no device named {device!r} is known; pass a DeviceSpec for a new device")
+        if spec.name in self._present:
+            raise ClusterSpecError(f"device {spec.name!r} is already part of the deployment")
+        if spec.name == self._source:
+            raise ClusterSpecError(f"{spec.name!r} is the source node; a joining device needs another name")
+        times = None
+        if segment_times_s is not None:
+            times = tuple(float(t) for t in segment_times_s)
+            if len(times) != len(self._profile.segments) or not all(math.isfinite(t) and t >= 0 for t in times):
+                raise PlanError(f"segment_times_s for {spec.name} must hold {len(self._profile.segments)} finite "
+                                f"times >= 0 (one per segment), got {len(times)}")
+        nodes = set(self._known) | {self._source, spec.name}
+        for peer in links or {}:
+            if peer not in nodes or peer == spec.name:
+                raise ClusterSpecError(f"link {spec.name}-{peer}: {peer!r} is not another node of the deployment")
+        if times is not None:
+            self._base[spec.name] = times
+            self._measured.add(spec.name)
+        elif spec.name not in self._base or self._known.get(spec.name) != spec:
+            self._base[spec.name] = tuple(s.flops / spec.flops_per_s for s in self._profile.segments)
+            self._measured.discard(spec.name)
+        self._known[spec.name] = spec
+        self._links.update({frozenset((spec.name, peer)): link for peer, link in (links or {}).items()})
+        self._present.add(spec.name)
+        if spec.name in self._lost_pending:
+            self._lost_pending.remove(spec.name)
+        self._joined_pending.append(spec.name)
+        self._cluster = self._build_cluster()
+
+    # -- decisions -------------------------------------------------------------------------------
+    def decide(self, now_s: float) -> Decision | None:
+        """The next re-plan to carry out, or None (see the module docstring for the chain)."""
+        return self._after_failure(now_s) or self._after_join(now_s) or self._after_drift(now_s)
+
+    def completed(self, decision: Decision, switch_s: float) -> Replan:
+        """The runtime finished carrying out `decision` in `switch_s` seconds; returns the completed record."""
+        for index, record in enumerate(self._history):
+            if record is decision.replan:
+                self._history[index] = record.completed(switch_s)
+                return self._history[index]
+        raise PlanError("completed() got a decision this policy did not make")
+
+    def _after_failure(self, now_s: float) -> Decision | None:
+        if not self._lost_pending:
+            return None
+        lost, self._lost_pending = tuple(self._lost_pending), []
+        if self._plan is not None and not set(lost) & set(self._plan.devices):
+            return None  # a spare device failed: the running plan is untouched
+        old_period = self._plan.period_s if self._plan is not None else None
+        if self._cluster is None:
+            self._plan = None
+            raise PlanError(f"{', '.join(lost)} failed and no device is left to run {self._profile.model}. "
+                            "Add a device (Pipeline.add_device) or restart a worker.")
+        cluster, times = self._figures()
+        try:
+            candidate = self._plan_on(cluster, times)
+        except PlanError as exc:
+            self._plan = None
+            raise PlanError(f"{', '.join(lost)} failed and the devices left cannot run the model: {exc}") from exc
+        return self._switch("failure", now_s, candidate, old_period, cluster, times, lost=lost,
+                            reason=f"lost {', '.join(lost)}")
+
+    def _after_join(self, now_s: float) -> Decision | None:
+        if not self._joined_pending:
+            return None
+        added, self._joined_pending = tuple(self._joined_pending), []
+        cluster, times = self._figures()
+        current = self._repredicted(cluster, times)
+        try:
+            candidate = self._plan_on(cluster, times)
+        except PlanError as exc:
+            # Only possible while no plan runs (a running plan is itself a fit); say what is still missing.
+            raise PlanError(f"{', '.join(added)} joined but the devices still cannot run the model: {exc}") from exc
+        if current is not None and not self._worth_it(candidate, current):
+            self._adopt(current)
+            return None
+        return self._switch("join", now_s, candidate, current.period_s if current else None, cluster, times,
+                            added=added, reason=f"{', '.join(added)} joined")
+
+    def _after_drift(self, now_s: float) -> Decision | None:
+        if self._plan is None:
+            return None
+        if self._last_switch_s is not None and now_s - self._last_switch_s < self.cooldown_s:
+            return None
+        sustained = [key for key, signal in self._signals.items() if signal.sustained(now_s)]
+        if not sustained:
+            return None
+        reason = "; ".join(_describe(key, self._signals[key]) for key in sorted(sustained, key=_sort_key))
+        cluster, times = self._figures()
+        current = self._repredicted(cluster, times)
+        candidate = self._plan_on(cluster, times)
+        if current is not None and not self._worth_it(candidate, current):
+            self._adopt(current)
+            return None
+        return self._switch("drift", now_s, candidate, current.period_s if current else None, cluster, times,
+                            reason=reason)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _switch(self, cause: str, now_s: float, candidate: Plan, old_period_s: float | None,
+                cluster: ClusterSpec, times: dict[str, tuple[float, ...]], *, lost: tuple[str, ...] = (),
+                added: tuple[str, ...] = (), reason: str) -> Decision:
+        diff = diff_plans(self._plan, candidate, gone=lost)
+        record = Replan(cause, float(now_s), old_period_s, candidate.period_s, None, lost, added,
+                        f"{reason}; period {_ms(old_period_s)} -> {_ms(candidate.period_s)}")
+        self._adopt(candidate)
+        self._joined_pending.clear()  # every present device was considered by this plan
+        self._last_switch_s = float(now_s)
+        self._history.append(record)
+        return Decision(cause, candidate, diff, record, cluster, MappingProxyType(dict(times)))
+
+    def _adopt(self, plan: Plan) -> None:
+        """The policy now believes what `plan` was predicted with: drifted figures become believed ones."""
+        self._plan = plan
+        for signal in self._signals.values():
+            signal.accept()
+
+    def _worth_it(self, candidate: Plan, current: Plan) -> bool:
+        key = "latency_s" if self._options["objective"] == "latency" else "period_s"
+        return getattr(candidate, key) <= (1.0 - self.min_gain) * getattr(current, key)
+
+    def _figures(self) -> tuple[ClusterSpec, dict[str, tuple[float, ...]]]:
+        """The cluster and segment times to plan with: believed figures, drifting ones replaced by estimates."""
+        factors, bandwidths, latencies = {}, {}, {}
+        for (kind, key), signal in self._signals.items():
+            {"compute_factor": factors, "bandwidth_bytes_per_s": bandwidths, "latency_s": latencies}[kind][key] = (
+                signal.planning_value())
+        links = {}
+        for pair in set(bandwidths) | set(latencies):
+            a, b = sorted(pair)
+            link = self._cluster.link(a, b)
+            links[pair] = LinkSpec(bandwidths.get(pair, link.bandwidth_bytes_per_s), latencies.get(pair, link.latency_s))
+        present = self._cluster.names
+        named = [d for d in present if d in self._measured or factors.get(d, 1.0) != 1.0]
+        times = scaled_segment_times({d: self._base[d] for d in named}, factors)
+        return updated_cluster(self._cluster, links), times
+
+    def _plan_on(self, cluster: ClusterSpec, times: Mapping[str, Sequence[float]]) -> Plan:
+        return make_plan(self._profile, cluster, segment_times_s=times or None, **self._options)
+
+    def _repredicted(self, cluster: ClusterSpec, times: Mapping[str, Sequence[float]]) -> Plan | None:
+        """The current plan predicted on these figures; None when there is no plan or it uses a missing device."""
+        if self._plan is None or not set(self._plan.devices) <= set(cluster.names):
+            return None
+        return predict(self._profile, cluster, self._plan.stages, objective=self._plan.objective,
+                       planner=self._plan.planner, segment_times_s=times or None)
+
+    def _build_cluster(self) -> ClusterSpec | None:
+        devices = tuple(spec for name, spec in self._known.items() if name in self._present)
+        if not devices:
+            return None
+        nodes = set(self._present) | {self._source}
+        links = {pair: link for pair, link in self._links.items() if pair <= nodes}
+        return ClusterSpec(devices, self._source, self._default_link, links)
+
+    def _signal(self, key: tuple[str, Any], believed: float, floor: float) -> Signal:
+        if key not in self._signals:
+            self._signals[key] = Signal(believed, self.rule, floor=floor)
+        return self._signals[key]
+
+    def _latency_believed(self, a: str, b: str) -> float:
+        signal = self._signals.get(("latency_s", frozenset((a, b))))
+        return signal.planning_value() if signal is not None else self._cluster.link(a, b).latency_s
+
+    def _skip(self, node: str) -> bool:
+        """True for a device that failed (late figures are dropped); ClusterSpecError for an unknown node."""
+        if node in self._present or node == self._source:
+            return False
+        if node in self._known:
+            return True
+        raise ClusterSpecError(f"no node named {node!r}; the deployment has {', '.join([*self._known, self._source])}")
+
+    def _segments_of(self, device: str) -> tuple[int, int]:
+        if self._plan is not None:
+            for stage in self._plan.stages:
+                if device in stage.devices:
+                    return stage.start, stage.end
+        raise PlanError(f"{device} runs no stage of the current plan; pass segments=(start, end) with its figure")
+
+    def _forget(self, name: str) -> None:
+        """Drop a departed device's figures: when it returns, it starts as profiled."""
+        for key in [k for k in self._signals if k[1] == name or (isinstance(k[1], frozenset) and name in k[1])]:
+            del self._signals[key]
+
+
+def _label(key: Any) -> str:
+    return "-".join(sorted(key)) if isinstance(key, frozenset) else str(key)
+
+
+def _sort_key(key: tuple[str, Any]) -> tuple[str, str]:
+    return key[0], _label(key[1])
+
+
+def _describe(key: tuple[str, Any], signal: Signal) -> str:
+    kind, what = key
+    names = {"compute_factor": "compute time", "bandwidth_bytes_per_s": "bandwidth", "latency_s": "latency"}
+    ratio = signal.planning_value() / signal.believed if signal.believed not in (0.0, math.inf) else math.inf
+    return f"{_label(what)} {names[kind]} {ratio:.2f}x the plan's"
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "none"
+    return "inf" if math.isinf(seconds) else f"{seconds * 1e3:.3f} ms"
