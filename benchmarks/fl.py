@@ -7,7 +7,9 @@
 2. Round overhead: milliseconds per round for 10 clients with payloads from 10 KiB to 10 MiB, in process:
    every update goes through the Flower-named record and the wire layout (and through
    partita.runtime.wire encode/decode when that module is present). The baseline is the bare arithmetic of
-   one FedAvg round (a weighted sum of 10 tensors); the ratio is the loop's cost over it.
+   one FedAvg round (a weighted sum of 10 tensors); the ratio is the loop's cost over it. The runtime rows
+   run the same rounds over 10 real worker processes on loopback (LocalCluster, CURVE): `fl-train` and
+   `fl-update` through the workers' control sockets, one near-free local step each (`_fl_payload.py`).
 
 Run: .venv/bin/python benchmarks/fl.py [--quick]. Writes benchmarks/results/fl.json.
 """
@@ -213,12 +215,45 @@ def overhead(payloads_bytes: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def runtime_overhead(rows: list[dict], repeats: int) -> None:
+    """Add `runtime_ms` to each row: a FedAvg round over NUM_CLIENTS real workers with that payload."""
+    import os
+
+    from partita.cluster import ClusterSpec
+    from partita.fl.remote import clients_of
+    from partita.runtime.local import LocalCluster
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))
+    devices = [{"name": f"w{i}", "compute": "10GFLOPS", "memory": "2GiB", "speed": 1.0} for i in range(NUM_CLIENTS)]
+    spec = ClusterSpec.from_dict({"source": "w0", "devices": devices, "links": {"default": {"bandwidth": "10Gbit/s", "latency": "0s"}}})
+    with LocalCluster(spec, host_flops=1e10) as cluster:
+        for row in rows:
+            options = {"num_clients": NUM_CLIENTS, "numel": row["payload_bytes"] // 4}
+            clients = clients_of(cluster, task="_fl_payload:PayloadTask", task_options=options)
+            profiles = {i: ClientProfile(local_steps=1, lr=0.1) for i in range(NUM_CLIENTS)}
+            server = FLServer(FedAvg(), clients, profiles=profiles, evaluate=lambda w: {}, parallel=NUM_CLIENTS)
+            weights = {"w": torch.zeros(options["numel"])}
+            server.run_round(1, weights)  # warm-up: every worker builds the task
+            samples = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                _, record = server.run_round(1, weights)
+                samples.append((time.perf_counter() - began) * 1e3)
+                if len(record.clients) != NUM_CLIENTS:
+                    raise RuntimeError(f"runtime round left clients out: {record.dropped}")
+            row["runtime_ms"] = statistics.median(samples)
+            for client in clients:
+                client.close()
+
+
 def print_overhead(rows: list[dict]) -> None:
     wire_note = "through runtime.wire encode/decode" if rows and rows[0]["wire"] else "record layout only"
     table = Table(
-        title=f"Round overhead, {NUM_CLIENTS} clients, in process ({wire_note}); median ms per round"
+        title=f"Round overhead, {NUM_CLIENTS} clients, in process ({wire_note}) and over real workers (runtime);"
+        " median ms per round"
     )
-    for col in ("payload", "bare sum ms", "fedavg ms", "fedavg / bare", "fednova ms", "fednova / bare"):
+    runtime = [("runtime ms", "runtime / bare")] if rows and "runtime_ms" in rows[0] else []
+    for col in ("payload", "bare sum ms", "fedavg ms", "fedavg / bare", "fednova ms", "fednova / bare", *sum(runtime, ())):
         table.add_column(col, justify="right")
     for row in rows:
         bare = row["bare weighted sum_ms"]
@@ -229,6 +264,7 @@ def print_overhead(rows: list[dict]) -> None:
             f"{row['fedavg_ms'] / bare:.1f}x",
             f"{row['fednova_ms']:.2f}",
             f"{row['fednova_ms'] / bare:.1f}x",
+            *([f"{row['runtime_ms']:.2f}", f"{row['runtime_ms'] / bare:.1f}x"] if runtime else []),
         )
     console.print(table)
 
@@ -266,6 +302,7 @@ def main() -> None:
         results["convergence"].append(result)
     payloads = [10 * 2**10, 100 * 2**10, 2**20, 10 * 2**20]
     rows = overhead(payloads, repeats=3 if args.quick else 10)
+    runtime_overhead(rows, repeats=3 if args.quick else 10)
     print_overhead(rows)
     results["overhead"] = rows
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -33,12 +33,21 @@ def _register() -> None:
     from partita.commands import worker as worker_cmd
 
     app.command("worker")(worker_cmd.worker)
+    from partita.commands import run as run_cmd
+
+    app.command("run")(run_cmd.run)
+    from partita.commands import demo as demo_cmd
+
+    app.command("demo")(demo_cmd.demo)
     from partita.commands import plan as plan_cmd
 
     app.command("plan")(plan_cmd.plan)
     from partita.commands import simulate as simulate_cmd
 
     app.command("simulate")(simulate_cmd.simulate)
+    from partita.commands import fl as fl_cmd
+
+    app.command("fl")(fl_cmd.fl)
 
 
 _register()

@@ -6,6 +6,7 @@ Forms (the module comes back in eval mode):
     torchvision:NAME?weights=PATH         ... with its state dict loaded from a local .safetensors file
     package.module:factory                a function (or class) importable from an installed module
     path/to/file.py:factory               a function (or class) defined in a Python file
+    ...:factory?weights=PATH              ... with its state dict loaded from a local .safetensors file
     path/to/model.pt2                     a program saved with torch.export.save
 
 A factory is called without arguments and must return a torch.nn.Module.
@@ -26,8 +27,8 @@ from partita.errors import ModelRefError
 
 FORMS = (
     "torchvision:NAME[?weights=PATH.safetensors]",
-    "package.module:factory",
-    "path/to/file.py:factory",
+    "package.module:factory[?weights=PATH.safetensors]",
+    "path/to/file.py:factory[?weights=PATH.safetensors]",
     "path/to/model.pt2",
 )
 
@@ -46,13 +47,16 @@ def load_ref(ref: str) -> torch.nn.Module:
     elif ref.startswith("torchvision:"):
         module = _load_torchvision(ref)
     elif ":" in ref:
-        target, _, factory = ref.rpartition(":")
+        spec, _, query = ref.partition("?")
+        target, _, factory = spec.rpartition(":")
         if not target or not factory.isidentifier():
             _fail(ref, f"{factory!r} is not a factory name")
         if target.endswith(".py"):
             module = _call_factory(ref, _import_file(ref, target), factory)
         else:
             module = _call_factory(ref, _import_module(ref, target), factory)
+        if query:
+            _load_weights(ref, module, query, factory)
     else:
         _fail(ref, "unknown form")
     return module.eval()
@@ -98,6 +102,18 @@ def _load_torchvision(ref: str) -> torch.nn.Module:
         except RuntimeError as exc:  # load_state_dict reports missing/unexpected keys and bad shapes this way
             _fail(ref, f"the weights do not fit torchvision's {name}: {str(exc).splitlines()[0]}")
     return module
+
+
+def _load_weights(ref: str, module: torch.nn.Module, query: str, factory: str) -> None:
+    """Apply a factory reference's `?weights=PATH` (a safetensors state dict, e.g. from `partita fl`)."""
+    options = parse_qs(query, keep_blank_values=True)
+    if set(options) != {"weights"}:
+        _fail(ref, f"unknown option(s) {sorted(set(options) - {'weights'})}; the only option is weights=PATH")
+    state = _read_safetensors(ref, options["weights"][-1])
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:  # load_state_dict reports missing/unexpected keys and bad shapes this way
+        _fail(ref, f"the weights do not fit {factory}(): {str(exc).splitlines()[0]}")
 
 
 def _read_safetensors(ref: str, path_text: str) -> dict[str, torch.Tensor]:

@@ -26,6 +26,8 @@ _EXPORTS = {
     "LocalCluster": "partita.runtime.local",
     "connect": "partita.runtime.connect",
     "ConnectedCluster": "partita.runtime.connect",
+    "MixedCluster": "partita.runtime.connect",
+    "open_cluster": "partita.runtime.connect",
     "WorkerEndpoint": "partita.runtime.handle",
     "Keypair": "partita.runtime.handle",
     "Worker": "partita.runtime.worker",

@@ -1,0 +1,179 @@
+"""`partita demo`: resnet50 on an emulated home lab, through four plans, measured against predicted.
+
+With no arguments it starts a LocalCluster of examples/clusters/home-edge.yaml (a laptop, a Jetson
+and three Raspberry Pis on mixed Wi-Fi and Ethernet), captures torchvision resnet50 and measures
+it once, then deploys the `single`, `even`, `memory` and `optimal` plans one after the other and
+streams requests through each. It prints throughput and latency as ratios to `single`, measured
+beside predicted, checks every output against the unsplit model, and writes partita-demo.png and
+partita-demo.json.
+
+Emulating a Jetson (about 18x this host's core) faithfully dilates the whole world ~20x, so each
+plan streams as many requests as fit in a few seconds of real time (at least `--min-requests`);
+the default input is 1x3x64x64 to keep the Pi-bound plans within about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from partita.commands.inspect import parse_input_shapes
+
+PLANNERS = ("single", "even", "memory", "optimal")
+DEFAULT_CLUSTER = Path(__file__).resolve().parents[2] / "examples" / "clusters" / "home-edge.yaml"
+
+
+def demo(
+    cluster: Annotated[Path, typer.Option("--cluster", help="Cluster file to emulate.")] = DEFAULT_CLUSTER,
+    model: Annotated[str, typer.Option("--model", help="Model reference.")] = "torchvision:resnet50",
+    input_shape: Annotated[str, typer.Option("--input-shape", help="Example input shape.")] = "1,3,64,64",
+    seconds_per_plan: Annotated[float, typer.Option("--seconds-per-plan", help="Real seconds of streaming per plan.")] = 4.0,
+    min_requests: Annotated[int, typer.Option("--min-requests", min=2, help="Fewest requests per plan.")] = 3,
+    max_requests: Annotated[int, typer.Option("--max-requests", min=2, help="Most requests per plan.")] = 200,
+    output: Annotated[Path, typer.Option("--output", help="Where to write PNG and JSON (a path stem).")] = Path("partita-demo"),
+) -> None:
+    """Run resnet50 on an emulated home lab through four plans and compare them, measured and predicted."""
+    import torch
+    from rich.console import Console
+
+    from partita.commands.run import check_outputs, deploy_and_stream
+    from partita.model import capture, load_ref
+    from partita.runtime.coordinator import measure
+    from partita.runtime.local import LocalCluster
+
+    console = Console()
+    shapes = parse_input_shapes([input_shape])
+    started = time.perf_counter()
+    module = load_ref(model)
+    torch.manual_seed(0)
+    inputs = [tuple(torch.randn(s) for s in shapes) for _ in range(4)]
+    results: dict[str, dict[str, Any]] = {}
+    with console.status("starting the emulated cluster…", spinner="dots"):
+        local = LocalCluster.from_yaml(cluster).start()
+    with local:
+        console.print(f"[bold]{cluster.name}[/]: {', '.join(local.spec.names)}; emulated world dilated "
+                      f"{local.dilation:.1f}x (fastest device {max(local.host_speeds.values()):.1f}x this host's core)")
+        with console.status(f"capturing {model} and timing its segments…", spinner="dots"):
+            graph = capture(module, inputs[0], name=model)
+            measured = measure(graph, inputs[0], local)
+        for planner in PLANNERS:
+            requests = _requests_for(graph, measured, local, planner, seconds_per_plan, min_requests, max_requests)
+            result = deploy_and_stream(
+                module, inputs, local, requests=requests, objective="throughput", planner=planner, codec="none",
+                console=console, name=model, graph=graph, measurements=measured, singles_count=1, supervise=False,
+            )
+            result.pop("_graph"), result.pop("_measurements")
+            result.update(check_outputs(module, inputs, result.pop("_outputs"), "none"))
+            results[planner] = result
+        dilation = local.dilation
+    summary = _summary(results)
+    _print(console, summary)
+    report = {
+        "model": model, "cluster": str(cluster), "input_shape": list(shapes[0]), "dilation": dilation,
+        "wall_s": time.perf_counter() - started, "summary": summary, "plans": results,
+    }
+    json_path, png_path = output.with_suffix(".json"), output.with_suffix(".png")
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    _plot(results, summary, graph, png_path, title=f"{model} on {cluster.stem}")
+    console.print(f"wrote {png_path} and {json_path} in {report['wall_s']:.0f} s")
+    if not all(r["outputs_match"] for r in results.values()):
+        console.print("[red]some outputs differ from the unsplit model[/]")
+        raise typer.Exit(1)
+
+
+def _requests_for(graph: Any, measured: Any, cluster: Any, planner: str, seconds: float, low: int, high: int) -> int:
+    """As many requests as the predicted period fits in `seconds` of real (dilated) time."""
+    from partita.plan import plan
+
+    predicted = plan(graph, cluster.spec, planner=planner, segment_times_s=measured.segment_times_s)
+    real_period_s = predicted.period_s * cluster.dilation_for(predicted, measured.host_segment_s)
+    return max(low, min(high, int(seconds / max(real_period_s, 1e-6))))
+
+
+def _summary(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    base = results["single"]
+    rows = []
+    for planner, r in results.items():
+        m, p = r["measured"], r["predicted"]
+        rows.append({
+            "planner": planner,
+            "stages": len(r["stages"]),
+            "requests": r["requests"],
+            "predicted_throughput_rps": p["throughput_rps"],
+            "measured_throughput_rps": m["throughput_rps"],
+            "predicted_throughput_vs_single": p["throughput_rps"] / base["predicted"]["throughput_rps"],
+            "measured_throughput_vs_single": _div(m["throughput_rps"], base["measured"]["throughput_rps"]),
+            "predicted_latency_s": p["latency_s"],
+            "measured_latency_s": m["latency_single_s"],
+            "predicted_latency_vs_single": p["latency_s"] / base["predicted"]["latency_s"],
+            "measured_latency_vs_single": _div(m["latency_single_s"], base["measured"]["latency_single_s"]),
+            "measured_vs_predicted_period": _div(m["period_s"], p["period_s"]),
+            "outputs_match": r["outputs_match"],
+        })
+    return rows
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _print(console: Any, rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="four plans (device time; x = ratio to single)")
+    for column in ("plan", "stages", "reqs", "throughput predicted", "throughput measured", "latency predicted",
+                   "latency measured", "meas/pred period", "exact"):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    for r in rows:
+        measured_latency = r["measured_latency_s"]
+        table.add_row(
+            r["planner"], str(r["stages"]), str(r["requests"]),
+            f"{r['predicted_throughput_rps']:.1f}/s {r['predicted_throughput_vs_single']:.2f}x",
+            f"{_fmt(r['measured_throughput_rps'], '.1f')}/s {_fmt(r['measured_throughput_vs_single'], '.2f')}x",
+            f"{r['predicted_latency_s'] * 1e3:.1f} ms {r['predicted_latency_vs_single']:.2f}x",
+            f"{_fmt(measured_latency and measured_latency * 1e3, '.1f')} ms {_fmt(r['measured_latency_vs_single'], '.2f')}x",
+            _fmt(r["measured_vs_predicted_period"], ".2f"), "yes" if r["outputs_match"] else "NO",
+        )
+    console.print(table)
+
+
+def _plot(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], graph: Any, path: Path, *, title: str) -> None:
+    """Left: each plan's stages over the model's segments, coloured by device. Right: throughput, measured vs predicted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    devices = sorted({d for r in results.values() for s in r["stages"] for d in s["devices"]})
+    colours = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(devices)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for y, r in enumerate(results.values()):
+        for s in r["stages"]:
+            start, end = s["segments"]
+            share = (end - start) / len(s["devices"])
+            for k, device in enumerate(s["devices"]):
+                left.barh(y, share, left=start + k * share, color=colours[device], edgecolor="white")
+            left.text((start + end) / 2, y, "+".join(s["devices"]), ha="center", va="center", fontsize=7)
+    left.set_yticks(range(len(results)), list(results))
+    left.set_xlabel(f"segments of the model (0..{len(graph.segments) if graph is not None else '?'})")
+    left.set_title("plans: stages and their devices")
+    left.invert_yaxis()
+    x = range(len(rows))
+    right.bar([i - 0.2 for i in x], [r["predicted_throughput_rps"] for r in rows], width=0.4, label="predicted")
+    right.bar([i + 0.2 for i in x], [r["measured_throughput_rps"] or 0 for r in rows], width=0.4, label="measured")
+    right.set_xticks(list(x), [r["planner"] for r in rows])
+    right.set_ylabel("throughput (requests / device second)")
+    right.set_title("throughput: measured vs predicted")
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,223 @@
+"""`partita run MODEL --cluster FILE`: deploy a model on a cluster, stream requests, compare with the plan.
+
+Devices of the file that have an `address` are real workers (connected with the coordinator's
+--secret-key, or --insecure); the others are emulated on this machine in a LocalCluster. After
+streaming, a table puts measured figures next to the planner's predictions per stage, per link
+and in total; `--check` compares every output with the unsplit model run here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from partita.commands.inspect import parse_input_shapes
+
+DISTINCT_INPUTS = 8  # requests cycle through this many random inputs, so --check runs the model 8 times
+
+
+def run(
+    model: Annotated[str, typer.Argument(help="Model reference: torchvision:NAME, package.module:factory, file.py:factory, model.pt2")],
+    cluster: Annotated[Path, typer.Option("--cluster", help="Cluster file (YAML).")],
+    input_shape: Annotated[
+        list[str] | None, typer.Option("--input-shape", help="Example input shape, e.g. 1,3,224,224 (';' between inputs).")
+    ] = None,
+    requests: Annotated[int, typer.Option("--requests", min=1, help="How many requests to stream.")] = 100,
+    objective: Annotated[str, typer.Option("--objective", help="throughput or latency.")] = "throughput",
+    planner: Annotated[str, typer.Option("--planner", help="optimal, single, even, memory or flops.")] = "optimal",
+    codec: Annotated[str, typer.Option("--codec", help="Activations on the wire: none, lz4, fp16 or int8.")] = "none",
+    check: Annotated[bool, typer.Option("--check", help="Compare every output with the unsplit model.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    secret_key: Annotated[
+        Path | None, typer.Option("--secret-key", help="The coordinator's NAME.key_secret (for workers with addresses).")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Talk to --insecure workers (no encryption).")] = False,
+) -> None:
+    """Deploy MODEL on the cluster, stream requests through it, and show measured against predicted figures."""
+    import torch
+    from rich.console import Console
+
+    from partita.model import load_ref
+    from partita.runtime.connect import open_cluster
+
+    console = Console(stderr=as_json)
+    if insecure:
+        console.print("[yellow]warning:[/] --insecure: no encryption and no authentication on any socket")
+    shapes = parse_input_shapes(input_shape)
+    module = load_ref(model)
+    torch.manual_seed(0)
+    inputs = [tuple(torch.randn(s) for s in shapes) for _ in range(DISTINCT_INPUTS)]
+    with open_cluster(cluster, secret_key=secret_key, insecure=insecure) as handle:
+        result = deploy_and_stream(
+            module, inputs, handle, requests=requests, objective=objective, planner=planner, codec=codec,
+            console=console, name=model,
+        )
+    outputs = result.pop("_outputs")
+    result.pop("_graph")
+    result.pop("_measurements")
+    if check:
+        result.update(check_outputs(module, inputs, outputs, codec))
+    else:
+        result.update({"outputs_match": None, "max_abs_error": None})
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=_jsonable))
+    else:
+        print_report(console, result)
+    if result["delivered"] < result["requests"]:
+        console.print(f"[red]{result['requests'] - result['delivered']} request(s) were not delivered[/]")
+        raise typer.Exit(1)
+    if check and result["outputs_match"] is False:
+        raise typer.Exit(1)
+
+
+def deploy_and_stream(
+    module: Any, inputs: list[tuple], cluster: Any, *, requests: int, objective: str, planner: str, codec: str,
+    console: Any, name: str, graph: Any = None, measurements: Any = None, label: str | None = None,
+    singles_count: int = 3, supervise: bool = True,
+) -> dict[str, Any]:
+    """Deploy, time a few single requests (latency), stream `requests` (throughput); return the figures.
+
+    The result has the `--json` fields of `partita run` (without the check), plus `_outputs`
+    (every output, in order) and `_graph` / `_measurements` for reuse by another deploy.
+    `supervise` False keeps the plan fixed (no re-planning on drift or failure), to measure a plan.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from partita.runtime.coordinator import deploy
+
+    with console.status(f"deploying {name} ({planner} plan)…", spinner="dots"):
+        started = time.perf_counter()
+        pipe = deploy(module, inputs[0], cluster, objective=objective, planner=planner, codec=codec,
+                      graph=graph, measurements=measurements, supervise=supervise)
+        deploy_s = time.perf_counter() - started
+    try:
+        singles = []
+        for x in inputs[:singles_count]:
+            t0 = time.perf_counter()
+            pipe(*x)
+            singles.append((time.perf_counter() - t0) / pipe.dilation)
+        outputs = []
+        stream = (inputs[i % len(inputs)] for i in range(requests))
+        columns = (TextColumn(f"[bold]{label or planner}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("stream", total=requests)
+            try:
+                for y in pipe.map(stream):
+                    outputs.append(y)
+                    progress.advance(task)
+            except Exception as exc:  # noqa: BLE001 - a failed request is reported below, not a crash
+                console.print(f"[red]streaming stopped: {exc}[/]")
+        stats = pipe.stats()
+    finally:
+        pipe.close()
+    measured = dict(stats["measured"])
+    measured["latency_single_s"] = sorted(singles)[len(singles) // 2] if singles else None
+    return {
+        "plan": json.loads(pipe.plan.to_json()),
+        "requests": requests,
+        "delivered": len(outputs),
+        "measured": measured,
+        "predicted": {"throughput_rps": pipe.plan.throughput_rps, "latency_s": pipe.plan.latency_s,
+                      "period_s": pipe.plan.period_s},
+        "stages": stats["stages"],
+        "links": stats["links"],
+        "replans": stats["replans"],
+        "dilation": pipe.dilation,
+        "deploy_s": deploy_s,
+        "deploy_timings": pipe.deploy_timings,
+        "_outputs": outputs,
+        "_graph": pipe.graph,
+        "_measurements": pipe.measurements,
+    }
+
+
+def check_outputs(module: Any, inputs: list[tuple], outputs: list[Any], codec: str) -> dict[str, Any]:
+    """Compare output i with module(inputs[i % len(inputs)]): exact for lossless codecs, error figures otherwise."""
+    import torch
+
+    from partita.runtime.codec import error_stats, is_lossy
+
+    # Emulated workers run torch on one thread; CPU kernels reduce in a different order on more
+    # threads, so the reference runs on one thread too (bit-identity is per kernel configuration).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            expected = [module(*x) for x in inputs]
+    finally:
+        torch.set_num_threads(previous)
+    match, worst = True, 0.0
+    for i, got in enumerate(outputs):
+        for a, b in zip(_leaves(expected[i % len(inputs)]), _leaves(got), strict=True):
+            if not torch.equal(a, b):
+                match = False
+            if a.is_floating_point():
+                worst = max(worst, error_stats(a, b)["max_abs"])
+    return {"outputs_match": match, "max_abs_error": worst, "lossy_codec": is_lossy(codec)}
+
+
+def _leaves(value: Any) -> list:
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _leaves(value[k])]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _leaves(v)]
+    return [value]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1e3:.2f} ms"
+
+
+def _ratio(measured: float | None, predicted: float | None) -> str:
+    if not measured or not predicted:
+        return "—"
+    return f"{measured / predicted:.2f}"
+
+
+def print_report(console: Any, result: dict[str, Any]) -> None:
+    """Tables of predicted against measured figures: per stage, per link, and in total (device time)."""
+    from rich.table import Table
+
+    stages = Table(title="stages (compute per request)")
+    for column in ("stage", "devices", "segments", "predicted", "measured", "ratio"):
+        stages.add_column(column, justify="right" if column in ("predicted", "measured", "ratio") else "left")
+    for s in result["stages"]:
+        stages.add_row(str(s["index"]), ", ".join(s["devices"]), f"[{s['segments'][0]}, {s['segments'][1]})",
+                       _ms(s["predicted_compute_s"]), _ms(s["measured_compute_s"]),
+                       _ratio(s["measured_compute_s"], s["predicted_compute_s"]))
+    links = Table(title="links (transfer per message: latency + bytes / bandwidth; measured includes queueing)")
+    for column in ("from", "to", "bytes", "predicted", "measured", "ratio"):
+        links.add_column(column, justify="left" if column in ("from", "to") else "right")
+    for link in result["links"]:
+        links.add_row(link["from"], link["to"], f"{link['bytes']:,}", _ms(link["predicted_transfer_s"]),
+                      _ms(link["measured_transfer_s"]), _ratio(link["measured_transfer_s"], link["predicted_transfer_s"]))
+    m, p = result["measured"], result["predicted"]
+    total = Table(title="total")
+    for column in ("figure", "predicted", "measured", "ratio"):
+        total.add_column(column, justify="left" if column == "figure" else "right")
+    total.add_row("throughput", f"{p['throughput_rps']:.2f} req/s",
+                  f"{m['throughput_rps']:.2f} req/s" if m["throughput_rps"] else "—",
+                  _ratio(m["throughput_rps"], p["throughput_rps"]))
+    total.add_row("latency (one request)", _ms(p["latency_s"]), _ms(m.get("latency_single_s")),
+                  _ratio(m.get("latency_single_s"), p["latency_s"]))
+    total.add_row("latency p50 / p95 (streaming)", "", f"{_ms(m['latency_p50_s'])} / {_ms(m['latency_p95_s'])}", "")
+    total.add_row("delivered", "", f"{result['delivered']} / {result['requests']}", "")
+    if result.get("outputs_match") is not None:
+        verdict = "bit-identical" if result["outputs_match"] else f"max abs error {result['max_abs_error']:.3g}"
+        total.add_row("outputs vs unsplit model", "", verdict, "")
+    for table in (stages, links, total):
+        console.print(table)
+    if result.get("dilation", 1.0) != 1.0:
+        console.print(f"emulated world dilated {result['dilation']:.2f}x; all figures in device time", style="dim")
+

@@ -1,0 +1,76 @@
+"""The coordinator's side of a worker's control socket: one request, one reply, with a timeout.
+
+A `ControlClient` is safe to share between threads (a lock serialises calls). Each request
+carries an id; a reply with another id (late, after an earlier timeout) is dropped, so a slow
+worker can never hand one call another call's answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Mapping, Sequence
+
+import torch
+import zmq
+
+from partita.errors import WireError, WorkerError
+from partita.runtime.handle import Keypair, WorkerEndpoint
+from partita.runtime.keys import apply_client
+from partita.runtime.wire import Limits, Message, decode, encode
+
+REPLY_KINDS = frozenset({"info", "pong", "ok", "error", "profiled", "probed", "stats"})
+
+
+class ControlClient:
+    """Calls on one worker's control socket. `timeout_s` bounds each call unless a call says otherwise."""
+
+    def __init__(
+        self, context: zmq.Context, endpoint: WorkerEndpoint, keys: Keypair | None, *, timeout_s: float = 30.0
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._socket = context.socket(zmq.DEALER)
+        self._socket.linger = 0
+        plain = keys is None or endpoint.public_key is None
+        secret = None if plain else (keys.public, keys.secret)
+        apply_client(self._socket, secret, None if plain else endpoint.public_key, insecure=plain)
+        self._socket.connect(endpoint.control)
+
+    def call(
+        self,
+        kind: str,
+        header: Mapping | None = None,
+        tensors: Sequence[torch.Tensor] = (),
+        *,
+        timeout_s: float | None = None,
+    ) -> Message:
+        """Send one command and return its reply; WorkerError if refused, failed or not answered in time."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        name = self.endpoint.name
+        with self._lock:
+            tag = next(self._ids)
+            self._socket.send_multipart(encode(kind, {**(header or {}), "id": tag}, tensors), copy=False)
+            while True:
+                if not self._socket.poll(timeout_s * 1000):
+                    raise WorkerError(
+                        f"worker {name} at {self.endpoint.control} did not answer {kind!r} within {timeout_s:g} s; "
+                        "is it running, and was it given this coordinator's public key?"
+                    )
+                try:
+                    reply = decode(self._socket.recv_multipart(copy=False), limits=Limits(), kinds=REPLY_KINDS)
+                except WireError as exc:
+                    raise WorkerError(f"worker {name} sent a malformed reply to {kind!r}: {exc}") from None
+                # A reply without an id is the worker refusing a message it could not read: ours,
+                # since calls on this client are serialised.
+                if reply.header.get("id") == tag or (reply.kind == "error" and reply.header.get("id") is None):
+                    break
+        if reply.kind == "error":
+            raise WorkerError(f"worker {name} refused {kind!r}: {reply.header.get('reason')}")
+        return reply
+
+    def close(self) -> None:
+        with self._lock:
+            self._socket.close(linger=0)

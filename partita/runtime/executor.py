@@ -1,0 +1,263 @@
+"""Stage execution inside a worker: what to compute, on which torch device, at what emulated speed.
+
+The executor owns the loaded stage programs and one compute thread. The worker's I/O thread
+submits `Job`s; the compute thread takes them in arrival order, tells the I/O thread it took one
+(`on_taken`, which returns a credit upstream), runs the stage, waits out the emulated speed, and
+hands back a `Done` (`on_done`). torch releases the GIL while it computes, so receiving and
+sending go on in the I/O thread at the same time.
+
+Memory is checked here, because here is where stages live: a stage needs `memory_bytes` (the
+planner's weights + peak activations, at least the archive's parameter bytes) and the sum over
+loaded stages must fit the worker's capacity.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from partita.errors import WorkerError
+
+_STOP = object()
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def resolve_device(choice: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit choice must be available."""
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise WorkerError("--device cuda was asked for but torch sees no CUDA device; use --device auto or cpu")
+    if choice == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise WorkerError("--device mps was asked for but torch sees no MPS device; use --device auto or cpu")
+    if choice not in ("cpu", "cuda", "mps"):
+        raise WorkerError(f"unknown --device {choice!r}; choose auto, cpu, cuda or mps")
+    return torch.device(choice)
+
+
+@dataclass
+class Job:
+    """One request's input to one stage. `sender` is the ROUTER identity to return a credit to."""
+
+    stage: int
+    request: int
+    epoch: int
+    tensors: tuple[torch.Tensor, ...]
+    sender: bytes
+    received_at: float
+
+
+@dataclass
+class Done:
+    """The outcome of a Job: outputs, or an error message (the request fails, the worker stays up).
+
+    `host_s` is the real time the stage ran; `device_s` the emulated device time (real elapsed time
+    including the speed wait, divided by the dilation).
+    """
+
+    job: Job
+    outputs: tuple[torch.Tensor, ...] | None
+    error: str | None
+    host_s: float
+    device_s: float
+
+
+@dataclass
+class StageStats:
+    """Per-stage figures since load (device seconds unless named host)."""
+
+    requests: int = 0
+    errors: int = 0
+    host_s: float = 0.0
+    device_s: float = 0.0
+    overruns: int = 0  # requests whose real compute took longer than the emulated target
+
+    def to_dict(self) -> dict[str, Any]:
+        n = max(self.requests, 1)
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "mean_host_s": self.host_s / n,
+            "mean_device_s": self.device_s / n,
+            "overruns": self.overruns,
+        }
+
+
+@dataclass
+class LoadedStage:
+    """A stage program on this worker. `reference_host_s`: its calibrated host time (emulation basis)."""
+
+    program: Any
+    memory_bytes: float
+    reference_host_s: float | None
+    stats: StageStats = field(default_factory=StageStats)
+    warmed: bool = False
+
+
+class StageExecutor:
+    """Runs jobs one at a time on `device`, emulating `speed` (relative to this host) under `dilation`.
+
+    `speed` None means no emulation: device time is real time. With emulation, a stage that takes
+    `h` host seconds (its `reference_host_s` if given, else the measured time) is made to take
+    `h / speed * dilation` real seconds, by sleeping the difference.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        capacity_bytes: float,
+        on_taken: Callable[[Job], None],
+        on_done: Callable[[Done], None],
+        speed: float | None = None,
+        dilation: float = 1.0,
+    ) -> None:
+        self.device = device
+        self.capacity_bytes = capacity_bytes
+        self.speed = speed
+        self.dilation = dilation
+        self._on_taken = on_taken
+        self._on_done = on_done
+        self._stages: dict[int, LoadedStage] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._busy = False
+        self._late_s = 0.0  # real seconds the emulated device is behind its schedule (sleep overshoot)
+        self._thread = threading.Thread(target=self._loop, name="partita-compute", daemon=True)
+
+    # -- stages -----------------------------------------------------------------------------
+    def used_bytes(self, *, excluding: int | None = None) -> float:
+        with self._lock:
+            return sum(s.memory_bytes for k, s in self._stages.items() if k != excluding)
+
+    def load(self, index: int, program: Any, *, memory_bytes: float, reference_host_s: float | None, owner: str) -> None:
+        """Install stage `index` (replacing one with the same index), or refuse if it does not fit."""
+        need = max(float(memory_bytes), float(getattr(program, "param_bytes", 0)))
+        used = self.used_bytes(excluding=index)
+        if used + need > self.capacity_bytes:
+            raise WorkerError(
+                f"stage {index} needs {_mib(need)} (weights + activations) but worker {owner} has "
+                f"{_mib(self.capacity_bytes - used)} free of {_mib(self.capacity_bytes)}; "
+                "choose a plan that fits this device's memory or give it more (--memory)"
+            )
+        if self.device.type != "cpu" and hasattr(program, "to"):
+            program = program.to(self.device)
+        warmed = self._warm_up(program)
+        with self._lock:
+            self._stages[index] = LoadedStage(program, need, reference_host_s, warmed=warmed)
+
+    def _warm_up(self, program: Any) -> bool:
+        """Run the stage once on zeros of its input shapes (batch 1), so lazy set-up is not billed to a request.
+
+        Returns False when the stage cannot run on zeros; that is not an error (real inputs may
+        be fine), the first request then pays the set-up.
+        """
+        specs = getattr(program, "inputs", None)
+        if specs is None:
+            return False
+        try:
+            zeros = tuple(
+                torch.zeros([1 if d is None else d for d in spec.shape], dtype=getattr(torch, spec.dtype), device=self.device)
+                for spec in specs
+            )
+            with torch.no_grad():
+                program.run(*zeros)
+        except Exception:  # noqa: BLE001 - warm-up is an optimisation; a failure here only costs the first request
+            return False
+        return True
+
+    def unload(self, indices: list[int] | None = None) -> None:
+        """Drop the given stages (None: all)."""
+        with self._lock:
+            for k in list(self._stages) if indices is None else indices:
+                self._stages.pop(k, None)
+
+    def stage(self, index: int) -> LoadedStage | None:
+        with self._lock:
+            return self._stages.get(index)
+
+    def stage_indices(self) -> list[int]:
+        with self._lock:
+            return sorted(self._stages)
+
+    def stats(self) -> dict[int, dict[str, Any]]:
+        with self._lock:
+            return {k: s.stats.to_dict() for k, s in self._stages.items()}
+
+    def set_speed(self, speed: float | None, dilation: float | None = None) -> None:
+        self.speed = speed
+        if dilation is not None:
+            self.dilation = dilation
+
+    # -- running ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        return self._queue.qsize() + (1 if self._busy else 0)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the queued jobs, then stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            self._busy = True
+            try:
+                self._on_taken(item)
+                self._on_done(self._run(item))
+            finally:
+                self._busy = False
+
+    def _run(self, job: Job) -> Done:
+        loaded = self.stage(job.stage)
+        if loaded is None:
+            return Done(job, None, f"stage {job.stage} is not loaded on this worker", 0.0, 0.0)
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                tensors = tuple(t.to(self.device) for t in job.tensors)
+                outputs = tuple(o.to("cpu") for o in loaded.program.run(*tensors))
+        except Exception as exc:  # noqa: BLE001 - any failure of user compute fails this request only
+            loaded.stats.errors += 1
+            return Done(job, None, f"stage {job.stage} failed: {type(exc).__name__}: {exc}", 0.0, 0.0)
+        host_s = time.perf_counter() - started
+        if self.speed is not None:
+            basis_s = loaded.reference_host_s if loaded.reference_host_s is not None else host_s
+            target_s = basis_s / self.speed * self.dilation
+            if host_s > target_s:
+                loaded.stats.overruns += 1
+            # Waking from a sleep is late by a little (more on a busy machine); the next wait is
+            # shortened by what the previous ones overshot, so device time is right on average.
+            remaining_s = target_s - (time.perf_counter() - started) - self._late_s
+            if remaining_s > 0:
+                time.sleep(remaining_s)
+            actual_s = time.perf_counter() - started
+            self._late_s = min(max(0.0, self._late_s + actual_s - target_s), target_s)
+        device_s = (time.perf_counter() - started) / self.dilation
+        loaded.stats.requests += 1
+        loaded.stats.host_s += host_s
+        loaded.stats.device_s += device_s
+        return Done(job, outputs, None, host_s, device_s)

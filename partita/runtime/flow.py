@@ -1,0 +1,157 @@
+"""Credit-based flow control and link emulation for one sender-to-receiver hop.
+
+A hop is one directed pair (sender, receiver) of the data plane: the coordinator to a first
+stage, a stage to the next, or a last stage back to the coordinator. Two rules keep every queue
+bounded and every link honest:
+
+* **Credits.** A sender starts with `window` credits per receiver and spends one per message.
+  The receiver returns one credit when it takes the message off its inbound queue to compute.
+  So at most `window` messages are queued at (or travelling to) a receiver per sender, and a
+  slow stage pushes back on its upstream instead of growing its queue without bound.
+* **The emulated link.** Once a message has a credit it enters the link: a token bucket at the
+  sender (bandwidth) plus a fixed delay (latency) decide when it may leave. Several messages can
+  be in the link at once, as on a real network: latency overlaps, bandwidth serialises.
+
+`Outlink` holds this logic without sockets: it is given a `send(frames)` callable, and the owner's
+event loop calls `pump(now)` and sleeps until the returned due time. One thread owns an Outlink.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Shaper(Protocol):
+    """What an Outlink needs from a link emulator (partita.runtime.emulation.LinkShaper)."""
+
+    def delay_for(self, nbytes: int) -> float: ...
+
+
+@dataclass
+class LinkStats:
+    """What one hop carried, in the sender's real seconds (divide by the dilation for device time).
+
+    `occupancy_s` sums how long each message held the emulated link (its departure delay minus the
+    part spent waiting behind earlier messages is not separable, so this is the delay the shaper
+    imposed: serialisation plus latency); `credit_wait_s` sums how long messages waited for a credit.
+    """
+
+    messages: int = 0
+    bytes: int = 0
+    delay_s: float = 0.0
+    credit_wait_s: float = 0.0
+    first_sent_at: float | None = None
+    last_sent_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "delay_s": self.delay_s,
+            "credit_wait_s": self.credit_wait_s,
+        }
+
+
+@dataclass
+class _Parcel:
+    build: Callable[[], Sequence[Any]]
+    queued_at: float
+    frames: Sequence[Any] = ()
+    nbytes: int = 0
+    due_at: float = 0.0
+
+
+def frames_nbytes(frames: Sequence[Any]) -> int:
+    """Total payload bytes of a multipart message (bytes, memoryviews or zmq.Frame)."""
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+@dataclass
+class Outlink:
+    """One destination: a credit-gated FIFO, then the emulated link, then `send`.
+
+    `window` is the number of credits the sender starts with (both ends agree on it at deploy
+    time). `shaper` is None for an unshaped (real) link. `send` is called from the thread that
+    calls `pump`, in FIFO order.
+    """
+
+    name: str
+    send: Callable[[Sequence[Any]], None]
+    window: int
+    shaper: Shaper | None = None
+    clock: Callable[[], float] = time.monotonic
+    stats: LinkStats = field(default_factory=LinkStats)
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1 credit, got {self.window}")
+        self._credits = self.window
+        self._waiting: deque[_Parcel] = deque()
+        self._in_link: deque[_Parcel] = deque()
+
+    @property
+    def credits(self) -> int:
+        return self._credits
+
+    @property
+    def queued(self) -> int:
+        """Messages not yet handed to the socket (waiting for a credit or in the emulated link)."""
+        return len(self._waiting) + len(self._in_link)
+
+    def put(self, build: Callable[[], Sequence[Any]]) -> None:
+        """Queue one message for this destination.
+
+        `build()` makes its frames; it is called when the message gets a credit and enters the
+        link, so a timestamp it writes marks that moment and a codec runs only on what is sent.
+        """
+        self._waiting.append(_Parcel(build, self.clock()))
+
+    def grant(self, n: int) -> None:
+        """The receiver returned `n` credits."""
+        self._credits = min(self._credits + n, self.window)
+
+    def reset(self) -> None:
+        """Forget queued messages and start again with a full window (a new deployment epoch)."""
+        self._waiting.clear()
+        self._in_link.clear()
+        self._credits = self.window
+
+    def pump(self, now: float | None = None) -> float | None:
+        """Move messages along; return seconds until the next one is due, or None if none is.
+
+        A message with a credit enters the link (the shaper says when it may leave); a message
+        whose departure time has come is sent. Credits that are missing return None for that
+        message: a `grant` will wake the owner.
+        """
+        now = self.clock() if now is None else now
+        while self._waiting and self._credits > 0:
+            parcel = self._waiting.popleft()
+            self._credits -= 1
+            self.stats.credit_wait_s += now - parcel.queued_at
+            parcel.frames = parcel.build()
+            parcel.nbytes = frames_nbytes(parcel.frames)
+            delay_s = self.shaper.delay_for(parcel.nbytes) if self.shaper is not None else 0.0
+            self.stats.delay_s += delay_s
+            parcel.due_at = now + delay_s
+            self._in_link.append(parcel)
+        while self._in_link and self._in_link[0].due_at <= now:
+            parcel = self._in_link.popleft()
+            self.send(parcel.frames)
+            self.stats.messages += 1
+            self.stats.bytes += parcel.nbytes
+            if self.stats.first_sent_at is None:
+                self.stats.first_sent_at = now
+            self.stats.last_sent_at = now
+        if self._in_link:
+            return max(0.0, self._in_link[0].due_at - now)
+        return None
+
+
+def next_wakeup(delays: Sequence[float | None], default_s: float) -> float:
+    """The poll timeout for an event loop: the soonest due delay, else `default_s` (seconds)."""
+    due = [d for d in delays if d is not None]
+    return min(due) if due else default_s

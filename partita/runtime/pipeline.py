@@ -1,0 +1,388 @@
+"""A deployed model: send requests in, get results back in order, read what was measured.
+
+The `Pipeline` is the coordinator's data plane. Its I/O thread owns the sockets: a DEALER to each
+first-stage replica (behind an `Outlink`: credits and the emulated source link) and a ROUTER that
+receives results from the last stage. User threads only put requests on a queue and wait on
+futures; every change to the request book goes through `Ledger.apply` in the I/O thread.
+
+Requests are numbered in submission order; replica `r % n` of a replicated stage serves request
+`r` (round-robin), and `map` yields results in request order whatever order they arrive in.
+Figures are in device time: real seconds divided by the cluster's dilation.
+"""
+
+from __future__ import annotations
+
+import queue
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zmq
+
+from partita.errors import RequestError, WireError
+from partita.runtime.flow import Outlink, next_wakeup
+from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger
+from partita.runtime.wire import Limits, decode, encode
+
+RESULT_KINDS = frozenset({"act", "fail", "echo"})
+CREDIT_KINDS = frozenset({"credit", "error"})
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One epoch's placement: which devices hold each stage and where the source sends and receives.
+
+    `placement[k]` names the devices (replicas) holding stage k. `reference_host_s[k]` is the
+    calibrated host time of stage k (the emulation basis), None for real devices.
+    """
+
+    epoch: int
+    plan: Any
+    programs: tuple[Any, ...]
+    placement: tuple[tuple[str, ...], ...]
+    codec: str
+    window: int
+
+
+class Pipeline:
+    """Call it like the model: `pipe(x)`; stream with `pipe.map(batches)`; read `pipe.plan`, `pipe.stats()`."""
+
+    def __init__(
+        self,
+        *,
+        context: zmq.Context,
+        deployment: Deployment,
+        results_socket: zmq.Socket,
+        first_links: list[tuple[zmq.Socket, Outlink]],
+        collect_worker_stats: Callable[[], dict[str, dict]],
+        unflatten: Callable[[tuple[torch.Tensor, ...]], Any],
+        flatten: Callable[..., tuple[torch.Tensor, ...]],
+        dilation: float,
+        predicted_links: list[dict[str, Any]],
+        on_close: Callable[[], None],
+        limits: Limits = Limits(),
+    ) -> None:
+        self.deployment = deployment
+        self.dilation = dilation
+        self.graph: Any = None  # the captured ModelGraph (set by deploy), reusable for another deploy
+        self.measurements: Any = None  # what deploy measured (partita.runtime.coordinator.Measurements)
+        self.deploy_timings: dict[str, float] = {}  # real seconds per deploy phase
+        self._ctx = context
+        self._results = results_socket
+        self._first_links = first_links
+        self._collect_worker_stats = collect_worker_stats
+        self._unflatten = unflatten
+        self._flatten = flatten
+        self._predicted_links = predicted_links
+        self._on_close = on_close
+        self._limits = limits
+        self._ledger = Ledger()
+        self._submissions: queue.Queue[Accepted] = queue.Queue()
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._closed = False
+        self._stream_from = 0
+        self._counters = {"malformed": 0, "worker_errors": 0}
+        self._link_in: dict[str, list[float]] = {}
+        # Issue 5: the Supervisor (failures, drift, joins) attached by deploy, and the calls it runs
+        # in this I/O thread (a switch to a new epoch touches the ledger and the sockets).
+        self.supervisor: Any = None
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._wake_addr = f"inproc://pipeline-{id(self)}"
+        self._wake_in = context.socket(zmq.PULL)
+        self._wake_in.bind(self._wake_addr)
+        self._wake_lock = threading.Lock()
+        self._wake_out = context.socket(zmq.PUSH)
+        self._wake_out.connect(self._wake_addr)
+        self._thread = threading.Thread(target=self._loop, name="partita-pipeline", daemon=True)
+        self._thread.start()
+
+    # -- the user's side --------------------------------------------------------------------
+    @property
+    def plan(self) -> Any:
+        """The plan this pipeline runs (a `partita.plan.Plan`)."""
+        return self.deployment.plan
+
+    @property
+    def stages(self) -> tuple[Any, ...]:
+        return self.deployment.programs
+
+    def submit(self, *inputs: Any) -> Future:
+        """Send one request; the future resolves to the model's output structure (or RequestError)."""
+        if self._closing.is_set():
+            raise RequestError("this pipeline is closed; deploy again to send more requests")
+        tensors = tuple(t.detach().contiguous() for t in self._flatten(*inputs))
+        future: Future = Future()
+        with self._id_lock:
+            request = self._next_id
+            self._next_id += 1
+            self._submissions.put(Accepted(request, tensors, future, time.monotonic()))
+        self._wake()
+        outer: Future = Future()
+
+        def _finish(done: Future) -> None:
+            error = done.exception()
+            if error is not None:
+                outer.set_exception(error)
+                return
+            try:
+                outer.set_result(self._unflatten(done.result()))
+            except Exception as exc:  # noqa: BLE001 - a callback's exception would be lost; give it to the caller
+                outer.set_exception(RequestError(f"request {request}: could not rebuild the model's outputs: {exc}"))
+
+        future.add_done_callback(_finish)
+        return outer
+
+    def __call__(self, *inputs: Any, timeout_s: float | None = None) -> Any:
+        """Run one request through the pipeline and return the model's output."""
+        return self.submit(*inputs).result(timeout=timeout_s)
+
+    def map(self, batches: Iterable[Any], *, in_flight: int | None = None) -> Iterator[Any]:
+        """Stream requests, keeping up to `in_flight` submitted ahead; yield results in order.
+
+        Each item of `batches` is one request: a tensor, or a tuple of the model's inputs.
+        `in_flight` None means enough to fill every stage's credit window.
+        """
+        ahead = in_flight or max(8, 2 * self.deployment.window * (len(self.deployment.placement) + 1))
+        self._stream_from = self._ledger.delivered
+        window: list[Future] = []
+        for item in batches:
+            window.append(self.submit(*(item if isinstance(item, tuple) else (item,))))
+            if len(window) >= ahead:
+                yield window.pop(0).result()
+        for future in window:
+            yield future.result()
+
+    def close(self) -> None:
+        """Stop the I/O thread; requests still pending fail with RequestError. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.supervisor is not None:  # stop re-planning before the sockets and the session go
+            self.supervisor.stop()
+        self._closing.set()
+        self._wake()
+        self._thread.join(10.0)
+        self._on_close()
+
+    def add_device(self, device: Any, *, timeout_s: float = 120.0) -> dict[str, Any] | None:
+        """A device joins the running deployment (a new worker, or one that came back); re-plan if that helps.
+
+        `device` is a `DeviceSpec` (or the name of a device that failed) whose worker the cluster
+        handle already lists in `endpoints` (e.g. after `LocalCluster.add_worker`). Returns the
+        re-plan record (as in `stats()["replans"]`), or None when the current plan stays.
+        """
+        if self.supervisor is None:
+            raise RequestError("this pipeline is not supervised (deploy(..., supervise=False)); deploy again to add a device")
+        return self.supervisor.add_device(device, timeout_s=timeout_s)
+
+    def call_in_loop(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn()` in the I/O thread (which owns the ledger and the sockets); its result comes back in the future."""
+        future: Future = Future()
+        self._calls.put((fn, future))
+        self._wake()
+        return future
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_source_link(self, peer: str, *, bandwidth: float | None = None, latency: float | None = None) -> None:
+        """Change the emulated link from the source to `peer` (used by LocalCluster.set_link)."""
+        for _, outlink in self._first_links:
+            if outlink.name == peer and outlink.shaper is not None and hasattr(outlink.shaper, "set"):
+                outlink.shaper.set(bandwidth=bandwidth, latency=latency)
+
+    # -- figures ----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Measured per-stage and per-link figures beside the plan's predictions (device seconds)."""
+        plan = self.plan
+        k = self.dilation
+        ledger = self._ledger
+        times = ledger.delivered_at[self._stream_from:]
+        period_s = (times[-1] - times[0]) / (len(times) - 1) / k if len(times) >= 2 else None
+        latencies = sorted(x / k for x in ledger.latencies_s[self._stream_from:])
+        workers = self._collect_worker_stats()
+        stages = []
+        for index, (stage_plan, devices) in enumerate(zip(plan.stages, self.deployment.placement, strict=True)):
+            per_device = [workers.get(d, {}).get("stages", {}).get(str(index), {}) for d in devices]
+            measured = [s["mean_device_s"] for s in per_device if s.get("requests")]
+            stages.append({
+                "index": index,
+                "devices": list(devices),
+                "segments": [stage_plan.start, stage_plan.end],
+                "predicted_compute_s": stage_plan.compute_s,
+                "measured_compute_s": statistics.fmean(measured) if measured else None,
+                "requests": sum(s.get("requests", 0) for s in per_device),
+                "overruns": sum(s.get("overruns", 0) for s in per_device),
+                "host_compute_s": statistics.fmean(s["mean_host_s"] for s in per_device) if measured else None,
+            })
+        links = []
+        for link in self._predicted_links:
+            receiver = link["to"]
+            incoming = self._link_in if link.get("to_source") else workers.get(receiver, {}).get("links_in", {})
+            record = incoming.get(link["from"])
+            if isinstance(record, list):
+                record = {"messages": record[0], "mean_transfer_s": record[1] / max(record[0], 1)}
+            measured = record["mean_transfer_s"] / k if record and record.get("messages") else None
+            links.append({**link, "measured_transfer_s": measured})
+        return {
+            "epoch": self.deployment.epoch,
+            "dilation": k,
+            "requests": self._next_id,
+            **ledger.figures(),
+            "measured": {
+                "throughput_rps": 1.0 / period_s if period_s else None,
+                "period_s": period_s,
+                "latency_p50_s": _quantile(latencies, 0.5),
+                "latency_p95_s": _quantile(latencies, 0.95),
+            },
+            "predicted": {"throughput_rps": plan.throughput_rps, "period_s": plan.period_s, "latency_s": plan.latency_s},
+            "stages": stages,
+            "links": links,
+            "counters": dict(self._counters),
+            "replans": self.supervisor.replans() if self.supervisor is not None else [],
+        }
+
+    # -- the I/O thread ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if not self._wake_out.closed:
+                self._wake_out.send(b"w")
+
+    def _make_poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        for sock in [self._results, self._wake_in, *(s for s, _ in self._first_links)]:
+            poller.register(sock, zmq.POLLIN)
+        return poller
+
+    def _run_calls(self) -> bool:
+        """Run the queued `call_in_loop` calls; True if any ran (the sockets may have changed)."""
+        ran = False
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return ran
+            ran = True
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - the caller waits on the future and re-raises
+                future.set_exception(exc)
+
+    def _loop(self) -> None:
+        poller = self._make_poller()
+        try:
+            while not self._closing.is_set():
+                if self._run_calls():
+                    poller = self._make_poller()
+                self._accept_submissions()
+                delays = [outlink.pump() for _, outlink in self._first_links]
+                ready = dict(poller.poll(next_wakeup(delays, 0.1) * 1000))
+                if self._wake_in in ready:
+                    while self._wake_in.poll(0):
+                        self._wake_in.recv()
+                if self._results in ready:
+                    self._on_results()
+                for sock, outlink in self._first_links:
+                    if sock in ready:
+                        self._on_credit(sock, outlink)
+        finally:
+            self._shutdown()
+
+    def _accept_submissions(self) -> None:
+        while True:
+            try:
+                event = self._submissions.get_nowait()
+            except queue.Empty:
+                return
+            record = self._ledger.apply(event)
+            self._dispatch(record)
+
+    def _dispatch(self, record: Any) -> None:
+        if self.supervisor is not None and self.supervisor.holds(record):
+            return  # held for the next epoch (a switch is under way) or failed (no plan fits)
+        epoch = self.deployment.epoch
+        sock, outlink = self._first_links[record.request % len(self._first_links)]
+        request, tensors, ledger = record.request, record.inputs, self._ledger
+
+        def build() -> list:
+            now = time.monotonic()
+            ledger.apply(Dispatched(request, epoch, now))
+            return encode("act", {"r": request, "e": epoch, "s": 0, "ts": time.time()}, tensors, codec=self.deployment.codec)
+
+        outlink.put(build)
+
+    def _on_results(self) -> None:
+        n_stages = len(self.deployment.placement)
+        while self._results.poll(0):
+            frames = self._results.recv_multipart(copy=False)
+            sender = frames[0].bytes
+            try:
+                msg = decode(frames[1:], limits=self._limits, kinds=RESULT_KINDS)
+            except WireError as exc:
+                self._counters["malformed"] += 1
+                self._results.send_multipart([sender, *encode("error", {"reason": str(exc)})])
+                continue
+            if msg.kind == "echo":
+                self._results.send_multipart([sender, *encode("echo", {})])
+                continue
+            self._results.send_multipart([sender, *encode("credit", {"n": 1})])
+            h = msg.header
+            if not all(type(h.get(key)) is int for key in ("r", "e", "s")) or h["s"] != n_stages:
+                self._counters["malformed"] += 1
+                continue
+            now = time.monotonic()
+            if isinstance(h.get("ts"), float):
+                record = self._link_in.setdefault(sender.decode(errors="replace").split("/")[0], [0, 0.0])
+                record[0] += 1
+                record[1] += max(0.0, time.time() - h["ts"])
+            if msg.kind == "fail":
+                self._ledger.apply(Failed(h["r"], h["e"], str(h.get("error", "failed in a stage")), now))
+            else:
+                outputs = tuple(t.clone() for t in msg.tensors)
+                self._ledger.apply(Delivered(h["r"], h["e"], outputs, now))
+
+    def _on_credit(self, sock: zmq.Socket, outlink: Outlink) -> None:
+        while sock.poll(0):
+            try:
+                msg = decode(sock.recv_multipart(copy=False), limits=self._limits, kinds=CREDIT_KINDS)
+            except WireError:
+                self._counters["malformed"] += 1
+                continue
+            if msg.kind == "credit" and type(msg.header.get("n")) is int:
+                outlink.grant(msg.header["n"])
+            else:
+                self._counters["worker_errors"] += 1
+
+    def _shutdown(self) -> None:
+        now = time.monotonic()
+        for record in list(self._ledger.pending.values()):
+            self._ledger.apply(Failed(record.request, None, "the pipeline was closed before it was answered", now))
+        while True:
+            try:
+                event = self._submissions.get_nowait()
+            except queue.Empty:
+                break
+            event.future.set_exception(RequestError("the pipeline was closed before this request was sent"))
+        with self._wake_lock:
+            self._wake_out.close(linger=0)
+        self._wake_in.close(linger=0)
+        self._results.close(linger=0)
+        for sock, _ in self._first_links:
+            sock.close(linger=0)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]

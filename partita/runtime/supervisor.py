@@ -1,0 +1,333 @@
+"""The running coordinator's reliability loop: failures, drift and joins become re-plans, without losing requests.
+
+`deploy(..., supervise=True)` (the default) attaches a `Supervisor` to the `Pipeline`. Its thread
+is the only caller of the pipeline's `ReplanPolicy` (`partita.plan.replan`), which decides; this
+module measures and carries out:
+
+* **failures** — a `Heartbeat` reports workers that missed heartbeats for `detection_s` or whose
+  connection broke (`partita.runtime.heartbeat`); they go to `policy.on_failure`.
+* **drift** — every `stats_interval_s` it reads each worker's running figures (stage time per
+  request, link transfer time per message), turns them into per-interval means (`DeltaMeans`)
+  and feeds `observe_stage` / `observe_transfer` (see `_observe`).
+* **joins** — `Pipeline.add_device(...)`, or a failed worker answering again at its address.
+
+A `Decision` is carried out by `partita.runtime.switch.switch_epoch` in the pipeline's I/O thread:
+the new stages are shipped only to devices whose stage changed, every worker is routed for the
+new epoch, and every request still pending is replayed in it (answers from older epochs are
+dropped by the ledger). If the devices left cannot hold the model, every pending request, and
+every request sent until a device joins, fails with the planner's `PlanError`.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from partita.cluster import DeviceSpec
+from partita.errors import DeployError, PartitaError, PlanError, WorkerError
+from partita.plan.drift import DeltaMeans, DriftRule
+from partita.plan.replan import ReplanPolicy
+from partita.runtime.control import ControlClient
+from partita.runtime.heartbeat import Heartbeat
+from partita.runtime.switch import Switcher
+
+TICK_S = 0.05
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """How a pipeline is supervised.
+
+    detection_s: a worker silent this long (seconds) is failed (a broken connection: half of it).
+    stats_interval_s: how often workers' figures are read for drift (seconds). drift / joins: whether
+    drift, and devices joining, may trigger re-plans (failures always do). min_gain, cooldown_s,
+    rule: the policy's hysteresis (`ReplanPolicy`). link_floor_s: real seconds below which a link's
+    measured transfer time is noise (loopback scheduling), read as "as planned".
+    """
+
+    detection_s: float = 2.0
+    stats_interval_s: float = 0.5
+    drift: bool = True
+    joins: bool = True
+    min_gain: float = 0.1
+    cooldown_s: float = 10.0
+    rule: DriftRule = field(default_factory=DriftRule)
+    link_floor_s: float = 0.003
+
+
+class Supervisor:
+    """Watches one pipeline (see the module docstring). Created by `deploy`; stopped by `Pipeline.close`."""
+
+    def __init__(self, pipe: Any, session: Any, config: Supervision, *, objective: str, planner: str,
+                 max_stages: int | None, replicate: bool) -> None:
+        self.config = config
+        self._pipe = pipe
+        self._session = session
+        self._cluster = session.cluster
+        self.policy = ReplanPolicy(pipe.graph, session.cluster.spec, pipe.plan,
+                                   segment_times_s=pipe.measurements.segment_times_s, objective=objective,
+                                   planner=planner, max_stages=max_stages, replicate=replicate, rule=config.rule,
+                                   min_gain=config.min_gain, cooldown_s=config.cooldown_s)
+        self.switcher = Switcher(pipe, session)
+        self.events: list[dict[str, Any]] = []  # failures, joins, switches, halts (time.monotonic seconds)
+        self._events_lock = threading.Lock()
+        self._requests: queue.Queue[tuple[Any, Future]] = queue.Queue()
+        self._means = DeltaMeans()
+        self._seen: set[Any] = set()
+        self._failed: set[str] = set()
+        self._next_stats = time.monotonic() + config.stats_interval_s
+        self._stop = threading.Event()
+        self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partita-figures")
+        self._collecting: Future | None = None
+        self.heartbeat = Heartbeat(session.cluster.endpoints, session.keys, detection_s=config.detection_s).start()
+        self._thread = threading.Thread(target=self._run, name="partita-supervisor", daemon=True)
+        self._thread.start()
+
+    # -- any thread -----------------------------------------------------------------------------
+    def holds(self, record: Any) -> bool:
+        """Called by the pipeline's I/O thread before dispatching `record` (see Switcher.holds)."""
+        return self.switcher.holds(record)
+
+    def replans(self) -> list[dict[str, Any]]:
+        """Every re-plan so far (`Replan.to_dict()`), oldest first."""
+        return self.policy.replans()
+
+    def add_device(self, device: DeviceSpec | str, *, timeout_s: float = 120.0) -> dict[str, Any] | None:
+        """See `Pipeline.add_device`. Blocks until the join is handled; re-raises what it raised."""
+        if not self.config.joins:
+            raise DeployError("this pipeline was deployed with joins off (Supervision(joins=False))")
+        future: Future = Future()
+        self._requests.put((device, future))
+        return future.result(timeout=timeout_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(30.0)
+        self.heartbeat.stop()
+        self._collector.shutdown(wait=True)
+
+    def _log(self, event: str, **fields: Any) -> None:
+        with self._events_lock:
+            self.events.append({"event": event, "at": time.monotonic(), **fields})
+
+    # -- the supervisor thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(TICK_S):
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive one bad step; say what it was
+                self._log("error", error=f"{type(exc).__name__}: {exc}")
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        lost = self._take_failures()
+        for name in self.heartbeat.take_recovered():
+            if self.config.joins and name in self._failed:
+                self._join(name)
+        while True:
+            try:
+                device, future = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                future.set_result(self._join(device))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller waiting on the future
+                future.set_exception(exc)
+        if self.config.drift:
+            self._poll_figures(now, lost)
+        self._decide(time.monotonic())
+
+    def _poll_figures(self, now: float, lost: list[str]) -> None:
+        """Read workers' figures in a helper thread (a dead worker's call must not delay failure handling)."""
+        if self._collecting is not None and self._collecting.done():
+            deployment, figures = self._collecting.result()
+            self._collecting = None
+            if not lost and deployment is self._pipe.deployment:  # figures of a replaced epoch are dropped
+                self._observe(deployment, figures, time.monotonic())
+        if self._collecting is None and now >= self._next_stats:
+            self._next_stats = now + self.config.stats_interval_s
+            deployment = self._pipe.deployment
+            self._collecting = self._collector.submit(self._collect, deployment)
+
+    def _collect(self, deployment: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
+        names = {d for devices in deployment.placement for d in devices}
+        figures = {}
+        for name in sorted(names):
+            found = self._worker_stats(name)
+            if found is not None:
+                figures[name] = found
+        return deployment, figures
+
+    def _take_failures(self) -> list[str]:
+        failures = self.heartbeat.take_failed()
+        names = []
+        for failure in failures:
+            if failure.device in self._failed:
+                continue
+            self._failed.add(failure.device)
+            names.append(failure.device)
+            self._log("failed", device=failure.device, detected_at=failure.at, reason=failure.reason)
+            client = self._session.clients.get(failure.device)
+            if client is not None:  # its calls would only time out; stats() leaves it out
+                # A new dict, not an edit: other threads may be iterating over the session's clients.
+                self._session.clients = {k: v for k, v in self._session.clients.items() if k != failure.device}
+                client.close()
+        if names:
+            self.policy.on_failure(names, time_s=time.monotonic())
+        return names
+
+    def _decide(self, now: float) -> dict[str, Any] | None:
+        """Ask the policy; carry out what it decides. Returns the completed re-plan record, if any."""
+        while True:
+            try:
+                decision = self.policy.decide(now)
+            except PlanError as exc:
+                self._halt(exc)
+                return None
+            if decision is None:
+                return None
+            started = time.perf_counter()
+            try:
+                self.switcher.switch(decision)
+            except (WorkerError, DeployError) as exc:
+                if self._wait_for_failure(exc):
+                    self.policy.completed(decision, time.perf_counter() - started)
+                    now = time.monotonic()
+                    continue  # a device died during the switch: on_failure was called, decide again
+                self._halt(DeployError(f"the {decision.cause} re-plan could not be carried out: {exc}"))
+                return None
+            record = self.policy.completed(decision, time.perf_counter() - started)
+            self._log("switched", cause=decision.cause, epoch=self._pipe.deployment.epoch,
+                      switch_s=record.switch_s, shipped=list(self.switcher.last_shipped))
+            return record.to_dict()
+
+    def _wait_for_failure(self, error: Exception) -> bool:
+        """After a switch went wrong: True once the heartbeat names a failed device (at most ~1.5 detection times)."""
+        deadline = time.monotonic() + 1.5 * self.config.detection_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if self._take_failures():
+                return True
+            time.sleep(TICK_S)
+        self._log("switch_error", error=str(error))
+        return False
+
+    def _halt(self, error: PartitaError) -> None:
+        self._log("halted", error=str(error))
+        self._pipe.call_in_loop(lambda: self.switcher.halt(error)).result(timeout=30)
+
+    # -- joins ----------------------------------------------------------------------------------
+    def _join(self, device: DeviceSpec | str) -> dict[str, Any] | None:
+        name = device.name if isinstance(device, DeviceSpec) else str(device)
+        present = self.policy.cluster.names if self.policy.cluster is not None else ()
+        if name in present and name not in self._failed:
+            raise DeployError(f"device {name!r} is already part of the deployment")
+        endpoint = self._cluster.endpoints.get(name)
+        if endpoint is None:
+            raise DeployError(f"no running worker for device {name!r}; start it (LocalCluster.add_worker, or "
+                              "`partita worker`) and add it to the cluster handle first")
+        session = self._session
+        old = session.clients.get(name)
+        client = ControlClient(session.context, endpoint, session.keys, timeout_s=20)
+        session.clients = {**session.clients, name: client}  # a new dict: see _take_failures
+        if old is not None:
+            old.close()
+        from partita.runtime.coordinator import _routable
+
+        session.infos[name] = _routable(client.call("hello", timeout_s=20).header, endpoint.control)
+        self.switcher.forget(name)
+        self.heartbeat.watch(name, endpoint)
+        self._failed.discard(name)
+        self.policy.on_join(device, time_s=time.monotonic(), segment_times_s=self._segment_times(name))
+        self._log("joined", device=name)
+        return self._decide(time.monotonic())
+
+    def _segment_times(self, name: str) -> tuple[float, ...] | None:
+        """Seconds per segment on `name`: scaled from the host profile when emulated here, else None (flops)."""
+        host_s = self._pipe.measurements.host_segment_s
+        speed = (getattr(self._cluster, "host_speeds", {}) or {}).get(name)
+        if host_s is None or speed is None:
+            return None
+        return tuple(t / speed for t in host_s)
+
+    # -- drift ----------------------------------------------------------------------------------
+    def _observe(self, deployment: Any, workers: Mapping[str, Any], now: float) -> None:
+        """Feed the policy one interval's mean stage time per device and transfer time per link."""
+        dilation = self._pipe.dilation
+        source = self._cluster.spec.source
+        in_bytes = {}
+        for index, devices in enumerate(deployment.placement):
+            stage = deployment.plan.stages[index]
+            senders = deployment.placement[index - 1] if index > 0 else (source,)
+            for device in devices:
+                for sender in senders:
+                    in_bytes[(sender, device)] = stage.in_bytes
+        for index, devices in enumerate(deployment.placement):
+            for device in devices:
+                figures = workers.get(device)
+                if figures is None or device in self._failed:
+                    continue
+                stage = figures.get("stages", {}).get(str(index))
+                if stage:
+                    mean = self._interval_mean(("stage", device, deployment.epoch, index), stage)
+                    if mean is not None and mean > 0:
+                        self.policy.observe_stage(device, mean, time_s=now)
+                for sender, link in (figures.get("links_in") or {}).items():
+                    nbytes = in_bytes.get((sender, device))
+                    if nbytes:
+                        self._observe_link(sender, device, deployment.epoch, link, nbytes, dilation, now)
+
+    def _observe_link(self, a: str, b: str, epoch: int, link: Mapping[str, Any], nbytes: int, dilation: float,
+                      now: float) -> None:
+        real_s = self._interval_mean(("link", a, b, epoch), {"requests": link.get("messages", 0),
+                                                              "mean_device_s": link.get("mean_transfer_s", 0.0)})
+        if real_s is None:
+            return
+        planned = self.policy.cluster.link(a, b) if self.policy.cluster else None
+        if planned is None:
+            return
+        planned_s = planned.latency_s + (0.0 if math.isinf(planned.bandwidth_bytes_per_s)
+                                         else nbytes / planned.bandwidth_bytes_per_s)
+        # Below the noise floor a measured time says nothing either way: read it as the plan's.
+        transfer_s = real_s / dilation if real_s >= self.config.link_floor_s else max(real_s / dilation, planned_s)
+        if math.isinf(planned.bandwidth_bytes_per_s) and real_s < self.config.link_floor_s:
+            return
+        self.policy.observe_transfer(a, b, nbytes=float(nbytes), transfer_s=transfer_s, time_s=now)
+
+    def _interval_mean(self, key: Any, figures: Mapping[str, Any]) -> float | None:
+        """The mean over the samples since the last read of `key`; None on its first read (a baseline)."""
+        count, mean = int(figures.get("requests", 0)), float(figures.get("mean_device_s", 0.0))
+        delta = self._means.update(key, count, mean)
+        if key not in self._seen:
+            self._seen.add(key)
+            return None
+        return delta
+
+    def _worker_stats(self, name: str) -> dict[str, Any] | None:
+        client = self._session.clients.get(name)
+        if client is None or name in self._failed:
+            return None
+        try:
+            return client.call("stats", timeout_s=1.0).header
+        except WorkerError:
+            return None  # a worker that cannot answer is the heartbeat's business, not drift's
+
+
+def attach(pipe: Any, session: Any, supervise: Supervision | bool, *, objective: str, planner: str,
+           max_stages: int | None, replicate: bool, pinned: bool) -> Supervisor:
+    """Start supervising a freshly deployed `pipe` (deploy calls this). `pinned`: the user gave the stages."""
+    if isinstance(supervise, Supervision):
+        config = supervise
+    else:
+        config = Supervision(drift=not pinned, joins=not pinned)
+    if not isinstance(supervise, Supervision | bool):
+        raise DeployError(f"supervise must be True, False or a Supervision, got {supervise!r}")
+    pipe.supervisor = Supervisor(pipe, session, config, objective=objective, planner=planner,
+                                 max_stages=max_stages, replicate=replicate)
+    return pipe.supervisor

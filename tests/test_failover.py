@@ -1,0 +1,171 @@
+"""Failures on a running pipeline: killed workers are detected, re-planned around, and no request is lost.
+
+Real workers on loopback (a LocalCluster of four emulated devices), a small MLP, codec none: every
+output is compared with the unsplit model with torch.equal. The workers are killed with SIGKILL
+(no goodbye), so only the heartbeat and the broken connection can tell the coordinator.
+One cluster serves the module; each test restarts the workers the previous one killed.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import partita
+from partita.cluster import ClusterSpec, DeviceSpec
+from partita.errors import PlanError, RequestError
+from partita.runtime.coordinator import deploy
+from partita.runtime.supervisor import Supervision
+
+pytestmark = pytest.mark.slow
+
+DEVICES = ("a", "b", "c", "d")
+DETECTION_S = 1.0
+SPEED = 0.02
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        layers += [nn.Linear(64, 64), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(64, 5)).eval()
+
+
+def device(name: str, memory_bytes: float = 2**30) -> DeviceSpec:
+    return DeviceSpec(name, 1e9, memory_bytes, speed=SPEED)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    spec = ClusterSpec.from_dict({
+        "source": "client",
+        "devices": [{"name": n, "flops_per_s": 1e9, "memory_bytes": 2**30, "speed": SPEED} for n in DEVICES],
+        "links": {"default": {"bandwidth": "100MB/s", "latency": "0.5ms"}},
+    })
+    with partita.LocalCluster(spec) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def prepared(cluster):
+    """The model and its capture + measurements, reused by every deploy of the module."""
+    torch.set_num_threads(1)  # the workers run one torch thread: the same kernels, bit for bit
+    model, x = mlp(), torch.randn(4, 64)
+    pipe = deploy(model, (x,), cluster, replicate=False, supervise=False)
+    pipe.close()
+    return model, x, pipe.graph, pipe.measurements
+
+
+@pytest.fixture
+def healthy(cluster):
+    """Every device of the cluster has a running worker (restarting those a test killed)."""
+    for name in DEVICES:
+        if cluster.processes[name].poll() is not None:
+            cluster.add_worker(device(name))
+    return cluster
+
+
+def start(cluster, prepared, **options):
+    model, x, graph, measured = prepared
+    supervision = Supervision(detection_s=DETECTION_S, drift=False)
+    return deploy(model, (x,), cluster, graph=graph, measurements=measured, replicate=False,
+                  supervise=supervision, **options)
+
+
+def kill(cluster, name: str) -> float:
+    cluster.processes[name].send_signal(signal.SIGKILL)
+    return time.monotonic()
+
+
+def wait_for(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the supervisor")
+        time.sleep(0.05)
+
+
+def held(deployment) -> dict[str, tuple[int, str]]:
+    return {d: (k, deployment.programs[k].sha256) for k, devs in enumerate(deployment.placement) for d in devs}
+
+
+def test_a_worker_killed_mid_stream_is_detected_replanned_and_every_request_delivered_once_in_order(healthy, prepared):
+    model = prepared[0]
+    batches = [torch.randn(4, 64) for _ in range(240)]
+    with start(healthy, prepared) as pipe:
+        before = pipe.deployment
+        victim = pipe.plan.stages[1].devices[0]
+        outputs, killed_at = [], None
+        for i, y in enumerate(pipe.map(batches)):
+            outputs.append(y)
+            if i == 60:
+                killed_at = kill(healthy, victim)
+        stats = pipe.stats()
+        after = pipe.deployment
+        events = list(pipe.supervisor.events)
+    with torch.no_grad():
+        assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
+    assert len(outputs) == 240 and stats["delivered"] == 240
+    assert stats["failed"] == 0 and stats["pending"] == 0
+    [failure] = [e for e in events if e["event"] == "failed"]
+    assert failure["device"] == victim
+    assert failure["detected_at"] - killed_at <= DETECTION_S + pipe.supervisor.heartbeat.interval_s
+    [replan] = stats["replans"]
+    assert replan["cause"] == "failure" and replan["devices_lost"] == [victim]
+    assert replan["old_period_s"] == pytest.approx(before.plan.period_s) and replan["switch_s"] > 0
+    assert victim not in after.plan.devices and after.epoch > before.epoch
+    [switched] = [e for e in events if e["event"] == "switched"]
+    old, new = held(before), held(after)
+    assert {tuple(s) for s in switched["shipped"]} == {(d, k) for d, (k, sha) in new.items() if old.get(d) != (k, sha)}
+
+
+def test_a_worker_that_comes_back_joins_and_the_pipeline_replans_onto_it(healthy, prepared):
+    model = prepared[0]
+    with start(healthy, prepared) as pipe:
+        victim = pipe.plan.stages[-1].devices[0]
+        kill(healthy, victim)
+        wait_for(lambda: any(r["switch_s"] is not None for r in pipe.stats()["replans"]))
+        assert victim not in pipe.plan.devices
+        degraded_period_s = pipe.plan.period_s
+        healthy.add_worker(device(victim))
+        record = pipe.add_device(victim)
+        batches = [torch.randn(4, 64) for _ in range(30)]
+        outputs = list(pipe.map(batches))
+        replans = pipe.stats()["replans"]
+        print("EVENTS", pipe.supervisor.events, replans)
+    assert record is not None and record["cause"] == "join" and record["devices_added"] == [victim]
+    assert record["new_period_s"] < degraded_period_s and victim in pipe.plan.devices
+    assert [r["cause"] for r in replans] == ["failure", "join"]
+    with torch.no_grad():
+        assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
+
+
+def test_when_the_devices_left_cannot_hold_the_model_pending_requests_fail_with_plan_error(healthy, prepared):
+    # d alone cannot hold the model: its memory is far below the weights.
+    healthy.processes["d"].send_signal(signal.SIGKILL)
+    healthy.processes["d"].wait(5)
+    healthy.add_worker(device("d", memory_bytes=4096))
+    with start(healthy, prepared) as pipe:
+        assert "d" not in pipe.plan.devices
+        futures = [pipe.submit(torch.randn(4, 64)) for _ in range(40)]
+        for name in ("a", "b", "c"):
+            kill(healthy, name)
+        futures += [pipe.submit(torch.randn(4, 64)) for _ in range(10)]
+        errors = []
+        for future in futures:
+            try:
+                future.result(timeout=30)
+            except (PlanError, RequestError) as exc:
+                errors.append(exc)
+        wait_for(lambda: any(e["event"] == "halted" for e in pipe.supervisor.events))
+        with pytest.raises(PlanError, match="cannot run the model"):
+            pipe(torch.randn(4, 64), timeout_s=30)
+        stats = pipe.stats()
+    assert errors, "requests sent after the failure must fail, not hang"
+    assert all(isinstance(e, PlanError) and "cannot run the model" in str(e) for e in errors)
+    assert stats["pending"] == 0 and stats["delivered"] + stats["failed"] == 51

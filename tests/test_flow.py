@@ -1,0 +1,116 @@
+"""Flow control and the request book, without sockets: credits bound what is in flight, links keep order,
+and every accepted request is answered exactly once."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from partita.errors import RequestError
+from partita.runtime.emulation import LinkShaper
+from partita.runtime.flow import Outlink
+from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Replayed
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def outlink(window: int, shaper=None, clock=None) -> tuple[Outlink, list]:
+    sent: list = []
+    return Outlink("next", sent.append, window, shaper, clock or FakeClock()), sent
+
+
+def test_a_sender_never_has_more_messages_out_than_its_credits():
+    link, sent = outlink(window=2)
+    for i in range(5):
+        link.put(lambda i=i: [bytes([i])])
+    link.pump()
+    assert [f[0] for f in sent] == [b"\x00", b"\x01"]
+    link.grant(1)
+    link.pump()
+    assert len(sent) == 3 and link.queued == 2
+
+
+def test_credits_never_exceed_the_window():
+    link, _ = outlink(window=3)
+    link.grant(10)
+    assert link.credits == 3
+
+
+def test_an_emulated_link_holds_messages_for_latency_plus_serialisation_in_order():
+    clock = FakeClock()
+    shaper = LinkShaper(1000.0, 0.5, clock=clock)  # 1000 bytes/s, 0.5 s latency
+    link, sent = outlink(window=8, shaper=shaper, clock=clock)
+    link.put(lambda: [bytes(100)])  # leaves at 0.1 + 0.5
+    link.put(lambda: [bytes(100)])  # behind it: 0.2 + 0.5
+    assert link.pump(0.0) == pytest.approx(0.6)
+    clock.now = 0.65
+    link.pump(0.65)
+    assert len(sent) == 1
+    clock.now = 0.7
+    link.pump(0.7)
+    assert len(sent) == 2
+
+
+def test_the_frames_are_built_when_the_message_gets_its_credit():
+    link, _ = outlink(window=1)
+    built: list[int] = []
+    link.put(lambda: built.append(1) or [b"a"])
+    link.put(lambda: built.append(2) or [b"b"])
+    link.pump()
+    assert built == [1]
+
+
+def _accept(ledger: Ledger, request: int) -> Future:
+    future: Future = Future()
+    ledger.apply(Accepted(request, (torch.zeros(1),), future, 0.0))
+    return future
+
+
+def test_a_request_is_delivered_once_and_a_late_duplicate_is_dropped():
+    ledger = Ledger()
+    future = _accept(ledger, 0)
+    ledger.apply(Dispatched(0, epoch=1, at=1.0))
+    ledger.apply(Delivered(0, 1, (torch.ones(1),), 2.0))
+    ledger.apply(Delivered(0, 1, (torch.full((1,), 9.0),), 2.5))
+    assert torch.equal(future.result()[0], torch.ones(1))
+    assert ledger.delivered == 1 and ledger.duplicates == 1 and not ledger.pending
+    assert ledger.latencies_s == [1.0]
+
+
+def test_an_answer_from_an_older_epoch_is_stale_after_a_replay():
+    ledger = Ledger()
+    future = _accept(ledger, 0)
+    ledger.apply(Dispatched(0, epoch=1, at=0.0))
+    ledger.apply(Replayed(epoch=2, at=1.0))
+    assert [r.request for r in ledger.undispatched()] == [0]
+    ledger.apply(Dispatched(0, epoch=2, at=1.0))
+    ledger.apply(Delivered(0, 1, (torch.zeros(1),), 1.5))
+    assert not future.done() and ledger.stale == 1
+    ledger.apply(Delivered(0, 2, (torch.ones(1),), 2.0))
+    assert torch.equal(future.result()[0], torch.ones(1))
+
+
+def test_a_failed_request_raises_a_request_error_naming_the_cause():
+    ledger = Ledger()
+    future = _accept(ledger, 3)
+    ledger.apply(Dispatched(3, epoch=1, at=0.0))
+    ledger.apply(Failed(3, 1, "stage 1 failed: boom", 0.5))
+    with pytest.raises(RequestError, match="request 3 failed: stage 1 failed: boom"):
+        future.result()
+
+
+def test_the_ledger_counts_how_many_requests_were_in_flight_at_once():
+    ledger = Ledger()
+    for r in range(4):
+        _accept(ledger, r)
+        ledger.apply(Dispatched(r, epoch=1, at=0.0))
+    ledger.apply(Delivered(0, 1, (), 1.0))
+    assert ledger.max_in_flight == 4 and ledger.in_flight == 3
