@@ -167,3 +167,23 @@ def test_connect_deploys_onto_workers_already_running_at_addresses(tmp_path):
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=20)
+
+
+def test_partita_run_streams_checks_and_reports_json():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "partita.cli", "run", "tests/test_pipeline.py:mlp", "--cluster",
+         "examples/clusters/tiny-2.yaml", "--input-shape", "4,32", "--requests", "20", "--check", "--json"],
+        cwd=root, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["requests"] == report["delivered"] == 20
+    assert report["outputs_match"] is True and report["max_abs_error"] == 0.0
+    assert report["measured"]["throughput_rps"] > 0 and report["predicted"]["throughput_rps"] > 0
+    assert {"plan", "stages", "replans", "measured", "predicted"} <= set(report)

@@ -128,21 +128,27 @@ def _fmt(value: float | None, spec: str) -> str:
 def _print(console: Any, rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    table = Table(title="four plans (device time; x = ratio to single)")
-    for column in ("plan", "stages", "reqs", "throughput predicted", "throughput measured", "latency predicted",
-                   "latency measured", "meas/pred period", "exact"):
-        table.add_column(column, justify="left" if column == "plan" else "right")
+    throughput = Table(title="throughput (requests per device second; x = ratio to single)")
+    latency = Table(title="latency of one request (device time; x = ratio to single)")
+    for table in (throughput, latency):
+        for column in ("plan", "stages", "predicted", "measured", "x single pred", "x single meas"):
+            table.add_column(column, justify="left" if column == "plan" else "right")
+    throughput.add_column("meas/pred period", justify="right")
+    latency.add_column("outputs", justify="right")
     for r in rows:
-        measured_latency = r["measured_latency_s"]
-        table.add_row(
-            r["planner"], str(r["stages"]), str(r["requests"]),
-            f"{r['predicted_throughput_rps']:.1f}/s {r['predicted_throughput_vs_single']:.2f}x",
-            f"{_fmt(r['measured_throughput_rps'], '.1f')}/s {_fmt(r['measured_throughput_vs_single'], '.2f')}x",
-            f"{r['predicted_latency_s'] * 1e3:.1f} ms {r['predicted_latency_vs_single']:.2f}x",
-            f"{_fmt(measured_latency and measured_latency * 1e3, '.1f')} ms {_fmt(r['measured_latency_vs_single'], '.2f')}x",
-            _fmt(r["measured_vs_predicted_period"], ".2f"), "yes" if r["outputs_match"] else "NO",
+        throughput.add_row(
+            r["planner"], str(r["stages"]), f"{r['predicted_throughput_rps']:.1f}",
+            _fmt(r["measured_throughput_rps"], ".1f"), f"{r['predicted_throughput_vs_single']:.2f}",
+            _fmt(r["measured_throughput_vs_single"], ".2f"), _fmt(r["measured_vs_predicted_period"], ".2f"),
         )
-    console.print(table)
+        measured_ms = r["measured_latency_s"] * 1e3 if r["measured_latency_s"] else None
+        latency.add_row(
+            r["planner"], str(r["stages"]), f"{r['predicted_latency_s'] * 1e3:.1f} ms",
+            _fmt(measured_ms, ".1f") + " ms", f"{r['predicted_latency_vs_single']:.2f}",
+            _fmt(r["measured_latency_vs_single"], ".2f"), "exact" if r["outputs_match"] else "DIFFER",
+        )
+    console.print(throughput)
+    console.print(latency)
 
 
 def _plot(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], graph: Any, path: Path, *, title: str) -> None:

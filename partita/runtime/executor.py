@@ -31,9 +31,21 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
 
+def _programs_can_move() -> bool:
+    """Whether stage programs can be placed on an accelerator (`StageProgram.to(device)`)."""
+    from partita.model import StageProgram
+
+    return hasattr(StageProgram, "to")
+
+
 def resolve_device(choice: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit choice must be available."""
+    """`auto` picks cuda, then mps, then cpu; an explicit choice must be available.
+
+    `auto` stays on the CPU while stage programs cannot be moved to an accelerator.
+    """
     if choice == "auto":
+        if not _programs_can_move():
+            return torch.device("cpu")
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -153,7 +165,12 @@ class StageExecutor:
                 f"{_mib(self.capacity_bytes - used)} free of {_mib(self.capacity_bytes)}; "
                 "choose a plan that fits this device's memory or give it more (--memory)"
             )
-        if self.device.type != "cpu" and hasattr(program, "to"):
+        if self.device.type != "cpu":
+            if not hasattr(program, "to"):
+                raise WorkerError(
+                    f"worker {owner} runs on {self.device.type} but this stage program cannot be moved off the CPU "
+                    "(StageProgram has no .to(device)); start the worker with --device cpu"
+                )
             program = program.to(self.device)
         warmed = self._warm_up(program)
         with self._lock:
