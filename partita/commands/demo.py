@@ -24,11 +24,12 @@ import typer
 from partita.commands.inspect import parse_input_shapes
 
 PLANNERS = ("single", "even", "memory", "optimal")
-DEFAULT_CLUSTER = Path(__file__).resolve().parents[2] / "examples" / "clusters" / "home-edge.yaml"
+# The embedded default (also examples/clusters/home-edge.yaml): packaged, so a plain pip install can run it.
+DEFAULT_CLUSTER = Path(__file__).resolve().parent.parent / "data" / "home-edge.yaml"
 
 
 def demo(
-    cluster: Annotated[Path, typer.Option("--cluster", help="Cluster file to emulate.")] = DEFAULT_CLUSTER,
+    cluster: Annotated[Path, typer.Option("--cluster", help="Cluster file to emulate (default: the embedded home-edge.yaml).", show_default=False)] = DEFAULT_CLUSTER,
     model: Annotated[str, typer.Option("--model", help="Model reference.")] = "torchvision:resnet50",
     input_shape: Annotated[str, typer.Option("--input-shape", help="Example input shape.")] = "1,3,64,64",
     seconds_per_plan: Annotated[float, typer.Option("--seconds-per-plan", help="Real seconds of streaming per plan.")] = 4.0,
