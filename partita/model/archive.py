@@ -224,3 +224,43 @@ def _check_expr(expr: Any) -> None:
         raise StageFormatError(
             f"stage program has a size expression that is not plain arithmetic: {str(expr)[:80]!r}"
         )
+
+
+def check_user_program(data: bytes) -> None:
+    """Refuse a user's saved .pt2 file if torch.export.load would unpickle anything from it.
+
+    A program the user saved with torch.export.save legitimately carries sample inputs and guard
+    code, so `check` (stage archives only) is too strict for it. This closes the pickle paths
+    listed in the module docstring: sample inputs must load with `weights_only=True`, weights and
+    constants must be raw tensor payloads, and opaque or TorchScript objects, legacy `.pt` weight
+    files and compiled AOTInductor libraries are refused.
+    """
+    import torch  # only here: the stage-archive check itself needs no torch
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise StageFormatError(f"not a torch.export archive: the bytes are not a zip file ({exc})") from exc
+    with archive:
+        for info in archive.infolist():
+            name = info.filename.split("/", 1)[-1]
+            if name.startswith("data/aotinductor/") or re.fullmatch(r"data/(weights|constants)/[^/]+\.pt", name):
+                raise StageFormatError(f"archive entry {name!r} would be loaded as a pickle or a compiled library")
+            if re.fullmatch(r"data/constants/(opaque_obj|custom_obj)_[^/]*", name):
+                raise StageFormatError(f"archive constant {name!r} is a Python object (pickle); refused")
+            if re.fullmatch(r"data/(weights|constants)/[^/]+_config\.json", name):
+                try:
+                    config = json.loads(archive.read(info).decode("utf-8"))
+                    metas = list(config["config"].values())
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise StageFormatError(f"archive entry {name!r} is malformed: {exc}") from exc
+                if any(not isinstance(meta, dict) or meta.get("use_pickle") is not False for meta in metas):
+                    raise StageFormatError(f"archive entry {name!r} asks for pickled objects; refused")
+            if name.startswith("data/sample_inputs/") and info.file_size:
+                try:
+                    # weights_only=True unpickles tensors and containers only, never arbitrary objects.
+                    torch.load(io.BytesIO(archive.read(info)), weights_only=True)
+                except Exception as exc:  # any failure here means torch would retry with a full unpickle
+                    raise StageFormatError(
+                        f"archive sample inputs {name!r} are not plain tensors ({type(exc).__name__}); refused"
+                    ) from exc

@@ -23,7 +23,8 @@ from urllib.parse import parse_qs
 
 import torch
 
-from partita.errors import ModelRefError
+from partita.errors import ModelRefError, StageFormatError
+from partita.model.archive import check_user_program
 
 FORMS = (
     "torchvision:NAME[?weights=PATH.safetensors]",
@@ -70,6 +71,11 @@ def _load_pt2(ref: str) -> torch.nn.Module:
     path = Path(ref)
     if not path.is_file():
         _fail(ref, f"no file {path}")
+    try:
+        # torch.export.load falls back to full unpickling on several paths; refuse those first.
+        check_user_program(path.read_bytes())
+    except StageFormatError as exc:
+        _fail(ref, f"{path} was refused: {exc}")
     try:
         # A user's own saved program, loaded like torch.export.load does (it is not a shipped stage).
         exported = torch.export.load(str(path))
