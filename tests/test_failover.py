@@ -137,7 +137,6 @@ def test_a_worker_that_comes_back_joins_and_the_pipeline_replans_onto_it(healthy
         batches = [torch.randn(4, 64) for _ in range(30)]
         outputs = list(pipe.map(batches))
         replans = pipe.stats()["replans"]
-        print("EVENTS", pipe.supervisor.events, replans)
     assert record is not None and record["cause"] == "join" and record["devices_added"] == [victim]
     assert record["new_period_s"] < degraded_period_s and victim in pipe.plan.devices
     assert [r["cause"] for r in replans] == ["failure", "join"]
@@ -149,7 +148,7 @@ def test_when_the_devices_left_cannot_hold_the_model_pending_requests_fail_with_
     # d alone cannot hold the model: its memory is far below the weights.
     healthy.processes["d"].send_signal(signal.SIGKILL)
     healthy.processes["d"].wait(5)
-    healthy.add_worker(device("d", memory_bytes=4096))
+    healthy.add_worker(device("d", memory_bytes=256))
     with start(healthy, prepared) as pipe:
         assert "d" not in pipe.plan.devices
         futures = [pipe.submit(torch.randn(4, 64)) for _ in range(40)]
@@ -169,3 +168,18 @@ def test_when_the_devices_left_cannot_hold_the_model_pending_requests_fail_with_
     assert errors, "requests sent after the failure must fail, not hang"
     assert all(isinstance(e, PlanError) and "cannot run the model" in str(e) for e in errors)
     assert stats["pending"] == 0 and stats["delivered"] + stats["failed"] == 51
+
+
+def test_a_new_device_added_while_running_takes_a_stage_when_that_helps(healthy, prepared):
+    model = prepared[0]
+    with start(healthy, prepared) as pipe:
+        before_s = pipe.plan.period_s
+        fast = DeviceSpec("e", 5e9, 2**30, speed=5 * SPEED)
+        healthy.add_worker(fast)
+        record = pipe.add_device(fast)
+        batches = [torch.randn(4, 64) for _ in range(30)]
+        outputs = list(pipe.map(batches))
+    assert record is not None and record["cause"] == "join" and record["devices_added"] == ["e"]
+    assert "e" in pipe.plan.devices and record["new_period_s"] <= 0.9 * before_s
+    with torch.no_grad():
+        assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))

@@ -131,6 +131,30 @@ class StageProgram:
             result = self._module(*tensors)
         return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
+    def to(self, device: torch.device | str) -> StageProgram:
+        """This stage with its weights, constants and device-bearing ops on `device` ("cpu", "cuda", "mps").
+
+        Returns a new StageProgram; this one is left as it was (torch.export's move_to_device_pass
+        changes a program in place, so it runs on a copy). `run` then takes and returns tensors on
+        `device`. The archive does not change: `to_bytes()` and `sha256` stay those of the shipped
+        (CPU) archive, so a moved stage is still identified by what was sent.
+        """
+        import copy
+
+        from torch.export.passes import move_to_device_pass
+
+        moved = move_to_device_pass(copy.deepcopy(self._exported), torch.device(device))
+        return StageProgram(
+            moved,
+            index=self.index,
+            start=self.start,
+            end=self.end,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            out_spec=self.out_spec,
+            data=self.to_bytes(),
+        )
+
     def _check_inputs(self, tensors: Sequence[torch.Tensor]) -> None:
         if len(tensors) != len(self.inputs):
             raise StageInputError(

@@ -29,12 +29,13 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import zmq
 
+from partita.cluster import ClusterSpec, LinkSpec
 from partita.errors import DeployError, WorkerError
 from partita.runtime.control import ControlClient
 from partita.runtime.flow import Outlink
@@ -49,15 +50,25 @@ _live: weakref.WeakKeyDictionary[Any, Pipeline] = weakref.WeakKeyDictionary()
 
 @dataclass(frozen=True)
 class Measurements:
-    """What `measure` found: seconds per segment per device (device time), and the host profile.
+    """What `measure` found: seconds per segment per device (device time), the host profile, the links.
 
     `host_segment_s` is this host's time per segment (the basis of emulated devices), None when
-    no device is emulated here. `device_info` is each worker's hello reply.
+    no device is emulated here. `device_info` is each worker's hello reply. `links` are the links
+    that were probed, keyed (prober, probed) — the source's are probed from the coordinator — in
+    device time; links not probed are as the cluster declares them (`cluster_spec`).
     """
 
     segment_times_s: Mapping[str, tuple[float, ...]]
     host_segment_s: tuple[float, ...] | None
     device_info: Mapping[str, Mapping[str, Any]]
+    links: Mapping[tuple[str, str], LinkSpec] = field(default_factory=dict)
+
+    def cluster_spec(self, declared: ClusterSpec) -> ClusterSpec:
+        """`declared` with the probed links in place of what it says (what deploy plans with)."""
+        spec = declared
+        for (a, b), link in self.links.items():
+            spec = spec.with_link(a, b, link)
+        return spec
 
 
 def deploy(
@@ -76,6 +87,7 @@ def deploy(
     measurements: Measurements | None = None,
     stages: Sequence[Any] | None = None,
     supervise: Any = True,
+    probe_links: bool | None = None,
 ) -> Pipeline:
     """Deploy `model` onto `cluster` and return a running `Pipeline`.
 
@@ -89,6 +101,10 @@ def deploy(
     `supervise` (issue 5): True watches the workers and re-plans on failures, joins and drift with
     the defaults of `partita.runtime.supervisor.Supervision` (2 s failure detection; with `stages`
     given, the assignment is pinned: only failures re-plan); a `Supervision` sets them; False: none.
+    `probe_links`: None probes the links deploy does not know — real links (a worker at either
+    end) that the cluster file does not declare in `pairs` — and plans with what it measured;
+    True probes every link, emulated ones included (a LocalCluster: the emulation itself);
+    False probes none. Given `measurements`, nothing is probed again.
     """
     from partita.model import capture, flatten_inputs, split, unflatten_outputs
     from partita.plan import plan as make_plan
@@ -109,14 +125,16 @@ def deploy(
             graph = graph if graph is not None else capture(model, tuple(example_inputs))
         with clock("measure_s"):
             if measurements is None:
-                measurements = measure(graph, example_inputs, cluster, session=session, reps=reps)
+                measurements = measure(graph, example_inputs, cluster, session=session, reps=reps,
+                                       probe_links=probe_links)
         clock.start("plan_s")
+        planned_spec = measurements.cluster_spec(cluster.spec)  # the declared links, the probed ones replaced
         if stages is not None:
-            chosen = predict(graph, cluster.spec, stages, objective=objective, segment_times_s=measurements.segment_times_s)
+            chosen = predict(graph, planned_spec, stages, objective=objective, segment_times_s=measurements.segment_times_s)
         else:
             chosen = make_plan(
                 graph,
-                cluster.spec,
+                planned_spec,
                 objective=objective,
                 planner=planner,
                 max_stages=max_stages,
@@ -157,9 +175,20 @@ def deploy(
 
 
 def measure(
-    graph: Any, example_inputs: tuple, cluster: ClusterHandle, *, session: _Session | None = None, reps: int = 3
+    graph: Any,
+    example_inputs: tuple,
+    cluster: ClusterHandle,
+    *,
+    session: _Session | None = None,
+    reps: int = 3,
+    probe_links: bool | None = None,
 ) -> Measurements:
-    """Time every segment of `graph` on every device of `cluster` (seconds, device time)."""
+    """Time every segment of `graph` on every device of `cluster` (seconds, device time), then probe links.
+
+    `probe_links` (see `deploy`): None probes the real links the cluster does not declare, True
+    every link, False none. A worker probes its peers' data sockets (`probe`), so each probed
+    worker first allows the probing workers' keys; the coordinator probes the source's links.
+    """
     from partita.model import flatten_inputs, split
 
     own = session is None
@@ -187,10 +216,72 @@ def measure(
 
         with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
             times.update(dict(pool.map(profile, remote)))
-        return Measurements(times, host_s, infos)
+        # After the profiles, one at a time: probes that overlap would share (and halve) the network.
+        links = _probe(session, _links_to_probe(cluster, probe_links))
+        return Measurements(times, host_s, infos, links)
     finally:
         if own:
             session.close()
+
+
+def _links_to_probe(cluster: ClusterHandle, probe_links: bool | None) -> list[tuple[str, str]]:
+    """(prober, probed) pairs to measure: the source's links are probed from the coordinator (the source).
+
+    None: links with a real device at either end (not emulated here) that the spec does not
+    declare in its pairs (it only has them from `default`). True: all links. False: none.
+    """
+    if probe_links is False:
+        return []
+    spec = cluster.spec
+    nodes = [*spec.names, *([] if spec.source in spec.names else [spec.source])]
+    emulated = getattr(cluster, "emulated_link", spec.link) if cluster.emulated_links else None
+    out = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            real = emulated is None or emulated(a, b) is None
+            if probe_links or (real and frozenset((a, b)) not in spec.pair_links):
+                out.append((b, a) if b == spec.source else (a, b))  # the source is last in `nodes`
+    return out
+
+
+def _probe(session: _Session, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], LinkSpec]:
+    """Measure each (prober, probed) link; the source's from this process, the others by the prober's worker."""
+    from partita.runtime.profile import measure_link
+
+    if not pairs:
+        return {}
+    cluster, infos = session.cluster, session.hello()
+    source = cluster.spec.source
+    public = {name: (ep.public_key.decode() if ep.public_key else None) for name, ep in cluster.endpoints.items()}
+    probers: dict[str, list[str]] = {}
+    for a, b in pairs:
+        if a != source and public.get(a):
+            probers.setdefault(b, []).append(public[a])
+    for b, keys in probers.items():  # the probed data socket must accept the prober's key
+        session.clients[b].call("allow", {"peers": keys})
+    links = {}
+    for a, b in pairs:
+        setting = _link_setting(cluster, a, b)
+        if a == source:
+            sock = session.context.socket(zmq.DEALER)
+            keys = session.keys
+            plain = keys is None or not public[b]
+            apply_client(sock, None if plain else (keys.public, keys.secret), None if plain else public[b].encode(),
+                         insecure=plain)
+            try:
+                sock.connect(infos[b]["data"])
+                result = measure_link(sock, emulate=(setting["bandwidth_bytes_per_s"], setting["latency_s"]),
+                                      dilation=cluster.dilation)
+            finally:
+                sock.close(linger=0)
+        else:
+            header = {"address": infos[b]["data"], "public_key": public[b], **setting}
+            try:
+                result = session.clients[a].call("probe", header, timeout_s=120).header
+            except WorkerError as exc:
+                raise DeployError(f"could not probe the link {a}-{b}: {exc}") from None
+        links[(a, b)] = LinkSpec(float(result["bandwidth_bytes_per_s"]), float(result["latency_s"]))
+    return links
 
 
 def _host_profile(segments: Sequence[Any], inputs: tuple, *, reps: int, threads: int) -> tuple[float, ...]:
@@ -319,6 +410,7 @@ def _wire(session: _Session, deployment: Deployment, measurements: Measurements,
     advertise = getattr(cluster, "advertise_host", None) or cluster.bind_host
     sink = {"name": source, "address": f"tcp://{advertise}:{port}", "public_key": keys.public.decode() if keys else None}
 
+    planned = measurements.cluster_spec(cluster.spec)  # what the plan assumed: the probed links replaced
     predicted_links: list[dict[str, Any]] = []
     routes: dict[str, dict[str, Any]] = {}
     for index, devices in enumerate(placement):
@@ -335,11 +427,11 @@ def _wire(session: _Session, deployment: Deployment, measurements: Measurements,
                 nexts = [{**sink, **_link_setting(cluster, device, source)}]
             route["stages"].append({"stage": index, "next": nexts})
             for sender in senders:
-                link = cluster.spec.link(sender, device)
+                link = planned.link(sender, device)
                 predicted_links.append(_predicted_link(sender, device, stage_plan.in_bytes, link, to_source=False))
         if index + 1 == n:
             for device in devices:
-                link = cluster.spec.link(device, source)
+                link = planned.link(device, source)
                 predicted_links.append(_predicted_link(device, source, stage_plan.out_bytes, link, to_source=True))
     for name, route in routes.items():  # authorize every sender before any of them connects
         session.clients[name].call("allow", {"peers": route["peers"]})

@@ -31,21 +31,12 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
 
-def _programs_can_move() -> bool:
-    """Whether stage programs can be placed on an accelerator (`StageProgram.to(device)`)."""
-    from partita.model import StageProgram
-
-    return hasattr(StageProgram, "to")
-
-
 def resolve_device(choice: str) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit choice must be available.
 
-    `auto` stays on the CPU while stage programs cannot be moved to an accelerator.
+    A stage is moved there on load (`StageProgram.to`); requests arrive and leave as CPU tensors.
     """
     if choice == "auto":
-        if not _programs_can_move():
-            return torch.device("cpu")
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -11,6 +11,11 @@ A `Heartbeat` thread pings every watched worker's control socket every `interval
   worker is failed without waiting for the full detection time. Until a worker has answered
   once, only the missed-heartbeat rule applies (its first handshake may be slow).
 
+A worker answers pings from the same thread that runs control commands, so a long command (a
+stage `load` with its warm-up) silences it. While the coordinator has such a call in progress
+(`with heartbeat.busy(name):`) only the broken-send rule applies, and a call that returns counts
+as a heartbeat.
+
 A failed worker is still pinged: when it answers again (it restarted at the same address with the
 same keys) it is reported as recovered. The thread owns its sockets (its own zmq context) and
 only hands out names through `take_failed` / `take_recovered`, so any thread may read them.
@@ -22,7 +27,8 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import zmq
@@ -74,6 +80,9 @@ class Heartbeat:
         self._recovered: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._busy: dict[str, int] = {}
+        self._proven: dict[str, float] = {}
         for name, endpoint in endpoints.items():
             self.watch(name, endpoint)
         self._thread = threading.Thread(target=self._run, name="partita-heartbeat", daemon=True)
@@ -94,6 +103,21 @@ class Heartbeat:
 
     def unwatch(self, name: str) -> None:
         self._commands.put(("unwatch", name, None))
+
+    @contextmanager
+    def busy(self, name: str) -> Iterator[None]:
+        """A control call to `name` is in progress: do not count its silence; its return proves it alive."""
+        with self._lock:
+            self._busy[name] = self._busy.get(name, 0) + 1
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            with self._lock:
+                self._busy[name] -= 1
+                if ok:
+                    self._proven[name] = time.monotonic()
 
     def take_failed(self) -> list[Failure]:
         """Workers found failed since the last call (each failure is reported once)."""
@@ -162,8 +186,13 @@ class Heartbeat:
     def _judge(self, name: str, w: _Watched, now: float) -> None:
         if w.failed:
             return
+        with self._lock:
+            busy = self._busy.get(name, 0) > 0
+            proven = self._proven.pop(name, None)
+        if proven is not None and proven > w.since:
+            w.last_seen = max(w.last_seen or proven, proven)
         silent_s = now - (w.last_seen if w.last_seen is not None else w.since)
-        if silent_s > self.detection_s:
+        if silent_s > self.detection_s and not busy:
             reason = f"no heartbeat for {silent_s:.2f} s"
         elif w.last_seen is not None and w.broken_since is not None and now - w.broken_since > self.confirm_s:
             reason = f"connection lost (sends refused for {now - w.broken_since:.2f} s)"

@@ -74,7 +74,6 @@ class Supervisor:
                                    segment_times_s=pipe.measurements.segment_times_s, objective=objective,
                                    planner=planner, max_stages=max_stages, replicate=replicate, rule=config.rule,
                                    min_gain=config.min_gain, cooldown_s=config.cooldown_s)
-        self.switcher = Switcher(pipe, session)
         self.events: list[dict[str, Any]] = []  # failures, joins, switches, halts (time.monotonic seconds)
         self._events_lock = threading.Lock()
         self._requests: queue.Queue[tuple[Any, Future]] = queue.Queue()
@@ -86,6 +85,7 @@ class Supervisor:
         self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partita-figures")
         self._collecting: Future | None = None
         self.heartbeat = Heartbeat(session.cluster.endpoints, session.keys, detection_s=config.detection_s).start()
+        self.switcher = Switcher(pipe, session, busy=self.heartbeat.busy)
         self._thread = threading.Thread(target=self._run, name="partita-supervisor", daemon=True)
         self._thread.start()
 
@@ -240,9 +240,10 @@ class Supervisor:
             old.close()
         from partita.runtime.coordinator import _routable
 
-        session.infos[name] = _routable(client.call("hello", timeout_s=20).header, endpoint.control)
-        self.switcher.forget(name)
         self.heartbeat.watch(name, endpoint)
+        with self.heartbeat.busy(name):
+            session.infos[name] = _routable(client.call("hello", timeout_s=20).header, endpoint.control)
+        self.switcher.forget(name)
         self._failed.discard(name)
         self.policy.on_join(device, time_s=time.monotonic(), segment_times_s=self._segment_times(name))
         self._log("joined", device=name)

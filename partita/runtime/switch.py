@@ -25,7 +25,9 @@ the pipeline's own switching code, kept apart so the data plane stays readable.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import zmq
@@ -43,9 +45,10 @@ SWITCH_TIMEOUT_S = 120.0
 class Switcher:
     """Switches `pipe` to new deployments on the workers of `session` (see the module docstring)."""
 
-    def __init__(self, pipe: Any, session: Any) -> None:
+    def __init__(self, pipe: Any, session: Any, busy: Callable[[str], AbstractContextManager] | None = None) -> None:
         self._pipe = pipe
         self._session = session
+        self._busy = busy or (lambda name: nullcontext())  # marks long control calls (Heartbeat.busy)
         deployment = pipe.deployment
         # What each device holds now: (stage index, sha256). Tracked here so a switch ships only changes.
         self._held: dict[str, tuple[int, str]] = {
@@ -140,8 +143,9 @@ class Switcher:
             client = session.clients[device]
             self._held.pop(device, None)
             try:
-                client.call("unload", {"stages": None}, timeout_s=10)
-                client.call("load", header, [blob_tensor(program.to_bytes())], timeout_s=SWITCH_TIMEOUT_S)
+                with self._busy(device):
+                    client.call("unload", {"stages": None}, timeout_s=10)
+                    client.call("load", header, [blob_tensor(program.to_bytes())], timeout_s=SWITCH_TIMEOUT_S)
             except WorkerError as exc:
                 raise DeployError(f"could not ship stage {index} to {device}: {exc}") from None
             self._held[device] = (index, program.sha256)
@@ -187,6 +191,8 @@ class Switcher:
                 if index + 1 == n:
                     link = cluster.spec.link(device, source)
                     predicted.append(_predicted_link(device, source, stage_plan.out_bytes, link, to_source=True))
+        if session.keys is not None:  # whichever workers now hold the last stage may return results
+            set_authorized(pipe._results, [k.encode() for k in public.values() if k])
         try:
             for name, route in routes.items():  # authorize every sender before any of them connects
                 session.clients[name].call("allow", {"peers": route["peers"]}, timeout_s=10)
@@ -204,8 +210,6 @@ class Switcher:
         cluster, keys = session.cluster, session.keys
         source = cluster.spec.source
         public = {name: ep.public_key for name, ep in cluster.endpoints.items()}
-        if keys is not None:  # whichever workers now hold the last stage may return results
-            set_authorized(pipe._results, [k for k in public.values() if k])
         links = []
         for device in deployment.placement[0]:
             sock = pipe._ctx.socket(zmq.DEALER)

@@ -538,17 +538,26 @@ class Worker:
         programs = [
             StageProgram.from_bytes(blob_bytes(t), expected_sha256=sha) for sha, t in zip(shas, msg.tensors, strict=False)
         ]
+        if self.device.type != "cpu":  # time the segments where the stages will run
+            programs = [program.to(self.device) for program in programs]
         host_s = time_programs(programs, msg.tensors[len(shas):], reps=reps, device=self.device)
         speed = self.executor.speed or 1.0
         return "profiled", {"host_s": host_s, "device_s": [t / speed for t in host_s]}, ()
 
     def _cmd_probe(self, msg: Any) -> tuple[str, dict, tuple]:
-        """Measure RTT and bandwidth to a peer's data socket (`address`, `public_key`)."""
+        """Measure RTT, latency and bandwidth to a peer's data socket (`address`, `public_key`).
+
+        `bandwidth_bytes_per_s` / `latency_s` (optional, as in `route`): the emulated link to that
+        peer; the probe is then shaped like activations on it, and the figures are device time.
+        """
         from partita.runtime.profile import measure_link
 
         h = msg.header
         if not isinstance(h.get("address"), str):
             raise WorkerError("probe needs the peer's data 'address'")
+        emulate = (h.get("bandwidth_bytes_per_s"), h.get("latency_s"))
+        if not all(v is None or (isinstance(v, int | float) and v >= 0) for v in emulate) or emulate[0] == 0:
+            raise WorkerError("probe's 'bandwidth_bytes_per_s' (> 0) and 'latency_s' (>= 0) must be numbers or null")
         sock = self._ctx.socket(zmq.DEALER)
         try:
             public = h.get("public_key")
@@ -556,7 +565,8 @@ class Worker:
             apply_client(sock, None if plain else self._secret, None if plain else public.encode(), insecure=plain)
             sock.connect(h["address"])
             payload = int(h.get("payload_bytes", 4 * 2**20))
-            result = measure_link(sock, payload_bytes=min(payload, self.config.limits.max_frame_bytes))
+            result = measure_link(sock, payload_bytes=min(payload, self.config.limits.max_frame_bytes),
+                                  emulate=emulate, dilation=self.executor.dilation)
         finally:
             sock.close(linger=0)
         return "probed", result, ()

@@ -1,0 +1,113 @@
+"""Drift on a running pipeline: a device or a link gets slower mid-stream, the coordinator switches plans once.
+
+Real workers on loopback (a LocalCluster of three emulated devices). The emulation is changed while
+requests stream (`LocalCluster.set_device` / `set_link`); the workers' measured stage times and
+link transfer times drift from the plan, the supervisor's ReplanPolicy decides (hysteresis, one
+switch per sustained change), and the switch loses nothing: every output is torch.equal to the
+unsplit model, delivered once and in order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import partita
+from partita.cluster import ClusterSpec
+from partita.runtime.coordinator import deploy
+from partita.runtime.supervisor import Supervision
+
+pytestmark = pytest.mark.slow
+
+DEVICES = ("a", "b", "c")
+SPEED = 0.02
+BANDWIDTH = 4e6  # bytes/s: a 32x64 float32 activation (8 KiB) takes 2 ms
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        layers += [nn.Linear(64, 64), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(64, 5)).eval()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    spec = ClusterSpec.from_dict({
+        "source": "client",
+        "devices": [{"name": n, "flops_per_s": 1e9, "memory_bytes": 2**30, "speed": SPEED} for n in DEVICES],
+        "links": {"default": {"bandwidth": BANDWIDTH, "latency": "0.2ms"}},
+    })
+    with partita.LocalCluster(spec) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def prepared(cluster):
+    torch.set_num_threads(1)  # the workers run one torch thread: the same kernels, bit for bit
+    model, x = mlp(), torch.randn(32, 64)
+    pipe = deploy(model, (x,), cluster, replicate=False, supervise=False)
+    pipe.close()
+    return model, x, pipe.graph, pipe.measurements
+
+
+def stream_with_change(cluster, prepared, change, *, requests: int, change_at: int):
+    """Deploy, stream `requests` with `change(pipe)` applied after `change_at` results; return what happened."""
+    model, x, graph, measured = prepared
+    supervision = Supervision(detection_s=2.0, stats_interval_s=0.25, cooldown_s=3.0)
+    batches = [torch.randn(32, 64) for _ in range(requests)]
+    with deploy(model, (x,), cluster, graph=graph, measurements=measured, replicate=False,
+                supervise=supervision) as pipe:
+        first = pipe.plan
+        outputs = []
+        for i, y in enumerate(pipe.map(batches)):
+            outputs.append(y)
+            if i == change_at:
+                change(pipe, first)
+        stats = pipe.stats()
+    with torch.no_grad():
+        exact = all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
+    return first, stats, outputs, exact
+
+
+def test_a_device_five_times_slower_mid_stream_leads_to_one_switch_and_no_lost_request(cluster, prepared):
+    slowed = {}
+
+    def slow_down(pipe, plan):
+        busiest = max(plan.stages, key=lambda s: s.compute_s).devices[0]
+        slowed["name"] = busiest
+        cluster.set_device(busiest, speed=SPEED / 5)
+
+    try:
+        first, stats, outputs, exact = stream_with_change(cluster, prepared, slow_down, requests=700, change_at=150)
+    finally:
+        cluster.set_device(slowed.get("name", "a"), speed=SPEED)
+    assert exact and len(outputs) == 700
+    assert stats["delivered"] == 700 and stats["failed"] == 0 and stats["pending"] == 0
+    drifts = [r for r in stats["replans"] if r["cause"] == "drift"]
+    assert len(drifts) == 1, stats["replans"]  # hysteresis: a sustained change is acted on once
+    assert slowed["name"] in drifts[0]["reason"] and drifts[0]["switch_s"] is not None
+    assert drifts[0]["new_period_s"] < 0.9 * drifts[0]["old_period_s"]
+
+
+def test_a_link_ten_times_slower_mid_stream_leads_to_a_switch_and_no_lost_request(cluster, prepared):
+    cut = {}
+
+    def cut_link(pipe, plan):
+        a, b = plan.stages[0].devices[0], plan.stages[1].devices[0]
+        cut["pair"] = (a, b)
+        cluster.set_link(a, b, bandwidth=BANDWIDTH / 10)
+
+    try:
+        first, stats, outputs, exact = stream_with_change(cluster, prepared, cut_link, requests=600, change_at=150)
+    finally:
+        if cut:
+            cluster.set_link(*cut["pair"], bandwidth=BANDWIDTH)
+    assert len(first.stages) >= 2
+    assert exact and len(outputs) == 600
+    assert stats["delivered"] == 600 and stats["failed"] == 0 and stats["pending"] == 0
+    drifts = [r for r in stats["replans"] if r["cause"] == "drift"]
+    assert 1 <= len(drifts) <= 2, stats["replans"]
+    assert "bandwidth" in drifts[0]["reason"]

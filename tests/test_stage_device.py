@@ -1,0 +1,91 @@
+"""Stages on a torch device: StageProgram.to and the worker's executor, which moves tensors to and fro.
+
+On the CPU a moved stage is bit-identical; on an accelerator it is close (kernels differ, so
+bit-identity across devices is not expected). The CUDA test runs only where torch sees a GPU.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+import zoo
+
+from partita.model import flatten_inputs, split
+from partita.runtime.executor import Done, Job, StageExecutor, resolve_device
+
+
+@pytest.fixture(scope="module", params=["unet", "two_input_dict"])
+def chain(request):
+    """(stages of a zoo model split in three, its flat example inputs)."""
+    _, inputs, graph = zoo.captured(request.param)
+    n = len(graph.segments)
+    return split(graph, [n // 3, 2 * n // 3]), tuple(flatten_inputs(*inputs))
+
+
+def run_chain(stages, tensors):
+    for stage in stages:
+        tensors = stage.run(*tensors)
+    return tensors
+
+
+def run_in_executor(device: str, program, tensors) -> Done:
+    """Load `program` as stage 0 of an executor on `device`, submit one job, and return its outcome."""
+    done: queue.Queue[Done] = queue.Queue()
+    executor = StageExecutor(torch.device(device), capacity_bytes=2**30, on_taken=lambda job: None, on_done=done.put)
+    executor.load(0, program, memory_bytes=0.0, reference_host_s=None, owner="test")
+    executor.start()
+    try:
+        executor.submit(Job(0, 1, 1, tuple(tensors), b"peer", 0.0))
+        return done.get(timeout=60)
+    finally:
+        executor.stop()
+
+
+def test_moving_a_stage_to_the_cpu_keeps_outputs_bit_identical(chain):
+    stages, inputs = chain
+    moved = [stage.to("cpu") for stage in stages]
+    expected = run_chain(stages, inputs)
+    got = run_chain(moved, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_moved_stage_is_a_new_program_with_the_archive_checksum(chain):
+    stages, _ = chain
+    original = stages[1]
+    moved = original.to("cpu")
+    assert moved is not original
+    assert moved.exported_program is not original.exported_program
+    assert moved.sha256 == original.sha256 and moved.to_bytes() == original.to_bytes()
+    assert (moved.index, moved.start, moved.end) == (original.index, original.start, original.end)
+    assert moved.inputs == original.inputs and moved.outputs == original.outputs
+
+
+def test_the_executor_on_the_cpu_returns_the_stage_outputs_unchanged(chain):
+    stages, inputs = chain
+    done = run_in_executor("cpu", stages[0], inputs)
+    assert done.error is None
+    expected = stages[0].run(*inputs)
+    assert all(o.device.type == "cpu" for o in done.outputs)
+    assert all(torch.equal(a, b) for a, b in zip(done.outputs, expected, strict=True))
+
+
+def test_auto_device_picks_the_accelerator_torch_sees():
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+def test_a_stage_runs_on_cuda_and_returns_cpu_tensors_close_to_the_cpu_run(chain):
+    stages, inputs = chain
+    expected = stages[0].run(*inputs)
+    moved = stages[0].to("cuda")
+    on_device = moved.run(*(t.to("cuda") for t in inputs))
+    assert all(o.device.type == "cuda" for o in on_device)
+    done = run_in_executor("cuda", stages[0], inputs)  # the worker's path: in to the GPU, out to the CPU
+    assert done.error is None
+    assert all(o.device.type == "cpu" for o in done.outputs)
+    for got, want in zip(done.outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
