@@ -10,7 +10,7 @@ import torch
 
 from partita.errors import RequestError
 from partita.runtime.emulation import LinkShaper
-from partita.runtime.flow import Outlink
+from partita.runtime.flow import RETRY_S, Outlink
 from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Replayed
 
 
@@ -25,6 +25,28 @@ class FakeClock:
 def outlink(window: int, shaper=None, clock=None) -> tuple[Outlink, list]:
     sent: list = []
     return Outlink("next", sent.append, window, shaper, clock or FakeClock()), sent
+
+
+def test_a_message_the_socket_cannot_take_is_kept_in_order_and_offered_again():
+    """A send that would block (no pipe to the peer) returns False: the Outlink keeps it rather than lose it."""
+    sent: list = []
+    accept = [False]
+
+    def send(frames):
+        if not accept[0]:
+            return False
+        sent.append(frames)
+        return True
+
+    link = Outlink("next", send, 4, None, FakeClock())
+    for i in range(3):
+        link.put(lambda i=i: [bytes([i])])
+    assert link.pump() == RETRY_S
+    assert sent == [] and link.queued == 3 and link.stats.refused_sends == 1
+    accept[0] = True
+    assert link.pump() is None
+    assert [f[0] for f in sent] == [b"\x00", b"\x01", b"\x02"]
+    assert link.stats.messages == 3 and link.queued == 0
 
 
 def test_a_sender_never_has_more_messages_out_than_its_credits():

@@ -281,7 +281,12 @@ def test_results_reach_only_the_holder_of_the_coordinators_secret_key(worker):
         # The worker is told (say by a spoofed address) to send to the impostor, expecting the coordinator's key.
         worker.route(sock.last_endpoint.decode(), worker.coordinator.public)
         worker.data.send_multipart(act(torch.randn(2, 16), next(worker.requests)), copy=False)
+        # A result computed after the handshake was refused meets a DEALER with no pipe left: the
+        # worker must keep it queued rather than block its event loop on the send.
+        time.sleep(0.5)
+        worker.data.send_multipart(act(torch.randn(2, 16), next(worker.requests)), copy=False)
         assert_silent(sock)
+        assert worker.control.call("ping").kind == "pong", "a refused next hop stalled the worker"
     for sock in impostors:
         sock.close(linger=0)
     worker.deploy()

@@ -52,6 +52,12 @@ class ControlClient:
         name = self.endpoint.name
         with self._lock:
             tag = next(self._ids)
+            # Not a blocking send: a DEALER whose handshake was refused has no pipe, and would wait forever.
+            if not self._socket.poll(timeout_s * 1000, zmq.POLLOUT):
+                raise WorkerError(
+                    f"worker {name} at {self.endpoint.control} did not accept {kind!r} within {timeout_s:g} s; "
+                    "is it running, and was it given this coordinator's public key?"
+                )
             self._socket.send_multipart(encode(kind, {**(header or {}), "id": tag}, tensors), copy=False)
             while True:
                 if not self._socket.poll(timeout_s * 1000):

@@ -38,7 +38,7 @@ import zmq
 from partita.cluster import ClusterSpec, LinkSpec
 from partita.errors import DeployError, WorkerError
 from partita.runtime.control import ControlClient
-from partita.runtime.flow import Outlink
+from partita.runtime.flow import Outlink, socket_sender
 from partita.runtime.handle import ClusterHandle
 from partita.runtime.keys import apply_client, apply_server, stop_auth
 from partita.runtime.pipeline import Deployment, Pipeline
@@ -447,7 +447,7 @@ def _wire(session: _Session, deployment: Deployment, measurements: Measurements,
         apply_client(sock, None if plain else secret, None if plain else public[device].encode(), insecure=plain)
         sock.connect(infos[device]["data"])
         shaper = _shaper(_link_setting(cluster, source, device), cluster.dilation)
-        outlink = Outlink(device, lambda frames, s=sock: s.send_multipart(frames, copy=False), deployment.window, shaper)
+        outlink = Outlink(device, socket_sender(sock), deployment.window, shaper)
         first_links.append((sock, outlink))
 
     return Pipeline(

@@ -14,6 +14,11 @@ bounded and every link honest:
 
 `Outlink` holds this logic without sockets: it is given a `send(frames)` callable, and the owner's
 event loop calls `pump(now)` and sleeps until the returned due time. One thread owns an Outlink.
+
+A send must never block the owner's event loop. A ZeroMQ DEALER whose only peer refused the
+handshake (a wrong CURVE key, a plain socket) has no pipe left, and a blocking send on it waits
+forever; so `send` returns False when the socket cannot take the message now
+(`socket_sender` wraps a socket that way), and the Outlink keeps it and tries again shortly.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import zmq
+
+#: Seconds between attempts to hand a message to a socket that could not take it.
+RETRY_S = 0.05
 
 
 class Shaper(Protocol):
@@ -44,6 +54,7 @@ class LinkStats:
     bytes: int = 0
     delay_s: float = 0.0
     credit_wait_s: float = 0.0
+    refused_sends: int = 0
     first_sent_at: float | None = None
     last_sent_at: float | None = None
 
@@ -53,6 +64,7 @@ class LinkStats:
             "bytes": self.bytes,
             "delay_s": self.delay_s,
             "credit_wait_s": self.credit_wait_s,
+            "refused_sends": self.refused_sends,
         }
 
 
@@ -63,6 +75,19 @@ class _Parcel:
     frames: Sequence[Any] = ()
     nbytes: int = 0
     due_at: float = 0.0
+
+
+def socket_sender(sock: zmq.Socket) -> Callable[[Sequence[Any]], bool]:
+    """A `send` for an Outlink: hand the frames to `sock` without blocking; False if it cannot take them now."""
+
+    def send(frames: Sequence[Any]) -> bool:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    return send
 
 
 def frames_nbytes(frames: Sequence[Any]) -> int:
@@ -76,11 +101,12 @@ class Outlink:
 
     `window` is the number of credits the sender starts with (both ends agree on it at deploy
     time). `shaper` is None for an unshaped (real) link. `send` is called from the thread that
-    calls `pump`, in FIFO order.
+    calls `pump`, in FIFO order; it returns False when the message could not be handed over now
+    (it is kept, in order, and offered again after `RETRY_S`).
     """
 
     name: str
-    send: Callable[[Sequence[Any]], None]
+    send: Callable[[Sequence[Any]], bool | None]
     window: int
     shaper: Shaper | None = None
     clock: Callable[[], float] = time.monotonic
@@ -139,8 +165,11 @@ class Outlink:
             parcel.due_at = now + delay_s
             self._in_link.append(parcel)
         while self._in_link and self._in_link[0].due_at <= now:
-            parcel = self._in_link.popleft()
-            self.send(parcel.frames)
+            parcel = self._in_link[0]
+            if self.send(parcel.frames) is False:
+                self.stats.refused_sends += 1
+                return RETRY_S
+            self._in_link.popleft()
             self.stats.messages += 1
             self.stats.bytes += parcel.nbytes
             if self.stats.first_sent_at is None:

@@ -33,7 +33,7 @@ from typing import Any
 import zmq
 
 from partita.errors import DeployError, PartitaError, WorkerError
-from partita.runtime.flow import Outlink
+from partita.runtime.flow import Outlink, socket_sender
 from partita.runtime.keys import apply_client, set_authorized
 from partita.runtime.ledger import Dispatched, Failed, Replayed
 from partita.runtime.pipeline import Deployment
@@ -220,8 +220,7 @@ class Switcher:
                          insecure=plain)
             sock.connect(session.infos[device]["data"])
             shaper = _shaper(_link_setting(cluster, source, device), cluster.dilation)
-            outlink = Outlink(device, lambda frames, s=sock: s.send_multipart(frames, copy=False), deployment.window,
-                              shaper)
+            outlink = Outlink(device, socket_sender(sock), deployment.window, shaper)
             links.append((sock, outlink))
         last = deployment.programs[-1]
         pipe.deployment = deployment

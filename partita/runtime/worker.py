@@ -38,7 +38,7 @@ import zmq
 
 from partita.errors import PartitaError, WireError, WorkerError
 from partita.runtime.executor import Done, Job, StageExecutor, resolve_device
-from partita.runtime.flow import Outlink, next_wakeup
+from partita.runtime.flow import Outlink, next_wakeup, socket_sender
 from partita.runtime.handle import Keypair
 from partita.runtime.keys import apply_client, apply_server, auth_stats, set_authorized, stop_auth
 from partita.runtime.wire import Limits, Message, blob_bytes, decode, encode
@@ -490,7 +490,7 @@ class Worker:
         bandwidth = override.get("bandwidth", dest.get("bandwidth_bytes_per_s"))
         latency = override.get("latency", dest.get("latency_s"))
         shaper = self._shaper(bandwidth, latency)
-        self._outlinks[key] = (sock, Outlink(dest["name"], lambda frames, s=sock: s.send_multipart(frames, copy=False), self._window, shaper))
+        self._outlinks[key] = (sock, Outlink(dest["name"], socket_sender(sock), self._window, shaper))
         return key
 
     def _shaper(self, bandwidth: float | None, latency: float | None) -> Any:
