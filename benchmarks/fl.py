@@ -4,7 +4,10 @@
    unequal work: 10 clients on the devices of examples/clusters/home-edge.yaml (two clients per device), each
    running as many local steps as fit in the round's deadline at its device's speed (capped at MAX_STEPS).
    A step's emulated time is proportional to 1 / flops_per_s of the device. Ratios are against FedAvg.
-2. Round overhead: milliseconds per round for 10 clients with payloads from 10 KiB to 10 MiB, in process:
+2. Paired seeds on `digits`, FedNova's own setting (every client runs 2 local epochs, so tau_i ~ n_i): FedAvg
+   and FedNova from the same initial weights, partition and minibatch seeds, final accuracy per seed, how many
+   seeds FedNova matches or beats, and the mean ratio to FedAvg.
+3. Round overhead: milliseconds per round for 10 clients with payloads from 10 KiB to 10 MiB, in process:
    every update goes through the Flower-named record and the wire layout (and through
    partita.runtime.wire encode/decode when that module is present). The baseline is the bare arithmetic of
    one FedAvg round (a weighted sum of 10 tensors); the ratio is the loop's cost over it. The runtime rows
@@ -148,6 +151,37 @@ def print_convergence(result: dict) -> None:
             f"{cid}:{steps.get(cid, 'dropped')} ({result['devices'][cid]})" for cid in range(NUM_CLIENTS)
         )
     )
+
+
+def paired_digits(seeds: list[int], rounds: int) -> dict:
+    """FedAvg and FedNova on the same seeds, every client running 2 local epochs (tau_i proportional to n_i)."""
+    rows = []
+    for seed in seeds:
+        task = get_task("digits", num_clients=NUM_CLIENTS, seed=seed, alpha=0.3)
+        profiles = {
+            i: ClientProfile(local_steps=None, local_epochs=2, lr=0.05, batch_size=32) for i in range(NUM_CLIENTS)
+        }
+        avg = run_in_process(task, FedAvg(), rounds, profiles=profiles, seed=seed).final
+        nova = run_in_process(task, FedNova(), rounds, profiles=profiles, seed=seed).final
+        rows.append({"seed": seed, "fedavg": avg.accuracy, "fednova": nova.accuracy, "steps": list(avg.steps)})
+    return {"task": "digits", "alpha": 0.3, "local_epochs": 2, "lr": 0.05, "batch_size": 32, "rounds": rounds,
+            "rows": rows}
+
+
+def print_paired(result: dict) -> None:
+    table = Table(title=f"digits, Dirichlet(0.3), 2 local epochs per client: final accuracy after "
+                        f"{result['rounds']} rounds, same seeds")
+    for column in ("seed", "local steps (min-max)", "fedavg", "fednova", "fednova - fedavg"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(str(row["seed"]), f"{min(row['steps'])}-{max(row['steps'])}", f"{row['fedavg']:.3f}",
+                      f"{row['fednova']:.3f}", f"{row['fednova'] - row['fedavg']:+.3f}")
+    avg = statistics.fmean(r["fedavg"] for r in result["rows"])
+    nova = statistics.fmean(r["fednova"] for r in result["rows"])
+    wins = sum(r["fednova"] >= r["fedavg"] for r in result["rows"])
+    table.add_row("mean", "", f"{avg:.3f}", f"{nova:.3f}", f"{nova - avg:+.3f} ({nova / avg:.3f}x)", style="bold")
+    console.print(table)
+    console.print(f"FedNova >= FedAvg on {wins} of {len(result['rows'])} seeds")
 
 
 class EchoClient:
@@ -300,6 +334,9 @@ def main() -> None:
         result = convergence(task_name, rounds, seeds, lr, options, devices)
         print_convergence(result)
         results["convergence"].append(result)
+    paired = paired_digits(list(range(4 if args.quick else 20)), rounds=20)
+    print_paired(paired)
+    results["paired_digits"] = paired
     payloads = [10 * 2**10, 100 * 2**10, 2**20, 10 * 2**20]
     rows = overhead(payloads, repeats=3 if args.quick else 10)
     runtime_overhead(rows, repeats=3 if args.quick else 10)

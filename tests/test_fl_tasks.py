@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -100,13 +103,35 @@ def test_fednova_reaches_a_lower_global_loss_than_fedavg_under_unequal_steps(see
     assert fednova.loss <= fedavg.loss
 
 
-def test_non_iid_digits_with_unequal_steps_trains_under_both_strategies():
-    # Not FedNova >= FedAvg: on this CNN that did not hold robustly (see docs/fl.md, "digits").
-    task = get_task("digits", num_clients=6, seed=0, alpha=0.3)
-    profiles = {
-        i: ClientProfile(local_steps=s, lr=0.1, batch_size=32) for i, s in enumerate([2, 2, 2, 10, 10, 10])
-    }
-    for strategy in (FedAvg(), FedNova()):
-        history = run_in_process(task, strategy, 8, profiles=profiles)
-        assert history.final.steps == (2, 2, 2, 10, 10, 10)
-        assert history.final.accuracy > 0.2  # 10 balanced classes: chance is 0.1
+# FedNova's own setting (Wang et al. 2020, section 6): every client runs the same number of local *epochs*,
+# so tau_i is proportional to its data, n_i. On a Dirichlet(0.3) split of ten clients that is 2 to 22 steps a
+# round, and FedAvg's fixed point weights client i by n_i * tau_i, roughly n_i squared.
+DIGITS_SEEDS = range(8)
+
+
+def _digits_pair(seed: int) -> tuple[float, float, tuple[int, ...], tuple[int, ...]]:
+    """FedAvg's and FedNova's final accuracy on one seed (module level: runs in a worker process)."""
+    torch.set_num_threads(1)
+    task = get_task("digits", num_clients=10, seed=seed, alpha=0.3)
+    profiles = {i: ClientProfile(local_steps=None, local_epochs=2, lr=0.05, batch_size=32) for i in range(10)}
+    avg = run_in_process(task, FedAvg(), 20, profiles=profiles, seed=seed).final
+    nova = run_in_process(task, FedNova(), 20, profiles=profiles, seed=seed).final
+    return avg.accuracy, nova.accuracy, avg.steps, nova.steps
+
+
+@pytest.mark.slow
+def test_fednova_is_at_least_as_accurate_as_fedavg_on_non_iid_digits_with_unequal_steps():
+    # Measured on seeds 0-19 (docs/fl.md, "digits"): FedNova's final accuracy was higher on 15 of 20 and
+    # 1.8 points higher on average; a single seed's figure moves by a few points (360 test images), so the
+    # test compares the strategies over the same eight seeds and on most of them, not on one.
+    # Seeds are independent: two processes share them (one per core of the CI machine).
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_digits_pair, DIGITS_SEEDS))
+    fedavg = [r[0] for r in results]
+    fednova = [r[1] for r in results]
+    for _, _, avg_steps, nova_steps in results:
+        assert avg_steps == nova_steps and len(set(avg_steps)) > 3, "local steps must be unequal (and the same)"
+    figures = ", ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, a, b in zip(DIGITS_SEEDS, fedavg, fednova, strict=True))
+    assert np.mean(fednova) >= np.mean(fedavg), f"FedAvg -> FedNova accuracy: {figures}"
+    assert sum(b >= a for a, b in zip(fedavg, fednova, strict=True)) > len(fedavg) / 2, figures
+    assert min(fednova) > 0.5, figures  # 10 balanced classes: chance is 0.1
