@@ -178,7 +178,8 @@ def test_partita_run_streams_checks_and_reports_json():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, "-m", "partita.cli", "run", "tests/test_pipeline.py:mlp", "--cluster",
-         "examples/clusters/tiny-2.yaml", "--input-shape", "4,32", "--requests", "20", "--check", "--json"],
+         "examples/clusters/tiny-2.yaml", "--input-shape", "4,32", "--requests", "20", "--check", "--json",
+         "--detection", "1.5"],
         cwd=root, capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr[-2000:]

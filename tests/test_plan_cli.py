@@ -92,3 +92,9 @@ def test_simulate_reports_throughput_near_the_prediction(capsys, profile_file):
     code, out, _ = run(capsys, "simulate", "--profile", profile_file, "--cluster", TINY, "--requests", "300",
                        "--rate", "1")
     assert code == 0 and "poisson" in out
+
+
+def test_run_refuses_a_detection_time_that_is_not_positive(capsys):
+    code, _, err = run(capsys, "run", "resnet18", "--cluster", TINY, "--detection", "0")
+    assert code == 2
+    assert "--detection must be > 0 seconds" in err and "Traceback" not in err

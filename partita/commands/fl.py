@@ -10,6 +10,7 @@ task's held-out test set, and saves the final weights as safetensors (keys = the
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -122,22 +123,11 @@ def fl(
         f"{task}: {len(spec.devices)} clients on {', '.join(spec.names)}; local steps {steps}; lr {rate:g}"
         + (f"; deadline {deadline:g} s" if deadline is not None else "")
     )
-    histories = _train(
-        fl_task,
-        task,
-        options,
-        spec,
-        cluster,
-        names,
-        rounds,
-        deadline,
-        profiles,
-        mu,
-        seed,
-        secret_key,
-        insecure,
-        console,
+    run = FLRun(
+        task=task, fl_task=fl_task, options=options, cluster=cluster, strategies=tuple(names), rounds=rounds,
+        deadline=deadline, profiles=profiles, mu=mu, seed=seed, secret_key=secret_key, insecure=insecure,
     )
+    histories = _train(run, console)
     result = _result(task, fl_task, histories)
     for name, history in histories.items():
         path = weights_path(out, task, name, several=len(names) > 1)
@@ -155,22 +145,25 @@ def fl(
             console.print(f"{name}: final weights in {path}{hint}")
 
 
-def _train(
-    fl_task,
-    task,
-    options,
-    spec,
-    cluster,
-    names,
-    rounds,
-    deadline,
-    profiles,
-    mu,
-    seed,
-    secret_key,
-    insecure,
-    console,
-) -> dict:
+@dataclass(frozen=True)
+class FLRun:
+    """What one `partita fl` invocation trains: the task, where, which strategies, and each client's profile."""
+
+    task: str  # the name or reference given on the command line (workers build their client from it)
+    fl_task: Any  # the coordinator's instance: initial weights and the held-out test set
+    options: dict[str, Any]  # task options every worker uses (num_clients, seed, alpha)
+    cluster: Path
+    strategies: tuple[str, ...]
+    rounds: int
+    deadline: float | None
+    profiles: dict[int, Any]  # client id -> ClientProfile
+    mu: float
+    seed: int
+    secret_key: Path | None
+    insecure: bool
+
+
+def _train(run: FLRun, console) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from partita.fl import STRATEGIES, FedProx, FLServer, task_evaluator
@@ -179,8 +172,8 @@ def _train(
     from partita.runtime.connect import open_cluster
 
     histories = {}
-    evaluate = task_evaluator(fl_task)
-    initial = weights_of(fl_task.model())
+    evaluate = task_evaluator(run.fl_task)
+    initial = weights_of(run.fl_task.model())
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -189,25 +182,25 @@ def _train(
         TextColumn("{task.fields[status]}"),
     )
     with (
-        open_cluster(cluster, secret_key=secret_key, insecure=insecure) as handle,
+        open_cluster(run.cluster, secret_key=run.secret_key, insecure=run.insecure) as handle,
         Progress(*columns, console=console, transient=False) as progress,
     ):
-        for name in names:
-            strategy = FedProx(mu) if name == "fedprox" else STRATEGIES[name]()
-            bar = progress.add_task(name, total=rounds, status="")
-            clients = clients_of(handle, task=task, task_options=options)
+        for name in run.strategies:
+            strategy = FedProx(run.mu) if name == "fedprox" else STRATEGIES[name]()
+            bar = progress.add_task(name, total=run.rounds, status="")
+            clients = clients_of(handle, task=run.task, task_options=run.options)
             try:
                 server = FLServer(
                     strategy,
                     clients,
-                    profiles=profiles,
+                    profiles=run.profiles,
                     evaluate=evaluate,
-                    deadline_s=deadline,
+                    deadline_s=run.deadline,
                     parallel=len(clients),
-                    seed=seed,
+                    seed=run.seed,
                 )
                 histories[name] = _rounds(
-                    server, initial, rounds, lambda r, b=bar: progress.update(b, advance=1, status=_status(r))
+                    server, initial, run.rounds, lambda r, b=bar: progress.update(b, advance=1, status=_status(r))
                 )
             finally:
                 for client in clients:

@@ -37,6 +37,12 @@ def run(
         Path | None, typer.Option("--secret-key", help="The coordinator's NAME.key_secret (for workers with addresses).")
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Talk to --insecure workers (no encryption).")] = False,
+    detection: Annotated[
+        float, typer.Option("--detection", help="Seconds of silence after which a worker is failed and re-planned around.")
+    ] = 2.0,
+    replan: Annotated[
+        bool, typer.Option("--replan/--no-replan", help="Re-plan on failures, joins and drift (--no-replan: keep the plan).")
+    ] = True,
 ) -> None:
     """Deploy MODEL on the cluster, stream requests through it, and show measured against predicted figures."""
     import torch
@@ -44,10 +50,14 @@ def run(
 
     from partita.model import load_ref
     from partita.runtime.connect import open_cluster
+    from partita.runtime.supervisor import Supervision
 
     console = Console(stderr=as_json)
     if insecure:
         console.print("[yellow]warning:[/] --insecure: no encryption and no authentication on any socket")
+    if not detection > 0:
+        raise typer.BadParameter(f"--detection must be > 0 seconds, got {detection!r}", param_hint="--detection")
+    supervise = Supervision(detection_s=detection) if replan else False
     shapes = parse_input_shapes(input_shape)
     module = load_ref(model)
     torch.manual_seed(0)
@@ -55,7 +65,7 @@ def run(
     with open_cluster(cluster, secret_key=secret_key, insecure=insecure) as handle:
         result = deploy_and_stream(
             module, inputs, handle, requests=requests, objective=objective, planner=planner, codec=codec,
-            console=console, name=model,
+            console=console, name=model, supervise=supervise,
         )
     outputs = result.pop("_outputs")
     result.pop("_graph")
@@ -78,13 +88,14 @@ def run(
 def deploy_and_stream(
     module: Any, inputs: list[tuple], cluster: Any, *, requests: int, objective: str, planner: str, codec: str,
     console: Any, name: str, graph: Any = None, measurements: Any = None, label: str | None = None,
-    singles_count: int = 3, supervise: bool = True,
+    singles_count: int = 3, supervise: Any = True,
 ) -> dict[str, Any]:
     """Deploy, time a few single requests (latency), stream `requests` (throughput); return the figures.
 
     The result has the `--json` fields of `partita run` (without the check), plus `_outputs`
     (every output, in order) and `_graph` / `_measurements` for reuse by another deploy.
-    `supervise` False keeps the plan fixed (no re-planning on drift or failure), to measure a plan.
+    `supervise` is deploy's: True (default supervision), a `Supervision`, or False to keep the plan
+    fixed (no re-planning on drift or failure), to measure a plan.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -8,8 +8,9 @@ with cluster:
 
 Every device in the file must have an `address` (its worker's control endpoint, `partita worker
 --listen ...`) and, unless `insecure=True`, a `public_key` (the worker's NAME.key file; a relative
-path is taken relative to the cluster file). Links are real: nothing is shaped, and deploy probes
-nothing it is told; the file's links are what the planner believes.
+path is taken relative to the cluster file). Links are real: nothing is shaped. A link the file
+declares is what the planner believes; deploy probes the real links the file leaves out (or every
+link with `probe_links=True`, none with `probe_links=False`).
 
 `MixedCluster` joins such workers with a `LocalCluster` emulating the devices that have no address
 (what `partita run` does): links between emulated nodes are emulated, links that touch a real

@@ -321,7 +321,8 @@ class _Session:
     def worker_stats(self) -> dict[str, dict]:
         """Every worker's `stats` reply (a worker that does not answer is left out)."""
         out = {}
-        for name, client in self.clients.items():
+        # A copy: add_device may add a client from another thread while this one waits on replies.
+        for name, client in list(self.clients.items()):
             try:
                 out[name] = client.call("stats", timeout_s=5).header
             except WorkerError:

@@ -159,29 +159,38 @@ class LocalCluster:
                 public_path, secret_path = new_keypair(keys_dir, "coordinator")
                 self.coordinator_keys = Keypair(*load_secret(secret_path))
         for device in self.spec.devices:
-            ready = self._dir / f"{device.name}.ready"
-            args = [
-                sys.executable, "-m", "partita.commands.worker",
-                "--listen", f"tcp://{self.bind_host}:0",
-                "--name", device.name,
-                "--device", "cpu",
-                "--emulate", repr(self.host_speeds[device.name]),
-                "--memory", repr(float(device.memory_bytes)),
-                "--dilation", repr(self.dilation),
-                "--threads", str(self._threads),
-                "--ready-file", str(ready),
-            ]
-            if self._secure:
-                _public, secret = new_keypair(keys_dir, f"worker-{device.name}")
-                args += ["--secret-key", str(secret), "--authorized-keys", str(keys_dir / "coordinator.key")]
-            else:
-                args += ["--insecure"]
-            log = open(self._dir / f"{device.name}.log", "wb")  # noqa: SIM115 - owned by the child's lifetime
-            env = dict(os.environ, OMP_NUM_THREADS=str(self._threads), PYTHONUNBUFFERED="1")
-            self.processes[device.name] = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-            )
-            log.close()
+            self._spawn(device.name)
+
+    def _spawn(self, name: str, *, restart: bool = False) -> Path:
+        """Start the worker process for device `name` with a new key pair (replaced on a restart); return its ready file."""
+        ready = self._dir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        keys_dir = self._dir / "keys"
+        device = self.spec.device(name)
+        args = [
+            sys.executable, "-m", "partita.commands.worker",
+            "--listen", f"tcp://{self.bind_host}:0",
+            "--name", name,
+            "--device", "cpu",
+            "--emulate", repr(self.host_speeds[name]),
+            "--memory", repr(float(device.memory_bytes)),
+            "--dilation", repr(self.dilation),
+            "--threads", str(self._threads),
+            "--ready-file", str(ready),
+        ]
+        if self._secure:
+            _public, secret = new_keypair(keys_dir, f"worker-{name}", overwrite=restart)
+            args += ["--secret-key", str(secret), "--authorized-keys", str(keys_dir / "coordinator.key")]
+        else:
+            args += ["--insecure"]
+        # A restart appends to the log, so what the killed worker printed stays readable.
+        log = open(self._dir / f"{name}.log", "ab" if restart else "wb")  # noqa: SIM115 - owned by the child
+        env = dict(os.environ, OMP_NUM_THREADS=str(self._threads), PYTHONUNBUFFERED="1")
+        self.processes[name] = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+        log.close()
+        return ready
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -335,26 +344,7 @@ class LocalCluster:
         if self.host_speeds[device.name] > self.dilation:
             raise EmulationError(f"device {device.name} at speed {self.host_speeds[device.name]:g} exceeds the "
                                  f"dilation {self.dilation:g}; start the cluster with a larger dilation")
-        ready = self._dir / f"{device.name}.ready"
-        ready.unlink(missing_ok=True)
-        keys_dir = self._dir / "keys"
-        args = [
-            sys.executable, "-m", "partita.commands.worker",
-            "--listen", f"tcp://{self.bind_host}:0", "--name", device.name, "--device", "cpu",
-            "--emulate", repr(self.host_speeds[device.name]), "--memory", repr(float(device.memory_bytes)),
-            "--dilation", repr(self.dilation), "--threads", str(self._threads), "--ready-file", str(ready),
-        ]
-        if self._secure:
-            _public, secret = new_keypair(keys_dir, f"worker-{device.name}", overwrite=True)
-            args += ["--secret-key", str(secret), "--authorized-keys", str(keys_dir / "coordinator.key")]
-        else:
-            args += ["--insecure"]
-        log = open(self._dir / f"{device.name}.log", "ab")  # noqa: SIM115 - owned by the child's lifetime
-        env = dict(os.environ, OMP_NUM_THREADS=str(self._threads), PYTHONUNBUFFERED="1")
-        self.processes[device.name] = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-        log.close()
+        ready = self._spawn(device.name, restart=True)
         self.endpoints.pop(device.name, None)
         old_client = self._clients.pop(device.name, None)
         if old_client is not None:

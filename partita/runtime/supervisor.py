@@ -70,7 +70,8 @@ class Supervisor:
         self._pipe = pipe
         self._session = session
         self._cluster = session.cluster
-        self.policy = ReplanPolicy(pipe.graph, session.cluster.spec, pipe.plan,
+        # Plan with what deploy planned with: the declared cluster, its probed links in place.
+        self.policy = ReplanPolicy(pipe.graph, pipe.measurements.cluster_spec(session.cluster.spec), pipe.plan,
                                    segment_times_s=pipe.measurements.segment_times_s, objective=objective,
                                    planner=planner, max_stages=max_stages, replicate=replicate, rule=config.rule,
                                    min_gain=config.min_gain, cooldown_s=config.cooldown_s)

@@ -161,6 +161,7 @@ class Switcher:
         session, pipe = self._session, self._pipe
         cluster, infos = session.cluster, session.infos
         source = cluster.spec.source
+        planned = pipe.measurements.cluster_spec(cluster.spec)  # as the policy plans: probed links in place
         public = {name: (ep.public_key.decode() if ep.public_key else None) for name, ep in cluster.endpoints.items()}
         port = pipe._results.last_endpoint.decode().rsplit(":", 1)[1]
         advertise = getattr(cluster, "advertise_host", None) or cluster.bind_host
@@ -186,10 +187,10 @@ class Switcher:
                     nexts = [{**sink, **_link_setting(cluster, device, source)}]
                 route["stages"].append({"stage": index, "next": nexts})
                 for sender in senders:
-                    link = cluster.spec.link(sender, device)
+                    link = planned.link(sender, device)
                     predicted.append(_predicted_link(sender, device, stage_plan.in_bytes, link, to_source=False))
                 if index + 1 == n:
-                    link = cluster.spec.link(device, source)
+                    link = planned.link(device, source)
                     predicted.append(_predicted_link(device, source, stage_plan.out_bytes, link, to_source=True))
         if session.keys is not None:  # whichever workers now hold the last stage may return results
             set_authorized(pipe._results, [k.encode() for k in public.values() if k])
