@@ -94,6 +94,12 @@ def held(deployment) -> dict[str, tuple[int, str]]:
     return {d: (k, deployment.programs[k].sha256) for k, devs in enumerate(deployment.placement) for d in devs}
 
 
+def ranges(deployment) -> dict[str, tuple[int, int, int]]:
+    """Device -> (stage index, first segment, end segment) of the stage it holds."""
+    return {d: (k, p.start, p.end) for k, (p, devs) in enumerate(zip(deployment.programs, deployment.placement,
+                                                                     strict=True)) for d in devs}
+
+
 def test_a_worker_killed_mid_stream_is_detected_replanned_and_every_request_delivered_once_in_order(healthy, prepared):
     model = prepared[0]
     batches = [torch.randn(4, 64) for _ in range(240)]
@@ -122,6 +128,27 @@ def test_a_worker_killed_mid_stream_is_detected_replanned_and_every_request_deli
     [switched] = [e for e in events if e["event"] == "switched"]
     old, new = held(before), held(after)
     assert {tuple(s) for s in switched["shipped"]} == {(d, k) for d, (k, sha) in new.items() if old.get(d) != (k, sha)}
+    # Only changed stages travel: a device that keeps its stage (same index and segments) is not sent it again.
+    old_ranges, new_ranges = ranges(before), ranges(after)
+    kept = {d for d, r in new_ranges.items() if old_ranges.get(d) == r}
+    assert {d for d, _ in switched["shipped"]} == set(new_ranges) - kept
+
+
+def test_a_switch_ships_only_the_stages_that_changed(healthy, prepared):
+    """Switching to the plan already running ships nothing: every device keeps its stage's program."""
+    from types import SimpleNamespace
+
+    model = prepared[0]
+    batches = [torch.randn(4, 64) for _ in range(20)]
+    with start(healthy, prepared) as pipe:
+        before = pipe.deployment
+        after = pipe.supervisor.switcher.switch(SimpleNamespace(plan=pipe.plan))
+        assert after.epoch > before.epoch and pipe.deployment is after
+        assert pipe.supervisor.switcher.last_shipped == ()
+        assert held(after) == held(before)
+        outputs = list(pipe.map(batches))
+    with torch.no_grad():
+        assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
 
 
 def test_a_worker_that_comes_back_joins_and_the_pipeline_replans_onto_it(healthy, prepared):

@@ -90,10 +90,14 @@ class Switcher:
         pipe = self._pipe
         old = pipe.deployment
         plan = decision.plan
+        # A stage that keeps its index and segments keeps its program: a fresh split would write new
+        # archive bytes (torch.export.save embeds a random id), a new sha256, and ship it again.
+        kept = {(p.index, p.start, p.end): p for p in old.programs}
+        programs = tuple(kept.get((p.index, p.start, p.end), p) for p in split(pipe.graph, plan.cuts()))
         deployment = Deployment(
             epoch=next(_epochs),
             plan=plan,
-            programs=tuple(split(pipe.graph, plan.cuts())),
+            programs=programs,
             placement=tuple(tuple(stage.devices) for stage in plan.stages),
             codec=old.codec,
             window=old.window,
