@@ -127,11 +127,13 @@ def test_a_worker_killed_mid_stream_is_detected_replanned_and_every_request_deli
     assert victim not in after.plan.devices and after.epoch > before.epoch
     [switched] = [e for e in events if e["event"] == "switched"]
     old, new = held(before), held(after)
-    assert {tuple(s) for s in switched["shipped"]} == {(d, k) for d, (k, sha) in new.items() if old.get(d) != (k, sha)}
-    # Only changed stages travel: a device that keeps its stage (same index and segments) is not sent it again.
+    changed = {(d, k) for d, (k, sha) in new.items() if old.get(d) != (k, sha)}
+    shipped, renumbered = {tuple(s) for s in switched["shipped"]}, {tuple(s) for s in switched["renumbered"]}
+    assert shipped | renumbered == changed and not shipped & renumbered
+    # Only changed stages travel: a device that keeps its stage's segments is not sent it again.
     old_ranges, new_ranges = ranges(before), ranges(after)
-    kept = {d for d, r in new_ranges.items() if old_ranges.get(d) == r}
-    assert {d for d, _ in switched["shipped"]} == set(new_ranges) - kept
+    kept = {d for d, (_, a, b) in new_ranges.items() if old_ranges.get(d, (None, None, None))[1:] == (a, b)}
+    assert {d for d, _ in shipped} == set(new_ranges) - kept
 
 
 def test_a_switch_ships_only_the_stages_that_changed(healthy, prepared):
@@ -147,6 +149,30 @@ def test_a_switch_ships_only_the_stages_that_changed(healthy, prepared):
         assert pipe.supervisor.switcher.last_shipped == ()
         assert held(after) == held(before)
         outputs = list(pipe.map(batches))
+    with torch.no_grad():
+        assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
+
+
+def test_a_stage_that_only_moves_down_the_pipeline_is_renumbered_not_shipped(healthy, prepared):
+    """Merging stages 0 and 1 shifts the later stages' indices; their devices renumber what they hold."""
+    from types import SimpleNamespace
+
+    from partita.plan import predict
+
+    model, _, graph, measured = prepared
+    batches = [torch.randn(4, 64) for _ in range(20)]
+    with start(healthy, prepared, stages=[("a", 0, 2), ("b", 2, 4), ("c", 4, 5), ("d", 5, 7)]) as pipe:
+        before = pipe.deployment
+        merged = predict(graph, measured.cluster_spec(healthy.spec), [("a", 0, 4), ("c", 4, 5), ("d", 5, 7)],
+                         segment_times_s=measured.segment_times_s)
+        after = pipe.supervisor.switcher.switch(SimpleNamespace(plan=merged))
+        assert pipe.supervisor.switcher.last_shipped == (("a", 0),)
+        assert pipe.supervisor.switcher.last_renumbered == (("c", 1), ("d", 2))
+        assert after.programs[1].sha256 == before.programs[2].sha256
+        assert after.programs[2].sha256 == before.programs[3].sha256
+        outputs = list(pipe.map(batches))
+        # Each worker counted the requests under the stage's new index.
+        assert [s["requests"] for s in pipe.stats()["stages"]] == [20, 20, 20]
     with torch.no_grad():
         assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
 

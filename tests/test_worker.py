@@ -115,11 +115,12 @@ def tiny_program():
     return program
 
 
-def deploy_one_stage(worker: WorkerProcess, model: nn.Module, x: torch.Tensor) -> zmq.Socket:
-    """Load the whole (tiny) model as stage 0 and route its output to a sink the test owns."""
+def deploy_one_stage(worker: WorkerProcess, model: nn.Module, x: torch.Tensor, *, load: bool = True) -> zmq.Socket:
+    """Load the whole (tiny) model as stage 0 (unless `load` is False) and route its output to a sink the test owns."""
     program = tiny_program()
-    worker.control.call("load", {"stage": 0, "sha256": program.sha256, "memory_bytes": 0.0},
-                        [blob_tensor(program.to_bytes())])
+    if load:
+        worker.control.call("load", {"stage": 0, "sha256": program.sha256, "memory_bytes": 0.0},
+                            [blob_tensor(program.to_bytes())])
     sink, address = worker.sink()
     worker.control.call("route", {
         "epoch": 1, "window": 4, "codec": "none", "peers": [],
@@ -166,6 +167,26 @@ def test_worker_runs_a_stage_bit_identically(worker):
     result = next_result(sink)
     assert result.kind == "act" and result.header["r"] == 7 and result.header["s"] == 1
     assert torch.equal(result.tensors[0], model(x))
+    sink.close(linger=0)
+
+
+def test_renumber_moves_a_loaded_stage_and_refuses_what_it_cannot_move(worker):
+    program = tiny_program()
+    worker.control.call("unload", {"stages": None})
+    worker.control.call("load", {"stage": 2, "sha256": program.sha256, "memory_bytes": 0.0},
+                        [blob_tensor(program.to_bytes())])
+    for moves, reason in (
+        ([[5, 1]], r"cannot renumber stages \[5\]: not loaded here"),
+        ([[2, 1, 0]], "a list of \\[old, new\\] stage index pairs"),
+        ("2->1", "a list of \\[old, new\\] stage index pairs"),
+    ):
+        with pytest.raises(WorkerError, match=reason):
+            worker.control.call("renumber", {"moves": moves})
+    assert worker.control.call("renumber", {"moves": [[2, 0]]}).header["stages"] == [0]
+    model, x = tiny_model(), torch.randn(3, 16)
+    sink = deploy_one_stage(worker, model, x, load=False)  # stage 0 is the renumbered stage 2
+    worker.data.send_multipart(act(x, 8), copy=False)
+    assert torch.equal(next_result(sink).tensors[0], model(x))
     sink.close(linger=0)
 
 

@@ -8,7 +8,7 @@ the unsplit model.
 
 `PARTITA_FUZZ_EXAMPLES` sets how many messages (default 2,000; a benchmark may push 10,000).
 Control commands that legitimately change a worker's state for its coordinator (`drain`,
-`emulate`, `route`, `allow`, `unload`, `probe`, `profile`) are not generated as kinds; `load` is,
+`emulate`, `route`, `allow`, `unload`, `renumber`, `probe`, `profile`) are not generated as kinds; `load` is,
 always with a sha256 that cannot match, so it exercises archive checking without replacing a stage.
 """
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("PARTITA_FUZZ_EXAMPLES", "2000"))
 LIVENESS_EVERY = 250  # messages between pings that must be answered
 PING_TIMEOUT_S = 15.0
-STATEFUL = {"drain", "emulate", "route", "allow", "unload", "probe", "profile"}
+STATEFUL = {"drain", "emulate", "route", "allow", "unload", "renumber", "probe", "profile"}
 KINDS = ["ping", "hello", "stats", "load", "act", "fail", "echo", "credit", "error", "x" * 65, ""]
 
 

@@ -155,6 +155,24 @@ class StageProgram:
             data=self.to_bytes(),
         )
 
+    def renumbered(self, index: int) -> StageProgram:
+        """This stage at another position of a pipeline, as the same archive (same bytes, same sha256).
+
+        A re-plan that only renumbers a stage (an earlier stage merged away) need not ship it again:
+        the worker that holds it is told to serve it under the new index. The archive is the stage's
+        identity, so its embedded metadata keeps the index it was written with; only `index` here changes.
+        """
+        return StageProgram(
+            self._exported,
+            index=index,
+            start=self.start,
+            end=self.end,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            out_spec=self.out_spec,
+            data=self.to_bytes(),
+        )
+
     def _check_inputs(self, tensors: Sequence[torch.Tensor]) -> None:
         if len(tensors) != len(self.inputs):
             raise StageInputError(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +192,23 @@ class StageExecutor:
         with self._lock:
             for k in list(self._stages) if indices is None else indices:
                 self._stages.pop(k, None)
+
+    def renumber(self, moves: Mapping[int, int]) -> None:
+        """Serve stage `old` as stage `new` for every (old, new) in `moves`, all at once.
+
+        WorkerError (and no change) if an `old` is not loaded or a `new` collides with a stage that stays.
+        """
+        with self._lock:
+            missing = sorted(k for k in moves if k not in self._stages)
+            if missing:
+                raise WorkerError(f"cannot renumber stages {missing}: not loaded here")
+            staying = set(self._stages) - set(moves)
+            clash = sorted(set(moves.values()) & staying)
+            if clash or len(set(moves.values())) != len(moves):
+                raise WorkerError(f"renumbering {dict(moves)} would put two stages at one index")
+            taken = {old: self._stages.pop(old) for old in moves}
+            for old, new in moves.items():
+                self._stages[new] = taken[old]
 
     def stage(self, index: int) -> LoadedStage | None:
         with self._lock:

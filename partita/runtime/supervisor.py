@@ -206,7 +206,8 @@ class Supervisor:
                 return None
             record = self.policy.completed(decision, time.perf_counter() - started)
             self._log("switched", cause=decision.cause, epoch=self._pipe.deployment.epoch,
-                      switch_s=record.switch_s, shipped=list(self.switcher.last_shipped))
+                      switch_s=record.switch_s, shipped=list(self.switcher.last_shipped),
+                      renumbered=list(self.switcher.last_renumbered))
             return record.to_dict()
 
     def _wait_for_failure(self, error: Exception) -> bool:

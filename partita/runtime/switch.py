@@ -58,7 +58,8 @@ class Switcher:
         }
         self._holding = False
         self._halted: PartitaError | None = None
-        self.last_shipped: tuple[tuple[str, int], ...] = ()
+        self.last_shipped: tuple[tuple[str, int], ...] = ()  # (device, stage) sent by the last switch
+        self.last_renumbered: tuple[tuple[str, int], ...] = ()  # (device, new stage) only renumbered
 
     # -- called in the pipeline's I/O thread ------------------------------------------------------
     def holds(self, record: Any) -> bool:
@@ -90,10 +91,15 @@ class Switcher:
         pipe = self._pipe
         old = pipe.deployment
         plan = decision.plan
-        # A stage that keeps its index and segments keeps its program: a fresh split would write new
-        # archive bytes (torch.export.save embeds a random id), a new sha256, and ship it again.
-        kept = {(p.index, p.start, p.end): p for p in old.programs}
-        programs = tuple(kept.get((p.index, p.start, p.end), p) for p in split(pipe.graph, plan.cuts()))
+        # A stage that keeps its segments keeps its program (renumbered if its index moved): a fresh split
+        # would write new archive bytes (torch.export.save embeds a random id), a new sha256, and ship again.
+        kept = {(p.start, p.end): p for p in old.programs}
+        programs = tuple(
+            p if (p.start, p.end) not in kept
+            else kept[p.start, p.end] if kept[p.start, p.end].index == p.index
+            else kept[p.start, p.end].renumbered(p.index)
+            for p in split(pipe.graph, plan.cuts())
+        )
         deployment = Deployment(
             epoch=next(_epochs),
             plan=plan,
@@ -136,6 +142,16 @@ class Switcher:
         for device in [d for d in self._held if d not in want and d in session.clients]:
             session.clients[device].call("unload", {"stages": None}, timeout_s=10)
             del self._held[device]
+        # A device that holds the wanted archive under another index only renumbers it.
+        moves = {device: (self._held[device][0], index) for device, (index, sha) in want.items()
+                 if device in self._held and self._held[device][1] == sha and self._held[device][0] != index}
+        for device, (was, index) in sorted(moves.items()):
+            try:
+                session.clients[device].call("renumber", {"moves": [[was, index]]}, timeout_s=10)
+            except WorkerError as exc:
+                raise DeployError(f"could not renumber stage {was} to {index} on {device}: {exc}") from None
+            self._held[device] = (index, self._held[device][1])
+        self.last_renumbered = tuple(sorted((device, index) for device, (_, index) in moves.items()))
         jobs = [(device, index) for device, (index, sha) in want.items() if self._held.get(device) != (index, sha)]
 
         def load(job: tuple[str, int]) -> None:

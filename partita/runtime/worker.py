@@ -4,6 +4,7 @@ Sockets (all CURVE unless `--insecure`):
 
 * **control** — a ROUTER bound at `--listen`. Only the coordinator keys the worker was given may
   connect. Request/reply: `hello` (what am I), `ping` (heartbeat), `load` (a stage archive),
+  `renumber` (serve a loaded stage under another index: a re-plan that only shifted it),
   `route` (where each stage's outputs go, and which peers may send activations), `unload`,
   `profile` (time stage candidates), `probe` (RTT and bandwidth to a peer), `emulate` (change the
   emulated speed or a link), `stats`, `drain` (finish and exit).
@@ -44,7 +45,7 @@ from partita.runtime.keys import apply_client, apply_server, auth_stats, set_aut
 from partita.runtime.wire import Limits, Message, blob_bytes, decode, encode
 
 CONTROL_KINDS = frozenset(
-    {"hello", "ping", "load", "allow", "route", "unload", "profile", "probe", "emulate", "stats", "drain"}
+    {"hello", "ping", "load", "renumber", "allow", "route", "unload", "profile", "probe", "emulate", "stats", "drain"}
 )
 DATA_KINDS = frozenset({"act", "fail", "echo"})
 OUTLINK_KINDS = frozenset({"credit", "error", "echo"})
@@ -438,6 +439,16 @@ class Worker:
             raise WorkerError("unload takes 'stages': a list of integers, or null for all")
         self.executor.unload(stages)
         return "ok", {}, ()
+
+    def _cmd_renumber(self, msg: Any) -> tuple[str, dict, tuple]:
+        """Header `moves`: [[old, new], ...]; the stages move together (see StageExecutor.renumber)."""
+        moves = msg.header.get("moves")
+        if not (isinstance(moves, list) and all(
+            isinstance(m, list) and len(m) == 2 and all(_is_int(k) for k in m) for m in moves
+        )):
+            raise WorkerError("renumber takes 'moves': a list of [old, new] stage index pairs")
+        self.executor.renumber({old: new for old, new in moves})
+        return "ok", {"stages": self.executor.stage_indices()}, ()
 
     def _cmd_allow(self, msg: Any) -> tuple[str, dict, tuple]:
         """Authorize the peers (z85 public keys) that may send activations, before anyone connects.
