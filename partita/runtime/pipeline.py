@@ -204,7 +204,8 @@ class Pipeline:
     # -- figures ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Measured per-stage and per-link figures beside the plan's predictions (device seconds)."""
-        plan = self.plan
+        deployment = self.deployment  # one snapshot: a switch may replace it while this runs
+        plan = deployment.plan
         k = self.dilation
         ledger = self._ledger
         times = ledger.delivered_at[self._stream_from:]
@@ -212,7 +213,7 @@ class Pipeline:
         latencies = sorted(x / k for x in ledger.latencies_s[self._stream_from:])
         workers = self._collect_worker_stats()
         stages = []
-        for index, (stage_plan, devices) in enumerate(zip(plan.stages, self.deployment.placement, strict=True)):
+        for index, (stage_plan, devices) in enumerate(zip(plan.stages, deployment.placement, strict=True)):
             per_device = [workers.get(d, {}).get("stages", {}).get(str(index), {}) for d in devices]
             measured = [s["mean_device_s"] for s in per_device if s.get("requests")]
             stages.append({
@@ -235,7 +236,7 @@ class Pipeline:
             measured = record["mean_transfer_s"] / k if record and record.get("messages") else None
             links.append({**link, "measured_transfer_s": measured})
         return {
-            "epoch": self.deployment.epoch,
+            "epoch": deployment.epoch,
             "dilation": k,
             "requests": self._next_id,
             **ledger.figures(),
