@@ -9,6 +9,8 @@ unsplit model, delivered once and in order.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -53,19 +55,44 @@ def prepared(cluster):
     return model, x, pipe.graph, pipe.measurements
 
 
-def stream_with_change(cluster, prepared, change, *, requests: int, change_at: int):
-    """Deploy, stream `requests` with `change(pipe)` applied after `change_at` results; return what happened."""
+def stream_with_change(cluster, prepared, change, *, requests: int, change_at: int, settle: int = 150,
+                       timeout_s: float = 60.0):
+    """Deploy, stream with `change(pipe, plan)` applied after `change_at` results; return what happened.
+
+    At least `requests` are streamed. After the change the stream goes on until a drift re-plan has been
+    switched to and `settle` more requests were sent (or `timeout_s` passed): how long detection takes
+    depends on the machine's load, and the assertions are about what happens, not how soon.
+    """
     model, x, graph, measured = prepared
     supervision = Supervision(detection_s=2.0, stats_interval_s=0.25, cooldown_s=3.0)
-    batches = [torch.randn(32, 64) for _ in range(requests)]
+    batches: list[torch.Tensor] = []
     with deploy(model, (x,), cluster, graph=graph, measurements=measured, replicate=False,
                 supervise=supervision) as pipe:
         first = pipe.plan
+        changed: list[float] = []
+
+        def source():
+            switched_at = None
+            while True:
+                if changed and switched_at is None and any(
+                    r["cause"] == "drift" and r["switch_s"] is not None for r in pipe.supervisor.replans()
+                ):
+                    switched_at = len(batches)
+                done = len(batches) >= requests and (
+                    (switched_at is not None and len(batches) >= switched_at + settle)
+                    or (changed and time.monotonic() - changed[0] > timeout_s)
+                )
+                if done:
+                    return
+                batches.append(torch.randn(32, 64))
+                yield batches[-1]
+
         outputs = []
-        for i, y in enumerate(pipe.map(batches)):
+        for i, y in enumerate(pipe.map(source())):
             outputs.append(y)
             if i == change_at:
                 change(pipe, first)
+                changed.append(time.monotonic())
         stats = pipe.stats()
     with torch.no_grad():
         exact = all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
@@ -84,8 +111,8 @@ def test_a_device_five_times_slower_mid_stream_leads_to_one_switch_and_no_lost_r
         first, stats, outputs, exact = stream_with_change(cluster, prepared, slow_down, requests=700, change_at=150)
     finally:
         cluster.set_device(slowed.get("name", "a"), speed=SPEED)
-    assert exact and len(outputs) == 700
-    assert stats["delivered"] == 700 and stats["failed"] == 0 and stats["pending"] == 0
+    assert exact and len(outputs) >= 700
+    assert stats["delivered"] == len(outputs) and stats["failed"] == 0 and stats["pending"] == 0
     drifts = [r for r in stats["replans"] if r["cause"] == "drift"]
     assert len(drifts) == 1, stats["replans"]  # hysteresis: a sustained change is acted on once
     assert slowed["name"] in drifts[0]["reason"] and drifts[0]["switch_s"] is not None
@@ -106,8 +133,8 @@ def test_a_link_ten_times_slower_mid_stream_leads_to_a_switch_and_no_lost_reques
         if cut:
             cluster.set_link(*cut["pair"], bandwidth=BANDWIDTH)
     assert len(first.stages) >= 2
-    assert exact and len(outputs) == 600
-    assert stats["delivered"] == 600 and stats["failed"] == 0 and stats["pending"] == 0
+    assert exact and len(outputs) >= 600
+    assert stats["delivered"] == len(outputs) and stats["failed"] == 0 and stats["pending"] == 0
     drifts = [r for r in stats["replans"] if r["cause"] == "drift"]
     assert 1 <= len(drifts) <= 2, stats["replans"]
     assert "bandwidth" in drifts[0]["reason"]
