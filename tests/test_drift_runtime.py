@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from torch import nn
+from zoo import mlp
 
 import partita
 from partita.cluster import ClusterSpec
@@ -25,14 +25,6 @@ pytestmark = pytest.mark.slow
 DEVICES = ("a", "b", "c")
 SPEED = 0.02
 BANDWIDTH = 4e6  # bytes/s: a 32x64 float32 activation (8 KiB) takes 2 ms
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(6):
-        layers += [nn.Linear(64, 64), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(64, 5)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from torch import nn
+from zoo import mlp
 
 import partita
 from partita.cluster import ClusterSpec, DeviceSpec
@@ -26,14 +26,6 @@ pytestmark = pytest.mark.slow
 DEVICES = ("a", "b", "c", "d")
 DETECTION_S = 1.0
 SPEED = 0.02
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(6):
-        layers += [nn.Linear(64, 64), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(64, 5)).eval()
 
 
 def device(name: str, memory_bytes: float = 2**30) -> DeviceSpec:

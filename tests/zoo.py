@@ -5,6 +5,7 @@
 - `TransformerModel`: a torch.nn.TransformerEncoder, whose eval/no-grad eager path is a fused kernel.
 - `DataDependent`: Python branching on a tensor value, which torch.export cannot capture.
 - `FixedBatch`: a hard-coded batch size, so the capture falls back to a static batch.
+- `mlp()`: a 13-layer MLP (64 wide) that splits into 7 segments: the runtime's failover and drift tests.
 All are tiny so tests stay fast; `example_*` give inputs of the right shapes.
 """
 
@@ -191,3 +192,12 @@ def captured(name: str) -> tuple:
             inputs = (torch.randn(2, 3, 224, 224),)
         _CAPTURED[name] = (model, inputs, capture(model, inputs, name=name))
     return _CAPTURED[name]
+
+
+def mlp() -> nn.Module:
+    """Seven Linear layers with ReLUs between them, seeded: cheap to run, several stages to place."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        layers += [nn.Linear(64, 64), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(64, 5)).eval()

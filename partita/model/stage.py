@@ -144,16 +144,7 @@ class StageProgram:
         from torch.export.passes import move_to_device_pass
 
         moved = move_to_device_pass(copy.deepcopy(self._exported), torch.device(device))
-        return StageProgram(
-            moved,
-            index=self.index,
-            start=self.start,
-            end=self.end,
-            inputs=self.inputs,
-            outputs=self.outputs,
-            out_spec=self.out_spec,
-            data=self.to_bytes(),
-        )
+        return self._same_archive(moved, self.index)
 
     def renumbered(self, index: int) -> StageProgram:
         """This stage at another position of a pipeline, as the same archive (same bytes, same sha256).
@@ -162,8 +153,12 @@ class StageProgram:
         the worker that holds it is told to serve it under the new index. The archive is the stage's
         identity, so its embedded metadata keeps the index it was written with; only `index` here changes.
         """
+        return self._same_archive(self._exported, index)
+
+    def _same_archive(self, exported: torch.export.ExportedProgram, index: int) -> StageProgram:
+        """A StageProgram running `exported` as stage `index`, identified by this stage's archive bytes."""
         return StageProgram(
-            self._exported,
+            exported,
             index=index,
             start=self.start,
             end=self.end,
