@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from itertools import combinations
 
@@ -48,3 +49,34 @@ def random_instance(rng: random.Random, n_devices: int, n_segments: int, *, type
         "links": {"default": {"bandwidth_bytes_per_s": 1e7, "latency_s": 0.001}, "pairs": pairs},
     })
     return profile, cluster, kind_of
+
+
+RESNET50_PROFILE = "benchmarks/profiles/resnet50.json"
+
+
+def geometric_field(rng: random.Random, n_devices: int, *, memory_bytes: float = 36e6, side_m: float = 100.0,
+                    flops_per_s: float = 13.5e9, mixed: bool = False) -> ClusterSpec:
+    """Devices scattered over a square field; every pair's bandwidth falls with its distance.
+
+    The source sits at the centre. Bandwidth follows a Wi-Fi-like fall-off, 30 MB/s close by and
+    30 MB/s / (1 + (d / 20 m)^2.5) further out; latency is 1 ms plus 0.05 ms per metre. So every pair of
+    nodes has its own link. With the default memory, ResNet-50 needs about four stages. `mixed` draws
+    each device's compute from 0.5x to 2x instead of making them equal.
+    """
+    positions = {SOURCE: (side_m / 2, side_m / 2)}
+    devices = []
+    for i in range(n_devices):
+        positions[f"d{i}"] = (rng.uniform(0, side_m), rng.uniform(0, side_m))
+        speed = flops_per_s * (rng.choice([0.5, 1.0, 2.0]) if mixed else 1.0)
+        devices.append({"name": f"d{i}", "flops_per_s": speed, "memory_bytes": memory_bytes})
+    pairs = []
+    for a, b in combinations(list(positions), 2):
+        (xa, ya), (xb, yb) = positions[a], positions[b]
+        distance = math.hypot(xa - xb, ya - yb)
+        bandwidth = 30e6 / (1.0 + (distance / 20.0) ** 2.5)
+        pairs.append({"a": a, "b": b, "bandwidth_bytes_per_s": bandwidth, "latency_s": 1e-3 + 5e-5 * distance})
+    return ClusterSpec.from_dict({
+        "source": SOURCE,
+        "devices": devices,
+        "links": {"default": {"bandwidth_bytes_per_s": 1e6, "latency_s": 0.01}, "pairs": pairs},
+    })

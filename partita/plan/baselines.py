@@ -4,9 +4,10 @@
 - `even`: equal segment counts over the devices in file order (DEFER).
 - `memory`: segment counts proportional to each device's memory (exo, llama.cpp RPC).
 - `flops`: segment counts proportional to each device's compute.
+- `seifer`: SEIFER's cheapest cuts under memory, placed along a widest path (see `seifer.py`).
 
 The proportional baselines place boundaries at round(cumulative share x L), as exo does, and drop a
-device whose share rounds to no segment. None of them replicates or reorders devices; `max_stages`
+device whose share rounds to no segment. None of them replicates; only `seifer` reorders devices; `max_stages`
 keeps the first devices in file order. A baseline whose stages do not fit memory raises PlanError
 (that is how it fails in practice: out of memory).
 """
@@ -19,10 +20,11 @@ from partita.cluster import ClusterSpec
 from partita.errors import PlanError
 from partita.plan.cost import predict, stage_time_s
 from partita.plan.profile import Profile
+from partita.plan.seifer import seifer_stages
 
 __all__ = ["BASELINES", "baseline_stages"]
 
-BASELINES = ("single", "even", "memory", "flops")
+BASELINES = ("single", "even", "memory", "flops", "seifer")
 
 
 def baseline_stages(name: str, profile: Profile, cluster: ClusterSpec, *, max_stages: int | None,
@@ -41,6 +43,8 @@ def baseline_stages(name: str, profile: Profile, cluster: ClusterSpec, *, max_st
             )
         best = min(fitting, key=lambda d: stage_time_s(profile, d, 0, L, segment_times_s))
         return [(best.name, 0, L)]
+    if name == "seifer":
+        return seifer_stages(profile, cluster, max_stages=max_stages, segment_times_s=segment_times_s)
     devices = list(cluster.devices)[: min(len(cluster.devices), max_stages or L, L)]
     if name == "even":
         weights = [1.0] * len(devices)

@@ -81,7 +81,8 @@ def hop_terms(cluster: ClusterSpec, senders: Sequence[str], receivers: Sequence[
 def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], *,
             objective: str = "throughput", planner: str = "custom",
             segment_times_s: Mapping[str, Sequence[float]] | None = None,
-            lower_bound_period_s: float | None = None, check_memory: bool = True) -> Plan:
+            lower_bound_period_s: float | None = None, check_memory: bool = True,
+            lower_bound_latency_s: float | None = None) -> Plan:
     """The cost model's Plan for a given assignment.
 
     `stages` holds, in pipeline order, `(devices, start, end)` tuples or objects with those
@@ -117,7 +118,7 @@ def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], 
         latency += transfer
     throughput = math.inf if period == 0 else 1.0 / period
     return Plan(tuple(plans), period, throughput, latency, objective, planner, lower_bound_period_s,
-                cluster.source, profile.model)
+                cluster.source, profile.model, lower_bound_latency_s)
 
 
 def _parse_stage(stage: Any) -> tuple[tuple[str, ...], int, int]:

@@ -12,19 +12,25 @@ number of stages, gives the spare devices to the stages as replicas, and keeps t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from partita.cluster import ClusterSpec
 from partita.errors import PlanError
+from partita.plan.baselines import BASELINES, plan_baseline
 from partita.plan.classes import DeviceClass, group_devices
 from partita.plan.cost import CostTables, predict
 from partita.plan.exact import ClassStage, OverBudget, solve
 from partita.plan.large import EXACT_BUDGET_S, add_replicas, capped_problem, lower_bound_period_s
 from partita.plan.profile import Profile
+from partita.plan.topology import SearchResult, build_network, search_latency, search_period
 from partita.plan.types import Plan
 
 __all__ = ["plan_optimal"]
 
+# The per-device topology search runs for clusters up to this size (its arrays are n x (L+1)^2).
+TOPOLOGY_MAX_DEVICES = 200
+TOPOLOGY_MAX_ELEMENTS = 4_000_000
 # On the large path, replication is tried from these stage counts of the capped DP (and the best one).
 _START_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -40,35 +46,138 @@ def plan_optimal(profile: Profile, cluster: ClusterSpec, *, objective: str, max_
     try:
         found = solve(tables, cluster, classes, [c.size for c in classes], objective=objective,
                       max_stages=stages_limit, replicate=with_replicas, budget_s=EXACT_BUDGET_S)
-        exact = True
     except OverBudget:
-        # Too large to search exactly in the budget: plan a capped problem, then replicate.
-        kept, caps = capped_problem(tables, classes, stages_limit)
-        found = solve(tables, cluster, kept, caps, objective=objective, max_stages=stages_limit, replicate=False)
-        exact = False
+        return _plan_large(profile, tables, cluster, classes, objective=objective, max_stages=max_stages,
+                           stages_limit=stages_limit, replicate=replicate, segment_times_s=segment_times_s)
     if not found:
         raise PlanError(_no_fit_message(profile, cluster, max_stages))
-    if exact:
-        chain = next(iter(found.values()))
-        if replicate and objective == "latency":
-            chain = add_replicas(chain, tables, cluster, classes, _used(chain, classes))
-        plan = _named_plan(profile, cluster, chain, classes, objective, segment_times_s, None)
-        return plan
+    chain = next(iter(found.values()))
+    if replicate and objective == "latency":
+        chain = add_replicas(chain, tables, cluster, classes, _used(chain, classes))
+    return _named_plan(profile, cluster, chain, classes, objective, segment_times_s, None)
+
+
+def _plan_large(profile: Profile, tables: CostTables, cluster: ClusterSpec, classes: list[DeviceClass], *,
+                objective: str, max_stages: int | None, stages_limit: int, replicate: bool,
+                segment_times_s: Mapping[str, Sequence[float]] | None) -> Plan:
+    """Past the exact DP's budget: the best of the class path, the baselines and the topology search.
+
+    The class path (a capped class DP plus replicas) suits many devices of few kinds; the topology
+    search (`topology.py`) suits devices that each have their own links. The baselines seed the search
+    with an incumbent, so the result is never worse than any of them. The bound reported is the best
+    certified one: the class bound (`large.lower_bound_period_s`) or the topology search's, where that
+    covers every plan considered (see `_topology_bound_holds`).
+    """
+    candidates = [_class_path_plan(profile, tables, cluster, classes, objective, stages_limit, replicate,
+                                   segment_times_s)]
+    for name in BASELINES:
+        try:
+            candidates.append(plan_baseline(name, profile, cluster, objective=objective, max_stages=max_stages,
+                                            segment_times_s=segment_times_s))
+        except PlanError:
+            continue  # a baseline that does not fit is simply not a candidate
+    candidates = [c for c in candidates if c is not None]
+    search = None
+    if _topology_fits(tables, cluster):
+        search, chain = _topology_plan(profile, tables, cluster, classes, candidates, objective=objective,
+                                       stages_limit=stages_limit, replicate=replicate,
+                                       segment_times_s=segment_times_s)
+        if chain is not None:
+            candidates.append(chain)
+    if not candidates:
+        raise PlanError(_no_fit_message(profile, cluster, max_stages))
+    best = min(candidates, key=lambda p: _key(p, objective))
+    if objective == "latency":
+        # Replicas never shorten a request's path, so the search's bound covers every plan.
+        if search is not None and search.exact:
+            return _relabel(best, profile, cluster, segment_times_s, None, None)
+        bound = search.bound if search is not None else None
+        return _relabel(best, profile, cluster, segment_times_s, None, bound)
     bound = lower_bound_period_s(tables, cluster, classes, replicate=replicate)
+    if search is not None and _topology_bound_holds(classes, replicate):
+        if search.exact:
+            return _relabel(best, profile, cluster, segment_times_s, None, None)
+        bound = max(bound, search.bound)
+    return _relabel(best, profile, cluster, segment_times_s, min(bound, best.period_s), None)
+
+
+def _class_path_plan(profile, tables, cluster, classes, objective, stages_limit, replicate, segment_times_s):
+    """The capped class DP, with the spare devices handed out as replicas (None if nothing fits)."""
+    kept, caps = capped_problem(tables, classes, stages_limit)
+    found = solve(tables, cluster, kept, caps, objective=objective, max_stages=stages_limit, replicate=False)
     best: Plan | None = None
-    best_depth = next(iter(found))
+    best_depth = next(iter(found), None)
     for depth, chain in found.items():
         if depth != best_depth and depth not in _START_DEPTHS:
             continue
         chain = _in_full_classes(chain, kept, classes)
         if replicate:
             chain = add_replicas(chain, tables, cluster, classes, _used(chain, classes))
-        candidate = _named_plan(profile, cluster, chain, classes, objective, segment_times_s, bound)
+        candidate = _named_plan(profile, cluster, chain, classes, objective, segment_times_s, None)
         if best is None or _better(candidate, best, objective):
             best = candidate
         if objective == "latency":
             break  # the first chain is the latency-best; replication does not change latency
     return best
+
+
+def _topology_fits(tables: CostTables, cluster: ClusterSpec) -> bool:
+    """Whether the per-device search's arrays stay small (it is for up to a few hundred devices)."""
+    n = len(cluster.devices)
+    return n <= TOPOLOGY_MAX_DEVICES and n * (tables.L + 1) ** 2 <= TOPOLOGY_MAX_ELEMENTS
+
+
+def _topology_bound_holds(classes: list[DeviceClass], replicate: bool) -> bool:
+    """The per-device search covers plans without replication, so its period bound holds for every plan
+    the planner considers when replication is off or no two devices are interchangeable."""
+    return not replicate or all(c.size == 1 for c in classes)
+
+
+def _topology_plan(profile, tables, cluster, classes, candidates, *, objective, stages_limit, replicate,
+                   segment_times_s) -> tuple[SearchResult, Plan | None]:
+    """The per-device search, seeded with the best single-replica candidate; its plan (None: no better)."""
+    usable = [d.name for d in cluster.devices if d.memory_bytes >= min(tables.memory[k, k + 1]
+                                                                       for k in range(tables.L))]
+    net = build_network(tables, cluster, usable, segment_times_s)
+    plain = [c for c in candidates if all(stage.replicas == 1 for stage in c.stages)]
+    incumbent = min((c.period_s if objective == "throughput" else c.latency_s for c in plain), default=math.inf)
+    if objective == "throughput":
+        result = search_period(net, max_stages=stages_limit, incumbent=incumbent)
+    else:
+        result = search_latency(net, max_stages=stages_limit, incumbent=incumbent)
+    if result.chain is None:
+        return result, None
+    class_of = {name: k for k, c in enumerate(classes) for name in c.members}
+    named = [(net.names[s.device], s.start, s.end) for s in result.chain]
+    if replicate:
+        chain = [ClassStage(class_of[name], 1, start, end) for name, start, end in named]
+        chain = add_replicas(chain, tables, cluster, classes, _used(chain, classes))
+        # Replicas come from the rest of each class; the searched device keeps its stage.
+        named = _with_replicas(named, chain, classes)
+    plan = predict(profile, cluster, named, objective=objective, planner="optimal", segment_times_s=segment_times_s)
+    return result, plan
+
+
+def _with_replicas(named: list[tuple[str, int, int]], chain: list[ClassStage], classes: list[DeviceClass]
+                   ) -> list[tuple[tuple[str, ...], int, int]]:
+    taken = {name for name, _, _ in named}
+    spare = {k: [m for m in c.members if m not in taken] for k, c in enumerate(classes)}
+    out = []
+    for (name, start, end), stage in zip(named, chain, strict=True):
+        extra = [spare[stage.cls].pop(0) for _ in range(stage.replicas - 1)]
+        out.append(((name, *extra), start, end))
+    return out
+
+
+def _key(plan: Plan, objective: str) -> tuple[float, float]:
+    return (plan.period_s, plan.latency_s) if objective == "throughput" else (plan.latency_s, plan.period_s)
+
+
+def _relabel(plan: Plan, profile, cluster, segment_times_s, period_bound, latency_bound) -> Plan:
+    """The chosen plan as the optimal planner's, with its bounds (whichever candidate produced it)."""
+    return predict(profile, cluster, plan.stages, objective=plan.objective, planner="optimal",
+                   segment_times_s=segment_times_s, lower_bound_period_s=period_bound,
+                   lower_bound_latency_s=latency_bound)
 
 
 def _better(a: Plan, b: Plan, objective: str) -> bool:

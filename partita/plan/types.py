@@ -55,8 +55,10 @@ class Plan:
 
     `period_s` is the time between results in steady state (throughput_rps = 1 / period_s);
     `latency_s` is the time one request takes through an empty pipeline, source to source.
-    `lower_bound_period_s` is a proven lower bound on the period of any plan for this model and
-    cluster, reported when the planner is not exact (None when it is exact, or for baselines).
+    `lower_bound_period_s` is a proven lower bound on the period of any plan the optimal planner
+    considers for this model and cluster (see docs/planning.md), reported for the throughput objective
+    when the planner is not exact (None when it is exact, or for baselines).
+    `lower_bound_latency_s` is the same for the latency objective: a latency no plan can beat.
     `source` is the node where requests enter and results return; `model` names the profile.
     """
 
@@ -69,6 +71,7 @@ class Plan:
     lower_bound_period_s: float | None = None
     source: str = ""
     model: str = ""
+    lower_bound_latency_s: float | None = None
 
     def cuts(self) -> list[int]:
         """Indices of the segments after which a new stage starts (what `partita.model.split` takes).
@@ -84,10 +87,18 @@ class Plan:
 
     @property
     def gap(self) -> float | None:
-        """period / lower bound - 1 (0 means provably optimal); None when no bound was reported."""
-        if self.lower_bound_period_s is None or self.lower_bound_period_s <= 0:
+        """The objective's value / its lower bound - 1 (0: provably optimal); None when no bound was reported.
+
+        For the throughput objective: period_s / lower_bound_period_s; for latency: latency_s /
+        lower_bound_latency_s.
+        """
+        if self.objective == "latency":
+            value, bound = self.latency_s, self.lower_bound_latency_s
+        else:
+            value, bound = self.period_s, self.lower_bound_period_s
+        if bound is None or bound <= 0:
             return None
-        return self.period_s / self.lower_bound_period_s - 1.0
+        return value / bound - 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +108,7 @@ class Plan:
             "throughput_rps": self.throughput_rps,
             "latency_s": self.latency_s,
             "lower_bound_period_s": self.lower_bound_period_s,
+            "lower_bound_latency_s": self.lower_bound_latency_s,
             "stages": [stage.to_dict() for stage in self.stages],
             "source": self.source,
             "model": self.model,
@@ -121,6 +133,7 @@ class Plan:
                 for s in data["stages"]
             )
             bound = data.get("lower_bound_period_s")
+            latency_bound = data.get("lower_bound_latency_s")
             return cls(
                 stages=stages,
                 period_s=float(data["period_s"]),
@@ -131,6 +144,7 @@ class Plan:
                 lower_bound_period_s=None if bound is None else float(bound),
                 source=str(data.get("source", "")),
                 model=str(data.get("model", "")),
+                lower_bound_latency_s=None if latency_bound is None else float(latency_bound),
             )
         except (KeyError, TypeError, ValueError) as exc:
             # Any of these means the JSON is not a plan; say which key is wrong rather than a bare KeyError.
