@@ -1,0 +1,159 @@
+"""Topology-aware planning: every pair of devices has its own link.
+
+The reference is `exhaustive_single` (tests/test_plan_exact.py), written from design.md's cost model
+alone: every ordered choice of distinct devices and every way to cut the chain.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from plan_instances import RESNET50_PROFILE, geometric_field, random_instance
+from test_plan_exact import exhaustive_single
+
+from partita.errors import PlanError
+from partita.plan import PLANNERS, load_profile, plan, predict
+from partita.plan.cost import CostTables
+from partita.plan.topology import build_network, chain_value, search_latency, search_period
+
+OBJECTIVES = ("throughput", "latency")
+SMALL = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _value(p, objective):
+    return p.period_s if objective == "throughput" else p.latency_s
+
+
+def _network(profile, cluster):
+    prof = load_profile(profile)
+    return prof, build_network(CostTables(prof), cluster, cluster.names, None)
+
+
+def _search(net, objective, **budget):
+    if objective == "throughput":
+        return search_period(net, max_stages=net.L, **budget)
+    return search_latency(net, max_stages=net.L, **budget)
+
+
+@SMALL
+@given(seed=st.integers(0, 10**6), n=st.integers(2, 6), segments=st.integers(2, 8))
+def test_topology_search_matches_exhaustive_search(seed, n, segments):
+    profile, cluster, _ = random_instance(random.Random(seed), n, segments)
+    optimum = exhaustive_single(profile, cluster)
+    _, net = _network(profile, cluster)
+    for objective in OBJECTIVES:
+        result = _search(net, objective)
+        if math.isinf(optimum[objective]):
+            assert result.chain is None
+            continue
+        assert result.exact
+        assert chain_value(net, result.chain, objective) == pytest.approx(optimum[objective], rel=1e-9)
+        assert result.bound <= optimum[objective]
+
+
+@SMALL
+@given(seed=st.integers(0, 10**6), n=st.integers(2, 6), segments=st.integers(2, 8))
+def test_bounds_hold_when_the_search_runs_out_of_budget(seed, n, segments):
+    profile, cluster, _ = random_instance(random.Random(seed), n, segments)
+    optimum = exhaustive_single(profile, cluster)
+    _, net = _network(profile, cluster)
+    tiny = {"throughput": {"nodes_per_threshold": 2, "nodes_total": 5}, "latency": {"expansions": 2}}
+    for objective in OBJECTIVES:
+        if math.isinf(optimum[objective]):
+            continue
+        result = _search(net, objective, **tiny[objective])
+        assert result.bound <= optimum[objective] * (1 + 1e-12)
+        if result.chain is not None:
+            assert chain_value(net, result.chain, objective) >= optimum[objective] * (1 - 1e-12)
+        if result.exact:
+            assert result.bound == pytest.approx(optimum[objective], rel=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_optimal_is_exact_on_eight_devices_with_distinct_links(seed):
+    profile, cluster, _ = random_instance(random.Random(4200 + seed), 8, 5)
+    optimum = exhaustive_single(profile, cluster)
+    for objective in OBJECTIVES:
+        if math.isinf(optimum[objective]):
+            continue
+        got = plan(profile, cluster, objective=objective)
+        assert _value(got, objective) == pytest.approx(optimum[objective], rel=1e-9), str(got)
+        assert got.gap is None  # exact, and says so
+
+
+@pytest.mark.parametrize("n", [8, 20, 50])
+def test_more_devices_never_give_a_worse_plan(n):
+    profile = load_profile(RESNET50_PROFILE)
+    rng = random.Random(n)
+    full = geometric_field(rng, n, flops_per_s=1e11, mixed=True)
+    dropped = rng.sample(list(full.names), n // 4)
+    subset = full.without(*dropped)
+    for objective in OBJECTIVES:
+        more = plan(profile, full, objective=objective)
+        fewer = plan(profile, subset, objective=objective)
+        assert _value(more, objective) <= _value(fewer, objective) * (1 + 1e-9)
+
+
+@SMALL
+@given(seed=st.integers(0, 10**6), n=st.integers(3, 6))
+def test_removing_a_device_never_helps_on_random_topologies(seed, n):
+    rng = random.Random(seed)
+    profile, cluster, _ = random_instance(rng, n, 6)
+    smaller = cluster.without(rng.choice(list(cluster.names)))
+    for objective in OBJECTIVES:
+        try:
+            fewer = plan(profile, smaller, objective=objective)
+        except PlanError:
+            continue
+        more = plan(profile, cluster, objective=objective)
+        assert _value(more, objective) <= _value(fewer, objective) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(("n", "seed"), [(5, 0), (20, 1), (50, 2), (100, 3)])
+def test_optimal_is_never_worse_than_any_baseline_on_fields(n, seed):
+    profile = load_profile(RESNET50_PROFILE)
+    cluster = geometric_field(random.Random(seed), n, flops_per_s=1e11, mixed=True)
+    for objective in OBJECTIVES:
+        best = plan(profile, cluster, objective=objective)
+        assert best.planner == "optimal"
+        for name in PLANNERS[1:]:
+            try:
+                other = plan(profile, cluster, objective=objective, planner=name)
+            except PlanError:
+                continue
+            assert _value(best, objective) <= _value(other, objective) * (1 + 1e-9), name
+
+
+@pytest.mark.parametrize("n", [20, 50, 100])
+def test_large_fields_report_a_bound_below_the_plan(n):
+    profile = load_profile(RESNET50_PROFILE)
+    cluster = geometric_field(random.Random(10 + n), n, flops_per_s=1e11)
+    for objective in OBJECTIVES:
+        got = plan(profile, cluster, objective=objective)
+        again = predict(profile, cluster, got.stages)
+        assert (again.period_s, again.latency_s) == (got.period_s, got.latency_s)
+        bound = got.lower_bound_period_s if objective == "throughput" else got.lower_bound_latency_s
+        assert bound is None or 0 < bound <= _value(got, objective)
+
+
+@SMALL
+@given(seed=st.integers(0, 10**6), n=st.integers(2, 6), segments=st.integers(2, 7))
+def test_the_large_path_is_exact_on_small_topologies(seed, n, segments):
+    profile, cluster, _ = random_instance(random.Random(seed), n, segments)
+    optimum = exhaustive_single(profile, cluster)
+    with pytest.MonkeyPatch.context() as patch:
+        # No budget for the class DP: every plan comes from the large path (class path, baselines, search).
+        patch.setattr("partita.plan.optimal.EXACT_BUDGET_S", 0.0)
+        for objective in OBJECTIVES:
+            if math.isinf(optimum[objective]):
+                with pytest.raises(PlanError):
+                    plan(profile, cluster, objective=objective)
+                continue
+            got = plan(profile, cluster, objective=objective)
+            assert _value(got, objective) == pytest.approx(optimum[objective], rel=1e-9), str(got)
+            bound = got.lower_bound_period_s if objective == "throughput" else got.lower_bound_latency_s
+            assert bound is None or bound <= optimum[objective]
