@@ -55,9 +55,26 @@ def test_planner_all_compares_every_planner(capsys, profile_file):
     code, out, _ = run(capsys, "plan", "--profile", profile_file, "--cluster", TINY, "--planner", "all", "--json")
     assert code == 0
     data = json.loads(out)
-    assert [entry["planner"] for entry in data] == ["optimal", "single", "even", "memory", "flops"]
+    assert [entry["planner"] for entry in data] == ["optimal", "single", "even", "memory", "flops", "seifer"]
     code, out, _ = run(capsys, "plan", "--profile", profile_file, "--cluster", TINY, "--planner", "all")
     assert code == 0 and "ratios are to optimal" in out and "1.00×" in out
+
+
+def test_planner_all_exits_2_with_the_reason_when_nothing_fits(capsys, profile_file, tmp_path):
+    small = tmp_path / "small.yaml"
+    small.write_text("source: c\ndevices: [{name: a, memory: 8MiB, compute: 1GFLOPS}]\nlinks: {default: wifi5}\n")
+    for extra in ((), ("--json",)):
+        code, out, err = run(capsys, "plan", "--profile", profile_file, "--cluster", str(small), "--planner", "all",
+                             *extra)
+        assert code == 2 and out == ""
+        assert len(err.strip().splitlines()) == 1
+        assert "MiB" in err and "Add a device" in err
+
+
+def test_planner_seifer_plans_on_its_own(capsys, profile_file):
+    code, out, _ = run(capsys, "plan", "--profile", profile_file, "--cluster", TINY, "--planner", "seifer", "--json")
+    assert code == 0
+    assert json.loads(out)["planner"] == "seifer"
 
 
 def test_a_bad_cluster_file_is_one_line_and_exit_code_2(capsys, profile_file, tmp_path):

@@ -25,7 +25,7 @@ ProfileOpt = Annotated[
 ]
 ClusterOpt = Annotated[str, typer.Option("--cluster", help="Cluster YAML file (see docs/planning.md).")]
 PlannerOpt = Annotated[
-    str, typer.Option("--planner", help="optimal, single, even, memory, flops, or all (side by side).")
+    str, typer.Option("--planner", help="optimal, single, even, memory, flops, seifer, or all (side by side).")
 ]
 
 
@@ -81,6 +81,8 @@ def plan(
             if planner != "all":
                 raise
             results.append((name, exc))  # a baseline that does not fit is a result worth showing
+    if all(isinstance(result, Exception) for _, result in results):
+        raise results[0][1]  # nothing fits: optimal's reason (it knows every device), exit code 2
     console = Console()
     if as_json:
         payload = [_json_entry(name, result, objective) for name, result in results]

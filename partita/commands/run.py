@@ -29,7 +29,7 @@ def run(
     ] = None,
     requests: Annotated[int, typer.Option("--requests", min=1, help="How many requests to stream.")] = 100,
     objective: Annotated[str, typer.Option("--objective", help="throughput or latency.")] = "throughput",
-    planner: Annotated[str, typer.Option("--planner", help="optimal, single, even, memory or flops.")] = "optimal",
+    planner: Annotated[str, typer.Option("--planner", help="optimal, single, even, memory, flops or seifer.")] = "optimal",
     codec: Annotated[str, typer.Option("--codec", help="Activations on the wire: none, lz4, fp16 or int8.")] = "none",
     check: Annotated[bool, typer.Option("--check", help="Compare every output with the unsplit model.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,

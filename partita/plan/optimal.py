@@ -18,19 +18,20 @@ from collections.abc import Mapping, Sequence
 from partita.cluster import ClusterSpec
 from partita.errors import PlanError
 from partita.plan.baselines import BASELINES, plan_baseline
+from partita.plan.bound import grouped_bound
 from partita.plan.classes import DeviceClass, group_devices
 from partita.plan.cost import CostTables, predict
 from partita.plan.exact import ClassStage, OverBudget, solve
 from partita.plan.large import EXACT_BUDGET_S, add_replicas, capped_problem, lower_bound_period_s
 from partita.plan.profile import Profile
-from partita.plan.topology import SearchResult, build_network, search_latency, search_period
+from partita.plan.topology import ROUNDING_MARGIN, SearchResult, build_network, search_latency, search_period
 from partita.plan.types import Plan
 
 __all__ = ["plan_optimal"]
 
 # The per-device topology search runs for clusters up to this size (its arrays are n x (L+1)^2).
 TOPOLOGY_MAX_DEVICES = 200
-TOPOLOGY_MAX_ELEMENTS = 4_000_000
+TOPOLOGY_MAX_ELEMENTS = 10_000_000
 # On the large path, replication is tried from these stage counts of the capped DP (and the best one).
 _START_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -87,18 +88,35 @@ def _plan_large(profile: Profile, tables: CostTables, cluster: ClusterSpec, clas
     if not candidates:
         raise PlanError(_no_fit_message(profile, cluster, max_stages))
     best = min(candidates, key=lambda p: _key(p, objective))
+    value = best.period_s if objective == "throughput" else best.latency_s
+    bound = _certified_bound(tables, cluster, classes, search, objective=objective, replicate=replicate,
+                             stages_limit=stages_limit, segment_times_s=segment_times_s, value=value)
     if objective == "latency":
-        # Replicas never shorten a request's path, so the search's bound covers every plan.
-        if search is not None and search.exact:
-            return _relabel(best, profile, cluster, segment_times_s, None, None)
-        bound = search.bound if search is not None else None
         return _relabel(best, profile, cluster, segment_times_s, None, bound)
-    bound = lower_bound_period_s(tables, cluster, classes, replicate=replicate)
-    if search is not None and _topology_bound_holds(classes, replicate):
+    return _relabel(best, profile, cluster, segment_times_s, bound, None)
+
+
+def _certified_bound(tables, cluster, classes, search, *, objective, replicate, stages_limit, segment_times_s,
+                     value) -> float:
+    """The largest of the lower bounds that hold for every plan the planner considers.
+
+    - the class bound (`large.lower_bound_period_s`, period only);
+    - the topology search's (it covers plans without replication; replicas never shorten a request's
+      path, so for latency it covers every plan, and for the period when no stage can be replicated);
+    - the grouped class DP (`bound.grouped_bound`), computed only when the others leave a gap.
+    """
+    throughput = objective == "throughput"
+    bound = lower_bound_period_s(tables, cluster, classes, replicate=replicate) if throughput else 0.0
+    if search is not None and (not throughput or _topology_bound_holds(classes, replicate)):
         if search.exact:
-            return _relabel(best, profile, cluster, segment_times_s, None, None)
+            return value * (1 - ROUNDING_MARGIN)
         bound = max(bound, search.bound)
-    return _relabel(best, profile, cluster, segment_times_s, min(bound, best.period_s), None)
+    if bound < value * (1 - ROUNDING_MARGIN):
+        replicas = throughput and replicate and any(c.size > 1 for c in classes)
+        grouped = grouped_bound(tables, cluster, objective=objective, replicate=replicas, max_stages=stages_limit,
+                                segment_times_s=segment_times_s)
+        bound = max(bound, grouped * (1 - ROUNDING_MARGIN))
+    return min(bound, value * (1 - ROUNDING_MARGIN))
 
 
 def _class_path_plan(profile, tables, cluster, classes, objective, stages_limit, replicate, segment_times_s):

@@ -54,8 +54,8 @@ __all__ = ["DeviceStage", "Network", "SearchResult", "build_network", "chain_val
            "search_latency", "search_period"]
 
 # Search budgets, counted in nodes (deterministic, unlike a wall-clock limit).
-PERIOD_NODES_PER_THRESHOLD = 4000  # depth-first nodes for one feasibility question at a threshold
-PERIOD_NODES_TOTAL = 60000  # over the whole binary search
+PERIOD_NODES_PER_THRESHOLD = 40_000  # depth-first nodes for one feasibility question at a threshold
+PERIOD_NODES_TOTAL = 150_000  # over the whole binary search
 LATENCY_EXPANSIONS = 6000  # best-first expansions
 # The searches sum times in a different order than `cost.predict`; a certified bound is lowered by this
 # relative margin so that rounding can never lift it above the true optimum.
@@ -228,16 +228,21 @@ class _ThresholdSearch:
         idx = np.arange(n)
         ok[idx, idx, :] = False  # a device never feeds itself: that would be one stage
         self.ok = ok
-        nxt = np.zeros((n, L + 1), dtype=bool)
-        can = np.zeros((n, L + 1), dtype=bool)
-        nxt[:, L] = ok[:n, n, L]
+        # stages_to_end[e, i]: the fewest stages a relaxed walk needs from "a stage on e starts at i"
+        # (n + 1: none completes); after_end[d, j]: the same after d has finished at cut j.
+        none = n + 1
+        after_end = np.full((n, L + 1), none, dtype=np.int64)
+        stages_to_end = np.full((n, L + 1), none, dtype=np.int64)
+        after_end[ok[:n, n, L], L] = 0
+        ends = np.arange(L + 1)[None, :]
         for p in range(L - 1, -1, -1):
-            counts = np.concatenate([np.zeros((n, 1), dtype=np.int64), np.cumsum(nxt[:, p + 1:], axis=1)], axis=1)
-            reach = self.far[:, p] - p  # how many ends are allowed
-            can[:, p] = counts[np.arange(n), reach] > 0
+            window = (ends > p) & (ends <= self.far[:, p:p + 1])
+            stages_to_end[:, p] = np.minimum(np.where(window, after_end, none).min(axis=1) + 1, none)
             if p > 0:
-                nxt[:, p] = (ok[:n, :n, p] & can[None, :, p]).any(axis=1)
-        self.nxt, self.can = nxt, can
+                step = np.where(ok[:n, :n, p], stages_to_end[None, :, p], none)
+                after_end[:, p] = step.min(axis=1)
+        self.after_end, self.stages_to_end = after_end, stages_to_end
+        self.n_devices = n
         self.failed: set[tuple[int, int, int]] = set()
 
     def run(self) -> tuple[DeviceStage, ...] | None:
@@ -255,13 +260,15 @@ class _ThresholdSearch:
         self.visited += 1
         if self.visited > self.budget:
             raise _OutOfNodes
-        candidates = np.nonzero(self.ok[last, :net.n, j] & self.can[:, j])[0]
+        # A chain needs at least as many distinct devices as the relaxed walk needs stages.
+        room = min(self.n_devices - used.bit_count(), self.max_stages - depth)
+        candidates = np.nonzero(self.ok[last, :net.n, j] & (self.stages_to_end[:, j] <= room))[0]
         # Devices that reach furthest first: fewer stages left to place.
         for e in sorted(candidates.tolist(), key=lambda e: -self.far[e, j]):
             if used >> e & 1:
                 continue
             for end in range(int(self.far[e, j]), j, -1):
-                if not self.nxt[e, end]:
+                if self.after_end[e, end] > room - 1:
                     continue
                 rest = self._visit(e, end, used | 1 << e, depth + 1)
                 if rest is not None:

@@ -1,0 +1,124 @@
+"""A lower bound that counts devices: the class DP on an optimistic grouping of the devices.
+
+The relaxation in `topology.py` forgets that a device runs one stage, so it is weak when a plan needs
+most of the devices (a long model on a few of them). This bound keeps the counting and forgets the
+identity instead: devices are put into a few groups, each group is treated as that many copies of
+one optimistic device (the fastest time of any member on every segment, the largest memory), and the
+link between two groups is the best link between any of their members (the widest bandwidth, the
+smallest latency), as is the link within a group and from the source. Every plan on the real cluster
+is a plan on this optimistic one with the same number of devices per group and terms no larger, so
+the exact class DP's optimum there (`exact.solve`) is a lower bound on the real optimum, for the
+period and for the latency, with or without replication.
+
+Groups are formed by sorting the devices by their time for the whole model and cutting that order
+into equal runs; the DP's budget decides how many groups it can afford (down to one group of all
+devices, where the bound is "at most n distinct devices with the best of everything").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from partita.cluster import ClusterSpec, DeviceSpec, LinkSpec
+from partita.plan.classes import DeviceClass
+from partita.plan.cost import CostTables
+from partita.plan.exact import OverBudget, solve
+
+__all__ = ["grouped_bound"]
+
+GROUPED_BUDGET_S = 0.25  # estimated seconds for the class DP at each grouping tried
+
+
+def grouped_bound(tables: CostTables, cluster: ClusterSpec, *, objective: str, replicate: bool, max_stages: int,
+                  segment_times_s: Mapping[str, Sequence[float]] | None, budget_s: float = GROUPED_BUDGET_S
+                  ) -> float:
+    """The optimistic class DP's optimum: a value (period or latency) no plan on `cluster` can beat."""
+    times = segment_times_s or {}
+    names = list(cluster.names)
+    per_segment = {name: tables.segment_times(cluster.device(name), times.get(name)) for name in names}
+    order = sorted(names, key=lambda name: float(per_segment[name].sum()))
+    groups = min(len(names), 8)
+    while groups >= 1:
+        members = [list(part) for part in np.array_split(np.array(order, dtype=object), groups) if len(part)]
+        classes, spec = _optimistic_cluster(tables, cluster, members, per_segment)
+        try:
+            found = solve(tables, spec, classes, [c.size for c in classes], objective=objective,
+                          max_stages=max_stages, replicate=replicate and objective == "throughput",
+                          budget_s=budget_s)
+        except OverBudget:
+            groups = groups // 2 if groups > 1 else 0
+            continue
+        if not found:
+            return math.inf
+        chain = next(iter(found.values()))
+        return _chain_value(tables, spec, classes, chain, objective)
+    return 0.0
+
+
+def _optimistic_cluster(tables: CostTables, cluster: ClusterSpec, groups: list[list[str]],
+                        per_segment: dict[str, np.ndarray]) -> tuple[list[DeviceClass], ClusterSpec]:
+    """One optimistic class per group, on a cluster of one representative per group plus the source."""
+    reps = [f"group{k}" for k in range(len(groups))]
+    source = cluster.source if cluster.source not in reps else "source"
+    devices, classes = [], []
+    for k, members in enumerate(groups):
+        fastest = np.min([per_segment[name] for name in members], axis=0)
+        memory = max(cluster.device(name).memory_bytes for name in members)
+        spec = DeviceSpec(reps[k], max(cluster.device(name).flops_per_s for name in members), memory)
+        devices.append(spec)
+        intra = _best_link(cluster, members, members, distinct=True) if len(members) > 1 else None
+        names = (reps[k], *(f"{reps[k]}.{i}" for i in range(1, len(members))))
+        classes.append(DeviceClass(names, spec, tuple(float(t) for t in fastest), intra))
+    pairs = {}
+    for a in range(len(groups)):
+        pairs[frozenset((reps[a], source))] = _best_link(cluster, groups[a], [cluster.source])
+        for b in range(a + 1, len(groups)):
+            pairs[frozenset((reps[a], reps[b]))] = _best_link(cluster, groups[a], groups[b])
+    spec = ClusterSpec(tuple(devices), source, cluster.default_link, pairs)
+    return classes, spec
+
+
+def _best_link(cluster: ClusterSpec, left: list[str], right: list[str], *, distinct: bool = False) -> LinkSpec:
+    """The widest bandwidth and the smallest latency over the links between the two lists.
+
+    `distinct`: leave out a node's link to itself (two stages never share a device; but a stage on the
+    source's own device reaches the source for free, so that counts).
+    """
+    bandwidth, latency = 0.0, math.inf
+    for a in left:
+        for b in right:
+            if distinct and a == b:
+                continue
+            link = cluster.link(a, b)
+            bandwidth = max(bandwidth, link.bandwidth_bytes_per_s)
+            latency = min(latency, link.latency_s)
+    return LinkSpec(bandwidth, latency)
+
+
+def _chain_value(tables: CostTables, spec: ClusterSpec, classes: list[DeviceClass], chain, objective: str) -> float:
+    """The cost model's value of a class chain on the optimistic cluster (as the DP computed it)."""
+    throughput = objective == "throughput"
+    value, prev = 0.0, None
+    for stage in chain:
+        cls = classes[stage.cls]
+        if prev is None:
+            link = spec.link(spec.source, cls.members[0])
+            lcm = stage.replicas
+        else:
+            pcls = classes[prev.cls]
+            link = (pcls.intra_link if prev.cls == stage.cls else spec.link(pcls.members[0], cls.members[0]))
+            lcm = math.lcm(prev.replicas, stage.replicas)
+        busy = tables.cut_bytes[stage.start] / link.bandwidth_bytes_per_s
+        compute = float(np.sum(cls.segment_times[stage.start:stage.end]))
+        if throughput:
+            value = max(value, busy / lcm, compute / stage.replicas)
+        else:
+            value += link.latency_s + busy + compute
+        prev = stage
+    last = classes[prev.cls]
+    link = spec.link(last.members[0], spec.source)
+    busy = tables.cut_bytes[tables.L] / link.bandwidth_bytes_per_s
+    return max(value, busy / prev.replicas) if throughput else value + link.latency_s + busy
