@@ -24,7 +24,7 @@ import numpy as np
 
 from partita.cluster import ClusterSpec, DeviceSpec, LinkSpec
 from partita.plan.classes import DeviceClass
-from partita.plan.cost import CostTables
+from partita.plan.cost import CostTables, link_matrices
 from partita.plan.exact import OverBudget, solve
 
 __all__ = ["grouped_bound"]
@@ -61,6 +61,11 @@ def grouped_bound(tables: CostTables, cluster: ClusterSpec, *, objective: str, r
 def _optimistic_cluster(tables: CostTables, cluster: ClusterSpec, groups: list[list[str]],
                         per_segment: dict[str, np.ndarray]) -> tuple[list[DeviceClass], ClusterSpec]:
     """One optimistic class per group, on a cluster of one representative per group plus the source."""
+    names = [name for members in groups for name in members]
+    bandwidth, latency = link_matrices(cluster, [*names, cluster.source])
+    position = {name: k for k, name in enumerate(names)}
+    index = [[position[name] for name in members] for members in groups]
+    src = [len(names)]
     reps = [f"group{k}" for k in range(len(groups))]
     source = cluster.source if cluster.source not in reps else "source"
     devices, classes = [], []
@@ -69,33 +74,31 @@ def _optimistic_cluster(tables: CostTables, cluster: ClusterSpec, groups: list[l
         memory = max(cluster.device(name).memory_bytes for name in members)
         spec = DeviceSpec(reps[k], max(cluster.device(name).flops_per_s for name in members), memory)
         devices.append(spec)
-        intra = _best_link(cluster, members, members, distinct=True) if len(members) > 1 else None
-        names = (reps[k], *(f"{reps[k]}.{i}" for i in range(1, len(members))))
-        classes.append(DeviceClass(names, spec, tuple(float(t) for t in fastest), intra))
+        intra = _best_link(bandwidth, latency, index[k], index[k], distinct=True) if len(members) > 1 else None
+        names_k = (reps[k], *(f"{reps[k]}.{i}" for i in range(1, len(members))))
+        classes.append(DeviceClass(names_k, spec, tuple(float(t) for t in fastest), intra))
     pairs = {}
     for a in range(len(groups)):
-        pairs[frozenset((reps[a], source))] = _best_link(cluster, groups[a], [cluster.source])
+        pairs[frozenset((reps[a], source))] = _best_link(bandwidth, latency, index[a], src)
         for b in range(a + 1, len(groups)):
-            pairs[frozenset((reps[a], reps[b]))] = _best_link(cluster, groups[a], groups[b])
+            pairs[frozenset((reps[a], reps[b]))] = _best_link(bandwidth, latency, index[a], index[b])
     spec = ClusterSpec(tuple(devices), source, cluster.default_link, pairs)
     return classes, spec
 
 
-def _best_link(cluster: ClusterSpec, left: list[str], right: list[str], *, distinct: bool = False) -> LinkSpec:
-    """The widest bandwidth and the smallest latency over the links between the two lists.
+def _best_link(bandwidth: np.ndarray, latency: np.ndarray, left: list[int], right: list[int], *,
+               distinct: bool = False) -> LinkSpec:
+    """The widest bandwidth and the smallest latency over the links between the two index lists.
 
     `distinct`: leave out a node's link to itself (two stages never share a device; but a stage on the
     source's own device reaches the source for free, so that counts).
     """
-    bandwidth, latency = 0.0, math.inf
-    for a in left:
-        for b in right:
-            if distinct and a == b:
-                continue
-            link = cluster.link(a, b)
-            bandwidth = max(bandwidth, link.bandwidth_bytes_per_s)
-            latency = min(latency, link.latency_s)
-    return LinkSpec(bandwidth, latency)
+    width = bandwidth[np.ix_(left, right)].copy()
+    delay = latency[np.ix_(left, right)].copy()
+    if distinct:
+        np.fill_diagonal(width, -np.inf)
+        np.fill_diagonal(delay, np.inf)
+    return LinkSpec(float(width.max()), float(delay.min()))
 
 
 def _chain_value(tables: CostTables, spec: ClusterSpec, classes: list[DeviceClass], chain, objective: str) -> float:

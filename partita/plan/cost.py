@@ -32,7 +32,7 @@ from partita.errors import PlanError
 from partita.plan.profile import Profile, load_profile
 from partita.plan.types import Plan, StagePlan
 
-__all__ = ["CostTables", "check_segment_times", "hop_terms", "predict", "stage_time_s"]
+__all__ = ["CostTables", "check_segment_times", "hop_terms", "link_matrices", "predict", "stage_time_s"]
 
 
 def check_segment_times(profile: Profile, cluster: ClusterSpec, times: Mapping[str, Sequence[float]] | None):
@@ -76,6 +76,30 @@ def hop_terms(cluster: ClusterSpec, senders: Sequence[str], receivers: Sequence[
         occupancy = max(occupancy, busy / lcm)
         transfer = max(transfer, link.latency_s + busy)
     return occupancy, transfer
+
+
+def link_matrices(cluster: ClusterSpec, nodes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(bandwidth_bytes_per_s, latency_s) between every two of `nodes`, as len(nodes)^2 arrays.
+
+    The same values as `cluster.link`, built from the default and the pair links in O(n^2 + pairs).
+    """
+    index: dict[str, list[int]] = {}
+    for k, name in enumerate(nodes):
+        index.setdefault(name, []).append(k)
+    n = len(nodes)
+    bandwidth = np.full((n, n), cluster.default_link.bandwidth_bytes_per_s, dtype=np.float64)
+    latency = np.full((n, n), cluster.default_link.latency_s, dtype=np.float64)
+    for pair, link in cluster.pair_links.items():
+        a, b = tuple(pair)
+        for i in index.get(a, ()):
+            for j in index.get(b, ()):
+                bandwidth[i, j] = bandwidth[j, i] = link.bandwidth_bytes_per_s
+                latency[i, j] = latency[j, i] = link.latency_s
+    for positions in index.values():  # a node to itself (also when it is listed twice)
+        for i in positions:
+            for j in positions:
+                bandwidth[i, j], latency[i, j] = math.inf, 0.0
+    return bandwidth, latency
 
 
 def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], *,

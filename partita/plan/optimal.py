@@ -29,7 +29,9 @@ from partita.plan.types import Plan
 
 __all__ = ["plan_optimal"]
 
-# The per-device topology search runs for clusters up to this size (its arrays are n x (L+1)^2).
+# The per-device topology search runs for clusters with more classes than this (with fewer, the class
+# path is exact or close), up to this size (its arrays are n x (L+1)^2).
+TOPOLOGY_MIN_CLASSES = 4
 TOPOLOGY_MAX_DEVICES = 200
 TOPOLOGY_MAX_ELEMENTS = 10_000_000
 # On the large path, replication is tried from these stage counts of the capped DP (and the best one).
@@ -79,7 +81,7 @@ def _plan_large(profile: Profile, tables: CostTables, cluster: ClusterSpec, clas
             continue  # a baseline that does not fit is simply not a candidate
     candidates = [c for c in candidates if c is not None]
     search = None
-    if _topology_fits(tables, cluster):
+    if _topology_fits(tables, cluster, classes):
         search, chain = _topology_plan(profile, tables, cluster, classes, candidates, objective=objective,
                                        stages_limit=stages_limit, replicate=replicate,
                                        segment_times_s=segment_times_s)
@@ -91,6 +93,8 @@ def _plan_large(profile: Profile, tables: CostTables, cluster: ClusterSpec, clas
     value = best.period_s if objective == "throughput" else best.latency_s
     bound = _certified_bound(tables, cluster, classes, search, objective=objective, replicate=replicate,
                              stages_limit=stages_limit, segment_times_s=segment_times_s, value=value)
+    if bound <= 0:
+        bound = None  # nothing better than zero is known
     if objective == "latency":
         return _relabel(best, profile, cluster, segment_times_s, None, bound)
     return _relabel(best, profile, cluster, segment_times_s, bound, None)
@@ -103,7 +107,8 @@ def _certified_bound(tables, cluster, classes, search, *, objective, replicate, 
     - the class bound (`large.lower_bound_period_s`, period only);
     - the topology search's (it covers plans without replication; replicas never shorten a request's
       path, so for latency it covers every plan, and for the period when no stage can be replicated);
-    - the grouped class DP (`bound.grouped_bound`), computed only when the others leave a gap.
+    - the grouped class DP (`bound.grouped_bound`), computed only on clusters the topology search ran
+      on and only when the others leave a gap.
     """
     throughput = objective == "throughput"
     bound = lower_bound_period_s(tables, cluster, classes, replicate=replicate) if throughput else 0.0
@@ -111,7 +116,7 @@ def _certified_bound(tables, cluster, classes, search, *, objective, replicate, 
         if search.exact:
             return value * (1 - ROUNDING_MARGIN)
         bound = max(bound, search.bound)
-    if bound < value * (1 - ROUNDING_MARGIN):
+    if search is not None and bound < value * (1 - ROUNDING_MARGIN):
         replicas = throughput and replicate and any(c.size > 1 for c in classes)
         grouped = grouped_bound(tables, cluster, objective=objective, replicate=replicas, max_stages=stages_limit,
                                 segment_times_s=segment_times_s)
@@ -139,10 +144,12 @@ def _class_path_plan(profile, tables, cluster, classes, objective, stages_limit,
     return best
 
 
-def _topology_fits(tables: CostTables, cluster: ClusterSpec) -> bool:
-    """Whether the per-device search's arrays stay small (it is for up to a few hundred devices)."""
+def _topology_fits(tables: CostTables, cluster: ClusterSpec, classes: list[DeviceClass]) -> bool:
+    """Whether the per-device search is worth running: more classes than the class path handles well,
+    and arrays that stay small (it is for up to a few hundred devices)."""
     n = len(cluster.devices)
-    return n <= TOPOLOGY_MAX_DEVICES and n * (tables.L + 1) ** 2 <= TOPOLOGY_MAX_ELEMENTS
+    return (len(classes) > TOPOLOGY_MIN_CLASSES and n <= TOPOLOGY_MAX_DEVICES
+            and n * (tables.L + 1) ** 2 <= TOPOLOGY_MAX_ELEMENTS)
 
 
 def _topology_bound_holds(classes: list[DeviceClass], replicate: bool) -> bool:

@@ -30,7 +30,7 @@ import numpy as np
 
 from partita.cluster import ClusterSpec
 from partita.errors import PlanError
-from partita.plan.cost import CostTables
+from partita.plan.cost import CostTables, link_matrices
 from partita.plan.profile import Profile
 
 __all__ = ["seifer_stages"]
@@ -98,8 +98,7 @@ def _widest_cycle(tables: CostTables, cluster: ClusterSpec, parts: list[tuple[in
     holds = [[cluster.device(name).memory_bytes >= need for name in names] for need in needs]
     if any(not any(row) for row in holds):
         return None
-    nodes = [*names, source]
-    width = np.array([[cluster.link(u, v).bandwidth_bytes_per_s for v in nodes] for u in nodes])
+    width, _ = link_matrices(cluster, [*names, source])
     widths = np.unique(width[np.isfinite(width)])[::-1].tolist()  # widest first
     src = len(names)
     found = None

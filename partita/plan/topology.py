@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partita.cluster import ClusterSpec
-from partita.plan.cost import CostTables
+from partita.plan.cost import CostTables, link_matrices
 
 __all__ = ["DeviceStage", "Network", "SearchResult", "build_network", "chain_value", "relaxed_to_go",
            "search_latency", "search_period"]
@@ -117,13 +117,7 @@ def build_network(tables: CostTables, cluster: ClusterSpec, names: Sequence[str]
     """The search's arrays for the devices `names` (in that order) and the cluster's source."""
     times = segment_times_s or {}
     comp = np.stack([tables.compute_matrix(cluster.device(name), times.get(name)) for name in names])
-    nodes = [*names, cluster.source]
-    bandwidth = np.empty((len(nodes), len(nodes)))
-    latency = np.empty((len(nodes), len(nodes)))
-    for a, u in enumerate(nodes):
-        for b, v in enumerate(nodes):
-            link = cluster.link(u, v)
-            bandwidth[a, b], latency[a, b] = link.bandwidth_bytes_per_s, link.latency_s
+    bandwidth, latency = link_matrices(cluster, [*names, cluster.source])
     occ = tables.cut_bytes[None, None, :] / bandwidth[:, :, None]
     return Network(tuple(names), comp, occ, latency)
 
