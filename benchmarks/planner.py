@@ -2,13 +2,17 @@
 
     .venv/bin/python benchmarks/planner.py [--quick]
 
-Prints four tables (plus the simulator's speed and agreement) and writes
+Prints five tables (plus the simulator's speed and agreement) and writes
 benchmarks/results/planner.json. Everything is measured in this run; nothing is hard-coded.
-1. optimality gap of `optimal` against an exhaustive search on random instances (must be 0);
+1. optimality gap of `optimal` against an exhaustive search on random instances with a link per
+   pair (up to 8 devices; must be 0);
 2. planning time against devices (10, 100, 1000) and segments, with the gap to the lower bound;
 3. predicted throughput of `optimal` against each baseline on catalog clusters, for five model
    profiles (benchmarks/profiles/*.json, written by `partita inspect --json`);
-4. DEFER's setting: ResNet-50 on 8 identical Pi-class nodes against one node.
+4. DEFER's setting: ResNet-50 on 8 identical Pi-class nodes against one node;
+5. topology: geometric fields of 5 to 100 devices (every pair its own link), several seeds:
+   period and latency against `seifer` and the best other baseline, the gap to the certified bound,
+   plan time, and whether a field's plan is ever worse than the plan on a subset of its devices.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -33,10 +38,13 @@ from partita.errors import PlanError  # noqa: E402
 from partita.plan import load_profile, plan  # noqa: E402
 from partita.sim import simulate  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+from plan_instances import geometric_field  # noqa: E402  (the fields the tests use, one generator)
+
 PROFILES = ROOT / "benchmarks" / "profiles"
 MODELS = ["resnet50", "mobilenet_v2", "vgg16", "vit_b_16", "bert_base"]
-BASELINES = ["single", "even", "memory", "flops"]
-console = Console()
+BASELINES = ["single", "even", "memory", "flops", "seifer"]
+console = Console(width=max(Console().width, 170))  # the topology tables are wide
 
 
 # --- 1. exactness ---------------------------------------------------------------------------------------
@@ -92,7 +100,7 @@ def bench_exactness(instances: int) -> dict:
     rng = random.Random(7)
     rows, worst_gap, planner_s, search_s = 0, 0.0, 0.0, 0.0
     for k in range(instances):
-        n, L = (6, 12) if k < 2 else (rng.randint(2, 6), rng.randint(3, 10))
+        n, L = (6, 12) if k < 2 else (8, 6) if k < 4 else (rng.randint(2, 6), rng.randint(3, 10))
         profile, cluster = random_instance(rng, n, L)
         started = time.perf_counter()
         best = exhaustive(profile, cluster)
@@ -106,7 +114,7 @@ def bench_exactness(instances: int) -> dict:
             value = got.period_s if objective == "throughput" else got.latency_s
             worst_gap = max(worst_gap, value / best[objective] - 1)
             rows += 1
-    table = Table(title="1. optimal vs exhaustive search (random instances, up to 6 devices x 12 segments)")
+    table = Table(title="1. optimal vs exhaustive search (random instances, a link per pair, up to 8 devices)")
     for column in ("instances x objectives", "max gap", "planner s (all)", "exhaustive s (all)", "speed-up"):
         table.add_column(column, justify="right")
     table.add_row(str(rows), f"{worst_gap:.2e}", f"{planner_s:.2f}", f"{search_s:.2f}", f"{search_s / planner_s:.0f}x")
@@ -241,17 +249,132 @@ def bench_defer() -> dict:
     return out
 
 
+# --- 5. topology ----------------------------------------------------------------------------------------
+
+FIELD_SIZES = (5, 8, 10, 20, 50, 100)
+FIELD_KINDS = {"equal": False, "mixed": True}  # equal devices, or compute drawn from 0.5x to 2x
+
+
+def bench_topology(quick: bool) -> dict:
+    """Geometric fields (tests/plan_instances.geometric_field), memory forcing about four stages of ResNet-50.
+
+    For one seed, the field of n devices is the first n devices of the field of 100, so the plans
+    along a row of sizes must never get worse. A second table runs longer models on the same fields.
+    """
+    resnet = load_profile(PROFILES / "resnet50.json")
+    seeds = range(3 if quick else 8)
+    rows = _field_rows({"resnet50": resnet}, FIELD_SIZES, seeds, exhaustive_upto=5)
+    _field_table("5a. topology: geometric fields, ResNet-50 (ratios: baseline / optimal)", rows)
+    others = {"bert_base": load_profile(PROFILES / "bert_base.json"),
+              "vit_b_16": load_profile(PROFILES / "vit_b_16.json"),
+              "chain50": load_profile(chain_profile(50, seed=50))}
+    hard = _field_rows(others, (20, 50, 100), range(2 if quick else 4), exhaustive_upto=0)
+    _field_table("5b. topology: the same fields, other models (memory for about 3.5 stages of each)", hard)
+    whole = _whole_process_seconds(resnet, geometric_field(random.Random(0), 100, flops_per_s=1e11, mixed=True))
+    console.print(f"whole process, `python -m partita.cli plan` on a 100-device mixed field (ResNet-50): {whole:.2f} s")
+    return {"resnet50": rows, "other_models": hard, "whole_process_100_devices_s": whole}
+
+
+def _field_rows(profiles: dict, sizes, seeds, *, exhaustive_upto: int) -> list[dict]:
+    rows = []
+    for model, profile in profiles.items():
+        raw = profile.to_dict()
+        act = max(seg.act_bytes for seg in profile.segments)
+        memory = 36e6 if model == "resnet50" else profile.total_param_bytes / 3.5 + act
+        for kind, mixed in FIELD_KINDS.items():
+            for objective in ("throughput", "latency"):
+                best_so_far: dict[int, float] = {}
+                for n in sizes:
+                    for seed in seeds:
+                        cluster = geometric_field(random.Random(seed), n, flops_per_s=1e11, mixed=mixed,
+                                                  memory_bytes=memory)
+                        started = time.perf_counter()
+                        chosen = plan(profile, cluster, objective=objective)
+                        took = time.perf_counter() - started
+                        value = _objective(chosen, objective)
+                        others = {}
+                        for name in BASELINES:
+                            try:
+                                other = plan(profile, cluster, objective=objective, planner=name)
+                                others[name] = _objective(other, objective)
+                            except PlanError:
+                                others[name] = None
+                        bound = (chosen.lower_bound_period_s if objective == "throughput"
+                                 else chosen.lower_bound_latency_s)
+                        reference = exhaustive(raw, cluster)[objective] if n <= exhaustive_upto and seed < 2 else None
+                        rows.append({"model": model, "kind": kind, "objective": objective, "devices": n, "seed": seed,
+                                     "value": value, "bound": bound, "gap": 0.0 if bound is None else chosen.gap,
+                                     "plan_s": took, "baselines": others, "exhaustive": reference,
+                                     "worse_than_subset": value > best_so_far.get(seed, math.inf) * (1 + 1e-9)})
+                        best_so_far[seed] = min(value, best_so_far.get(seed, math.inf))
+    return rows
+
+
+def _field_table(title: str, rows: list[dict]) -> None:
+    table = Table(title=title)
+    for column in ("model", "n", "devices", "objective", "seeds", "seifer (min, geomean)", "best other (min)",
+                   "max gap", "gap<=10%", "= exhaustive", "max plan s", "worse than subset"):
+        table.add_column(column, justify="left" if column in ("model", "devices", "objective") else "right",
+                         no_wrap=True)
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["devices"], row["kind"], row["objective"]), []).append(row)
+    for (model, n, kind, objective), cells in groups.items():
+        seifer = [c["baselines"]["seifer"] / c["value"] for c in cells if c["baselines"]["seifer"]]
+        other = [min(v for k, v in c["baselines"].items() if v and k != "seifer") / c["value"] for c in cells
+                 if any(v for k, v in c["baselines"].items() if k != "seifer")]
+        gaps = [c["gap"] for c in cells]
+        checked = [c for c in cells if c["exhaustive"] is not None]
+        exact = f"{sum(abs(c['value'] / c['exhaustive'] - 1) < 1e-9 for c in checked)}/{len(checked)}" if checked else "—"
+        table.add_row(model, str(n), kind, objective[:10], str(len(cells)), _ratios(seifer),
+                      f"{min(other):.2f}×" if other else "—", f"{max(gaps):.1%}",
+                      f"{sum(g <= 0.10 for g in gaps)}/{len(gaps)}", exact,
+                      f"{max(c['plan_s'] for c in cells):.2f}", str(sum(c["worse_than_subset"] for c in cells)))
+    console.print(table)
+
+
+def _objective(chosen, objective: str) -> float:
+    return chosen.period_s if objective == "throughput" else chosen.latency_s
+
+
+def _ratios(values: list[float]) -> str:
+    if not values:
+        return "—"
+    geomean = math.exp(sum(math.log(v) for v in values) / len(values))
+    return f"{min(values):.2f}× {geomean:.2f}×"
+
+
+def _whole_process_seconds(profile, cluster: ClusterSpec) -> float:
+    """Wall time of a fresh `python -m partita.cli plan` process, start to exit, on files written here."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        cluster_file, profile_file = Path(folder) / "field.yaml", Path(folder) / "resnet50.json"
+        cluster.to_yaml(cluster_file)
+        profile_file.write_text(json.dumps(profile.to_dict()))
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "partita.cli", "plan", "--profile", str(profile_file), "--cluster",
+                        str(cluster_file), "--json"], check=True, capture_output=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer instances and requests (CI smoke run)")
+    parser.add_argument("--only", choices=["exactness", "scale", "baselines", "defer", "topology"],
+                        help="run one table (the JSON then holds only that one)")
     args = parser.parse_args()
     started = time.perf_counter()
-    results = {
-        "exactness": bench_exactness(6 if args.quick else 24),
-        "scale": bench_scale(args.quick),
-        "baselines": bench_baselines(),
-        "defer": bench_defer(),
+    tables = {
+        "exactness": lambda: bench_exactness(6 if args.quick else 24),
+        "scale": lambda: bench_scale(args.quick),
+        "baselines": bench_baselines,
+        "defer": bench_defer,
+        "topology": lambda: bench_topology(args.quick),
     }
+    results = {name: run() for name, run in tables.items() if args.only in (None, name)}
     results["total_s"] = time.perf_counter() - started
     out = ROOT / "benchmarks" / "results" / "planner.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from plan_instances import RESNET50_PROFILE, geometric_field, random_instance
-from test_plan_exact import exhaustive_single
+from test_plan_exact import exhaustive_replicated, exhaustive_single
 
 from partita.errors import PlanError
 from partita.plan import PLANNERS, load_profile, plan, predict
+from partita.plan.bound import grouped_bound
 from partita.plan.cost import CostTables
 from partita.plan.topology import build_network, chain_value, search_latency, search_period
 
@@ -157,3 +158,28 @@ def test_the_large_path_is_exact_on_small_topologies(seed, n, segments):
             assert _value(got, objective) == pytest.approx(optimum[objective], rel=1e-9), str(got)
             bound = got.lower_bound_period_s if objective == "throughput" else got.lower_bound_latency_s
             assert bound is None or bound <= optimum[objective]
+
+
+@SMALL
+@given(seed=st.integers(0, 10**6), n=st.integers(2, 6), segments=st.integers(2, 8), types=st.sampled_from([None, 2]))
+def test_the_grouped_bound_is_never_above_the_exhaustive_optimum(seed, n, segments, types):
+    profile, cluster, _ = random_instance(random.Random(seed), n, segments, types=types)
+    optimum = exhaustive_single(profile, cluster)
+    tables = CostTables(load_profile(profile))
+    for objective in OBJECTIVES:
+        if math.isinf(optimum[objective]):
+            continue
+        bound = grouped_bound(tables, cluster, objective=objective, replicate=False, max_stages=segments,
+                              segment_times_s=None)
+        assert 0 < bound <= optimum[objective] * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_grouped_bound_with_replicas_is_never_above_the_replicated_optimum(seed):
+    profile, cluster, kind_of = random_instance(random.Random(3100 + seed), 4, 6, types=2)
+    optimum = exhaustive_replicated(profile, cluster, kind_of)
+    if math.isinf(optimum):
+        return
+    bound = grouped_bound(CostTables(load_profile(profile)), cluster, objective="throughput", replicate=True,
+                          max_stages=6, segment_times_s=None)
+    assert 0 < bound <= optimum * (1 + 1e-9)
