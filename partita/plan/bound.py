@@ -10,8 +10,8 @@ is a plan on this optimistic one with the same number of devices per group and t
 the exact class DP's optimum there (`exact.solve`) is a lower bound on the real optimum, for the
 period and for the latency, with or without replication.
 
-Groups are formed by sorting the devices by their time for the whole model and cutting that order
-into equal runs; the DP's budget decides how many groups it can afford (down to one group of all
+Groups are formed by sorting the devices (with replication: the classes of interchangeable devices,
+kept whole) by their time for the whole model and cutting that order into equal runs; the DP's budget decides how many groups it can afford (down to one group of all
 devices, where the bound is "at most n distinct devices with the best of everything").
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from partita.cluster import ClusterSpec, DeviceSpec, LinkSpec
-from partita.plan.classes import DeviceClass
+from partita.plan.classes import DeviceClass, group_devices
 from partita.plan.cost import CostTables, link_matrices
 from partita.plan.exact import OverBudget, solve
 
@@ -39,10 +39,14 @@ def grouped_bound(tables: CostTables, cluster: ClusterSpec, *, objective: str, r
     times = segment_times_s or {}
     names = list(cluster.names)
     per_segment = {name: tables.segment_times(cluster.device(name), times.get(name)) for name in names}
-    order = sorted(names, key=lambda name: float(per_segment[name].sum()))
-    groups = min(len(names), 8)
+    # With replication a stage's replicas are interchangeable devices, one class: a group must hold
+    # whole classes, so that every replicated stage stays inside one group.
+    units = ([list(c.members) for c in group_devices(cluster, segment_times_s)] if replicate
+             else [[name] for name in names])
+    units.sort(key=lambda unit: min(float(per_segment[name].sum()) for name in unit))
+    groups = min(len(units), 8)
     while groups >= 1:
-        members = [list(part) for part in np.array_split(np.array(order, dtype=object), groups) if len(part)]
+        members = [[name for unit in part for name in unit] for part in _split(units, groups)]
         classes, spec = _optimistic_cluster(tables, cluster, members, per_segment)
         try:
             found = solve(tables, spec, classes, [c.size for c in classes], objective=objective,
@@ -56,6 +60,17 @@ def grouped_bound(tables: CostTables, cluster: ClusterSpec, *, objective: str, r
         chain = next(iter(found.values()))
         return _chain_value(tables, spec, classes, chain, objective)
     return 0.0
+
+
+def _split(units: list[list[str]], parts: int) -> list[list[list[str]]]:
+    """`units` in order, cut into `parts` runs of nearly equal length (none empty)."""
+    size, extra = divmod(len(units), parts)
+    runs, start = [], 0
+    for k in range(parts):
+        end = start + size + (1 if k < extra else 0)
+        runs.append(units[start:end])
+        start = end
+    return [run for run in runs if run]
 
 
 def _optimistic_cluster(tables: CostTables, cluster: ClusterSpec, groups: list[list[str]],
