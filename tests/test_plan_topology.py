@@ -19,7 +19,14 @@ from partita.errors import PlanError
 from partita.plan import PLANNERS, load_profile, plan, predict
 from partita.plan.bound import grouped_bound
 from partita.plan.cost import CostTables
-from partita.plan.topology import build_network, chain_value, search_latency, search_period
+from partita.plan.topology import (
+    DeviceStage,
+    build_network,
+    chain_value,
+    improve_period,
+    search_latency,
+    search_period,
+)
 
 OBJECTIVES = ("throughput", "latency")
 SMALL = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -183,3 +190,22 @@ def test_the_grouped_bound_with_replicas_is_never_above_the_replicated_optimum(s
     bound = grouped_bound(CostTables(load_profile(profile)), cluster, objective="throughput", replicate=True,
                           max_stages=6, segment_times_s=None)
     assert 0 < bound <= optimum * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_local_search_never_worsens_a_chain_and_its_cuts_are_optimal_for_its_order(seed):
+    profile, cluster, _ = random_instance(random.Random(5100 + seed), 5, 7)
+    optimum = exhaustive_single(profile, cluster)["throughput"]
+    if math.isinf(optimum):
+        return
+    _, net = _network(profile, cluster)
+    start = _search(net, "throughput").chain
+    improved, value = improve_period(net, start, max_stages=net.L)
+    assert value == pytest.approx(chain_value(net, improved, "throughput"), rel=1e-12)
+    assert value == pytest.approx(optimum, rel=1e-9)  # it starts at the optimum: cannot move off it
+    # From a poor chain (every device in file order, best cuts) it only ever improves.
+    poor = tuple(DeviceStage(d, d * net.L // net.n, (d + 1) * net.L // net.n) for d in range(min(net.n, net.L)))
+    if any(stage.start == stage.end for stage in poor):
+        return
+    better, value = improve_period(net, poor, max_stages=net.L)
+    assert optimum * (1 - 1e-9) <= value <= chain_value(net, poor, "throughput")

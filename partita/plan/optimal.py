@@ -24,7 +24,15 @@ from partita.plan.cost import CostTables, predict
 from partita.plan.exact import ClassStage, OverBudget, solve
 from partita.plan.large import EXACT_BUDGET_S, add_replicas, capped_problem, lower_bound_period_s
 from partita.plan.profile import Profile
-from partita.plan.topology import ROUNDING_MARGIN, SearchResult, build_network, search_latency, search_period
+from partita.plan.topology import (
+    ROUNDING_MARGIN,
+    DeviceStage,
+    SearchResult,
+    build_network,
+    improve_period,
+    search_latency,
+    search_period,
+)
 from partita.plan.types import Plan
 
 __all__ = ["plan_optimal"]
@@ -170,10 +178,20 @@ def _topology_plan(profile, tables, cluster, classes, candidates, *, objective, 
         result = search_period(net, max_stages=stages_limit, incumbent=incumbent)
     else:
         result = search_latency(net, max_stages=stages_limit, incumbent=incumbent)
-    if result.chain is None:
+    chain = result.chain
+    if objective == "throughput" and not result.exact:
+        # The search stopped on its budget: improve the best chain known by local moves.
+        start = chain
+        if start is None and plain:
+            start = _device_chain(net, min(plain, key=lambda c: c.period_s))
+        if start:
+            improved, value = improve_period(net, start, max_stages=stages_limit)
+            if value < result.value:
+                chain = improved
+    if chain is None:
         return result, None
     class_of = {name: k for k, c in enumerate(classes) for name in c.members}
-    named = [(net.names[s.device], s.start, s.end) for s in result.chain]
+    named = [(net.names[s.device], s.start, s.end) for s in chain]
     if replicate:
         chain = [ClassStage(class_of[name], 1, start, end) for name, start, end in named]
         chain = add_replicas(chain, tables, cluster, classes, _used(chain, classes))
@@ -181,6 +199,11 @@ def _topology_plan(profile, tables, cluster, classes, candidates, *, objective, 
         named = _with_replicas(named, chain, classes)
     plan = predict(profile, cluster, named, objective=objective, planner="optimal", segment_times_s=segment_times_s)
     return result, plan
+
+
+def _device_chain(net, plan: Plan) -> list[DeviceStage]:
+    index = {name: k for k, name in enumerate(net.names)}
+    return [DeviceStage(index[stage.devices[0]], stage.start, stage.end) for stage in plan.stages]
 
 
 def _with_replicas(named: list[tuple[str, int, int]], chain: list[ClassStage], classes: list[DeviceClass]

@@ -50,7 +50,7 @@ import numpy as np
 from partita.cluster import ClusterSpec
 from partita.plan.cost import CostTables, link_matrices
 
-__all__ = ["DeviceStage", "Network", "SearchResult", "build_network", "chain_value", "relaxed_to_go",
+__all__ = ["DeviceStage", "Network", "SearchResult", "build_network", "chain_value", "improve_period", "relaxed_to_go",
            "search_latency", "search_period"]
 
 # Search budgets, counted in nodes (deterministic, unlike a wall-clock limit).
@@ -333,3 +333,79 @@ def _unwind(parents: list[tuple[int, int, int, int]], node: int) -> tuple[Device
         device, start, end, node = parents[node]
         stages.append(DeviceStage(device, start, end))
     return tuple(reversed(stages))
+
+
+# --- period: local search from the best chain, when the search stopped on its budget ----------------------
+
+LOCAL_ELEMENTS = 60_000_000  # array elements the local search may spend (a sequence costs stages x (L+1)^2)
+
+
+def improve_period(net: Network, chain: Sequence[DeviceStage], *, max_stages: int,
+                   elements: int = LOCAL_ELEMENTS) -> tuple[tuple[DeviceStage, ...], float]:
+    """Local search over device sequences, each with its best cuts: replace, swap, insert or drop a device.
+
+    Takes the first move that lowers the period, until none does or the budget of `elements` is
+    spent. Returns the best chain and its period (at worst the chain it was given).
+    """
+    order = [stage.device for stage in chain]
+    best_value, best_cuts = _best_cuts(net, order)
+    per_stage = (net.L + 1) ** 2
+    spent = len(order) * per_stage
+    improved = True
+    while improved and spent < elements:
+        improved = False
+        for candidate in _moves(order, net.n, max_stages):
+            if spent >= elements:
+                break
+            spent += len(candidate) * per_stage
+            value, cuts = _best_cuts(net, candidate)
+            if value < best_value * (1 - 1e-12):
+                order, best_value, best_cuts, improved = candidate, value, cuts, True
+                break
+    if not best_cuts:
+        return tuple(chain), math.inf  # no sequence tried fits at all
+    stages = tuple(DeviceStage(d, best_cuts[k], best_cuts[k + 1]) for k, d in enumerate(order))
+    return stages, best_value
+
+
+def _moves(order: list[int], n: int, max_stages: int):
+    """Neighbouring device sequences: replace one device by an unused one, swap two, drop one, insert one."""
+    unused = [d for d in range(n) if d not in order]
+    for k in range(len(order)):
+        for d in unused:
+            yield order[:k] + [d] + order[k + 1:]
+    for a in range(len(order)):
+        for b in range(a + 1, len(order)):
+            swapped = list(order)
+            swapped[a], swapped[b] = swapped[b], swapped[a]
+            yield swapped
+    if len(order) > 1:
+        for k in range(len(order)):
+            yield order[:k] + order[k + 1:]
+    if len(order) < max_stages:
+        for k in range(len(order) + 1):
+            for d in unused:
+                yield order[:k] + [d] + order[k:]
+
+
+def _best_cuts(net: Network, order: Sequence[int]) -> tuple[float, list[int]]:
+    """The smallest period of the device sequence `order` over every choice of cuts, and those cuts."""
+    L, n = net.L, net.n
+    value = np.full(L + 1, np.inf)
+    value[0] = 0.0
+    prev = n
+    picks = []
+    for device in order:
+        into = np.maximum(value, net.occ[prev, device, :])  # (L+1,) over the start cut
+        total = np.maximum(into[:, None], net.comp[device])  # (start, end)
+        pick = total.argmin(axis=0)
+        value = total[pick, np.arange(L + 1)]
+        picks.append(pick)
+        prev = device
+    final = max(float(value[L]), float(net.occ[prev, n, L]))
+    if not math.isfinite(final):
+        return math.inf, []
+    cuts = [L]
+    for pick in reversed(picks):
+        cuts.append(int(pick[cuts[-1]]))
+    return final, list(reversed(cuts))
