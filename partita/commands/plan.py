@@ -141,6 +141,9 @@ def summary_line(plan_value) -> str:
     if plan_value.lower_bound_period_s is not None:
         line += (f" · lower bound on the period {plan_value.lower_bound_period_s * 1e3:.3f} ms "
                  f"(gap {plan_value.gap:.1%})")
+    elif plan_value.lower_bound_latency_s is not None:
+        line += (f" · lower bound on the latency {plan_value.lower_bound_latency_s * 1e3:.2f} ms "
+                 f"(gap {plan_value.gap:.1%})")
     else:
         line += " · exact optimum" if plan_value.planner == "optimal" else ""
     return line
