@@ -6,6 +6,7 @@ alone: every ordered choice of distinct devices and every way to cut the chain.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -209,3 +210,41 @@ def test_local_search_never_worsens_a_chain_and_its_cuts_are_optimal_for_its_ord
         return
     better, value = improve_period(net, poor, max_stages=net.L)
     assert optimum * (1 - 1e-9) <= value <= chain_value(net, poor, "throughput")
+
+
+def test_link_matrices_agree_with_cluster_links_when_the_source_is_a_device():
+    from partita.cluster import ClusterSpec
+    from partita.plan.cost import link_matrices
+
+    cluster = ClusterSpec.from_dict({
+        "source": "a",
+        "devices": [{"name": name, "flops_per_s": 1e10, "memory_bytes": 1e9} for name in ("a", "b", "c")],
+        "links": {"default": {"bandwidth_bytes_per_s": 1e7, "latency_s": 0.002},
+                  "pairs": [{"a": "a", "b": "c", "bandwidth_bytes_per_s": 5e6, "latency_s": 0.01}]},
+    })
+    nodes = [*cluster.names, cluster.source]
+    bandwidth, latency = link_matrices(cluster, nodes)
+    for i, u in enumerate(nodes):
+        for j, v in enumerate(nodes):
+            link = cluster.link(u, v)
+            assert (bandwidth[i, j], latency[i, j]) == (link.bandwidth_bytes_per_s, link.latency_s)
+
+
+def test_a_field_whose_source_is_a_device_plans_and_reports_a_true_bound():
+    profile = load_profile(RESNET50_PROFILE)
+    field = geometric_field(random.Random(5), 20, flops_per_s=1e11)
+    pairs = {pair: link for pair, link in field.pair_links.items() if "src" not in pair}
+    cluster = dataclasses.replace(field, source="d0", pair_links=pairs)
+    for objective in OBJECTIVES:
+        got = plan(profile, cluster, objective=objective, max_stages=5)
+        assert len(got.stages) <= 5
+        again = predict(profile, cluster, got.stages)
+        assert (again.period_s, again.latency_s) == (got.period_s, got.latency_s)
+        bound = got.lower_bound_period_s if objective == "throughput" else got.lower_bound_latency_s
+        assert bound is None or 0 < bound <= _value(got, objective)
+        for name in PLANNERS[1:]:
+            try:
+                other = plan(profile, cluster, objective=objective, planner=name, max_stages=5)
+            except PlanError:
+                continue
+            assert _value(got, objective) <= _value(other, objective) * (1 + 1e-9), name
