@@ -1,13 +1,14 @@
-"""The optimal planner: exact where it can be, classes + replication + a lower bound where it cannot.
+"""The optimal planner: exact where it can be; the best of several candidates and a certified bound where not.
 
 It minimises the cost model's period (objective "throughput") or latency ("latency") under every
 device's memory limit, choosing which devices take part, their order, the cuts and (with
-`replicate`) how many interchangeable devices share a stage. See `exact.py` for what exact covers
-and `large.py` for the large-cluster path and its lower bound.
+`replicate`) how many interchangeable devices share a stage. See `exact.py` for what exact covers.
 
 The exact DP runs first under a time budget (`large.EXACT_BUDGET_S`, estimated, so the choice is
-deterministic). If it would overrun, the large-cluster path solves a capped problem for every
-number of stages, gives the spare devices to the stages as replicas, and keeps the best result.
+deterministic). If it would overrun, `_plan_large` keeps the best of: the class path (`large.py`: a
+capped problem for every number of stages, spare devices as replicas), every baseline, and, when
+devices have their own links, the per-device topology search (`topology.py`) seeded with the best
+of those. It reports the largest lower bound that holds (`_certified_bound`).
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def _plan_large(profile: Profile, tables: CostTables, cluster: ClusterSpec, clas
 
     The class path (a capped class DP plus replicas) suits many devices of few kinds; the topology
     search (`topology.py`) suits devices that each have their own links. The baselines seed the search
-    with an incumbent, so the result is never worse than any of them. The bound reported is the best
-    certified one: the class bound (`large.lower_bound_period_s`) or the topology search's, where that
-    covers every plan considered (see `_topology_bound_holds`).
+    with an incumbent, so the result is never worse than any of them. The bound reported (period for
+    throughput, latency for latency) is the largest certified one (`_certified_bound`); None when
+    nothing above zero is known.
     """
     candidates = [_class_path_plan(profile, tables, cluster, classes, objective, stages_limit, replicate,
                                    segment_times_s)]
