@@ -17,7 +17,7 @@ from plan_instances import RESNET50_PROFILE, geometric_field, random_instance
 from test_plan_exact import exhaustive_replicated, exhaustive_single
 
 from partita.errors import PlanError
-from partita.plan import PLANNERS, load_profile, plan, predict
+from partita.plan import PLANNERS, Plan, load_profile, plan, predict
 from partita.plan.bound import grouped_bound
 from partita.plan.cost import CostTables
 from partita.plan.topology import (
@@ -147,6 +147,7 @@ def test_large_fields_report_a_bound_below_the_plan(n):
         assert (again.period_s, again.latency_s) == (got.period_s, got.latency_s)
         bound = got.lower_bound_period_s if objective == "throughput" else got.lower_bound_latency_s
         assert bound is None or 0 < bound <= _value(got, objective)
+        assert Plan.from_json(got.to_json()) == got  # the latency bound round-trips too
 
 
 @SMALL
