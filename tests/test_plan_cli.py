@@ -71,6 +71,14 @@ def test_planner_all_exits_2_with_the_reason_when_nothing_fits(capsys, profile_f
         assert "MiB" in err and "Add a device" in err
 
 
+def test_simulate_planner_all_exits_2_with_the_reason_when_nothing_fits(capsys, profile_file, tmp_path):
+    small = tmp_path / "small.yaml"
+    small.write_text("source: c\ndevices: [{name: a, memory: 8MiB, compute: 1GFLOPS}]\nlinks: {default: wifi5}\n")
+    code, out, err = run(capsys, "simulate", "--profile", profile_file, "--cluster", str(small), "--planner", "all")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Add a device" in err
+
+
 def test_planner_seifer_plans_on_its_own(capsys, profile_file):
     code, out, _ = run(capsys, "plan", "--profile", profile_file, "--cluster", TINY, "--planner", "seifer", "--json")
     assert code == 0

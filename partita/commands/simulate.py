@@ -48,16 +48,20 @@ def simulate(
     prof = load_model_profile(model, input_shape, profile)
     names = list(PLANNERS) if planner == "all" else [planner]
     reports = []
+    refusals: list[PartitaError] = []
     for name in names:
         try:
             chosen = make_plan(prof, spec, objective=objective, planner=name)
-        except PartitaError:
+        except PartitaError as exc:
             if planner != "all":
                 raise
+            refusals.append(exc)
             continue  # a baseline that does not fit has nothing to simulate; `partita plan` shows why
         report = run_simulation(chosen, spec, prof, requests=requests, arrival="closed" if rate is None else rate,
                                 in_flight=in_flight, jitter=jitter, seed=seed)
         reports.append((name, chosen, report))
+    if not reports:
+        raise refusals[0]  # nothing fits: optimal's reason (it knows every device), exit code 2
     if as_json:
         payload = [{"planner": n, "plan": p.to_dict(), "report": r.to_dict()} for n, p, r in reports]
         typer.echo(json.dumps(payload if planner == "all" else payload[0], indent=2))
