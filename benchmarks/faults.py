@@ -1,4 +1,4 @@
-"""Faults benchmark (issue 5): does a running pipeline lose, duplicate or corrupt requests when things go wrong?
+"""Faults benchmark: does a running pipeline lose, duplicate or corrupt requests when things go wrong?
 
 One LocalCluster of four emulated devices serves a small MLP (batch 32, codec none); every scenario
 deploys it afresh (supervised: detection `--detection-s`, cool-down 3 s), streams requests, and

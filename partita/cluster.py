@@ -2,7 +2,7 @@
 
 This is the ground layer: plain frozen values that every other layer reads. A cluster comes from a
 YAML file (validated with pydantic, so a bad file gets one message naming the file and the field),
-from a dict, from the device catalog, or from measurements (`partita profile`).
+from a dict, from the device catalog, or from measurements (`partita.runtime.measure`, which `deploy` and `partita run` use).
 
 The file format, in base SI units or friendly spellings (see `partita.units`)::
 

@@ -57,7 +57,7 @@ class Failed:
 
 @dataclass(frozen=True)
 class Replayed:
-    """Every request in flight is to be sent again in `epoch` (issue 5: after a re-plan)."""
+    """Every request in flight is to be sent again in `epoch` (after a re-plan: the new deployment resends them)."""
 
     epoch: int
     at: float

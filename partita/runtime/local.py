@@ -248,7 +248,7 @@ class LocalCluster:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    # -- changing the emulation while it runs (issue 5's drift scenarios) -------------------
+    # -- changing the emulation while it runs (a slower device or link, as drift tests need) --
     def set_device(self, name: str, *, speed: float) -> None:
         """Make device `name` emulate `speed` times this host from now on (the spec is unchanged)."""
         if not (isinstance(speed, int | float) and math.isfinite(speed) and speed > 0):
@@ -324,7 +324,7 @@ class LocalCluster:
         return {name: proc.pid for name, proc in self.processes.items()}
 
     def add_worker(self, device: DeviceSpec) -> WorkerEndpoint:
-        """Start a worker for `device` while the cluster runs (issue 5: a device joins, or one comes back).
+        """Start a worker for `device` while the cluster runs (a device joins, or one comes back).
 
         A new name is added to `spec`; a known name (e.g. a worker that was killed) is restarted
         with fresh keys at a new port, its spec entry replaced by `device`. Then hand it to a
