@@ -27,9 +27,11 @@ from partita.errors import FLError
 from partita.fl.local import serve_train_request
 from partita.fl.tasks import Task, get_task
 from partita.fl.update import CONFIG, record_from_wire, record_to_wire
+from partita.runtime.protocol import FL_TRAIN, FL_UPDATE
 
-TRAIN_KIND = "fl-train"
-UPDATE_KIND = "fl-update"
+# The message kinds are the control protocol's (`partita.runtime.protocol.FlTrain` / `FlUpdate`).
+TRAIN_KIND = FL_TRAIN
+UPDATE_KIND = FL_UPDATE
 
 # Tasks load or generate data when built: build each (name, options) once per worker process.
 _tasks: dict[str, Task] = {}
