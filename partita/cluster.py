@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,7 +244,7 @@ class ClusterSpec:
     # --- files ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> ClusterSpec:
+    def from_yaml(cls, path: str | os.PathLike) -> ClusterSpec:
         """Load and validate a cluster file; ClusterSpecError names the file, the field and what was expected."""
         import yaml  # only the file helpers need it
 

@@ -23,7 +23,7 @@ import torch
 import zmq
 
 from partita.errors import WireError
-from partita.runtime.emulation import shaper_for
+from partita.runtime.emulation import LinkShaper, shaper_for
 from partita.runtime.executor import Done, Job, StageExecutor
 from partita.runtime.flow import Outlink, socket_sender
 from partita.runtime.keys import apply_client, set_authorized
@@ -100,7 +100,7 @@ class DataPlane:
 
     def set_dilation(self, dilation: float) -> None:
         for _, outlink in self._outlinks.values():
-            if outlink.shaper is not None:
+            if isinstance(outlink.shaper, LinkShaper):
                 outlink.shaper.dilation = dilation
 
     def _outlink_for(self, dest: Destination) -> str:
@@ -172,7 +172,7 @@ class DataPlane:
             return
         key = destinations[job.request % len(destinations)]
         header = {"r": job.request, "e": job.epoch, "s": job.stage + 1}
-        outputs, codec = done.outputs, self.codec
+        outputs, codec = done.outputs if done.outputs is not None else (), self.codec
 
         def build() -> list:
             return encode("act", {**header, "ts": time.time()}, outputs, codec=codec)

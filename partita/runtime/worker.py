@@ -22,6 +22,7 @@ counter, never a crash.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import signal
@@ -201,7 +202,7 @@ class Worker:
             if data_plane.dirty:
                 poller = self._make_poller()
             timeout_s = next_wakeup(data_plane.pump(), 0.1)
-            ready = dict(poller.poll(max(timeout_s, 0.0) * 1000))
+            ready = dict(poller.poll(math.ceil(max(timeout_s, 0.0) * 1000)))
             if self._control in ready:
                 self._on_control()
             if self._data in ready:
