@@ -22,6 +22,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from partita.errors import FLError
 from partita.fl.local import serve_train_request
@@ -50,7 +51,7 @@ def cached_task(name: str, **options) -> Task:
 
 def worker_pace(
     speed: float | None, dilation: float, step_time_s: float | None
-) -> Callable[[float], object] | None:
+) -> Callable[[float], Any] | None:
     """How a worker makes each local step take its emulated time in wall-clock terms (None: no waiting).
 
     speed:       the worker's emulated speed relative to its host (None: native speed).

@@ -174,7 +174,7 @@ class StageProgram:
                 f"stage {self.index} takes {len(self.inputs)} tensors "
                 f"({', '.join(s.name for s in self.inputs)}), got {len(tensors)}"
             )
-        batch_sizes = set()
+        batch_sizes: set[int] = set()
         for spec, t in zip(self.inputs, tensors, strict=True):
             if not isinstance(t, torch.Tensor) or not spec.matches(t):
                 got = (
