@@ -18,14 +18,16 @@ with partita.LocalCluster.from_yaml("examples/clusters/home-edge.yaml") as clust
 deployment to the prepared one (`partita.runtime.transition`: ship, allow, route), opens the
 links to the first stage, starts the `Pipeline`, and attaches the supervisor.
 
-A worker serves one deployment epoch at a time, so launching on a cluster closes the pipelines
-already deployed there (`ClusterHandle.pipelines`).
+By default launching on a cluster replaces the pipelines already deployed there
+(`ClusterHandle.pipelines`); `replace=False` deploys alongside them, so that one cluster serves
+several models at once (each deployment gets its own slot: its own stage ids, epoch and routes on
+the workers it shares).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,11 +116,12 @@ def launch(
     window: int = 4,
     supervise: Any = True,
     session: Session | None = None,
+    replace: bool = True,
 ) -> Pipeline:
     """Deploy `prepared` onto `cluster` (the transition from nothing) and return the running `Pipeline`.
 
     `session` reuses the connections `prepare` measured through (it then belongs to the pipeline);
-    `codec`, `window` and `supervise` are as `deploy` describes them.
+    `codec`, `window`, `supervise` and `replace` are as `deploy` describes them.
     """
     from partita.model import flatten_inputs, unflatten_outputs
     from partita.runtime.codec import check_codec
@@ -126,7 +129,9 @@ def launch(
     check_codec(codec)
     if window < 1:
         raise DeployError(f"window must be at least 1 credit, got {window}")
-    cluster.pipelines.close_all()
+    if replace:
+        cluster.pipelines.close_all()
+    slot = cluster.pipelines.free_slot()
     session = session or Session(cluster)
     timings = dict(prepared.timings)
     clock = _Stopwatch(timings)
@@ -140,13 +145,15 @@ def launch(
             placement=tuple(tuple(stage.devices) for stage in plan.stages),
             codec=codec,
             window=window,
+            slot=slot,
         )
-        # An emulated cluster slows its world enough for this plan to run faithfully.
-        cluster.fit_dilation(plan, prepared.measurements.host_segment_s)
+        if slot == 0:  # an emulated cluster slows its world enough for this plan to run faithfully
+            cluster.fit_dilation(plan, prepared.measurements.host_segment_s)
         session.hello()
         results, sink = _open_sink(session, deployment)
         engine = TransitionEngine(session, sink, planned=prepared.measurements.cluster_spec(cluster.spec),
-                                  host_segment_s=prepared.measurements.host_segment_s)
+                                  host_segment_s=prepared.measurements.host_segment_s, slot=slot,
+                                  exclusive=slot == 0 and len(cluster.pipelines) == 0)
         engine.attach_sink(results)
         with clock("ship_s"):
             transition = engine.plan(deployment)
@@ -164,7 +171,7 @@ def launch(
             flatten=flatten_inputs,
             dilation=cluster.dilation,
             predicted_links=list(transition.predicted_links),
-            on_close=session.close,
+            on_close=_closer(engine, session),
             graph=prepared.graph,
             measurements=prepared.measurements,
             deploy_timings=timings,
@@ -200,6 +207,7 @@ def deploy(
     stages: Sequence[Any] | None = None,
     supervise: Any = True,
     probe_links: bool | None = None,
+    replace: bool = True,
 ) -> Pipeline:
     """Deploy `model` onto `cluster` and return a running `Pipeline`: `prepare`, then `launch`.
 
@@ -217,13 +225,17 @@ def deploy(
     end) that the cluster file does not declare in `pairs` — and plans with what it measured;
     True probes every link, emulated ones included (a LocalCluster: the emulation itself);
     False probes none. Given `measurements`, nothing is probed again.
+    `replace`: True (the default) closes the pipelines already on `cluster` first; False deploys
+    alongside them (one cluster serving several models; each keeps its own stages on the workers,
+    so they must fit in memory together).
     """
     from partita.runtime.codec import check_codec
 
     check_codec(codec)
     if window < 1:
         raise DeployError(f"window must be at least 1 credit, got {window}")
-    cluster.pipelines.close_all()
+    if replace:
+        cluster.pipelines.close_all()
     session = Session(cluster)
     try:
         prepared = prepare(model, example_inputs, cluster, objective=objective, planner=planner,
@@ -232,7 +244,17 @@ def deploy(
     except BaseException:
         session.close()
         raise
-    return launch(prepared, cluster, codec=codec, window=window, supervise=supervise, session=session)
+    return launch(prepared, cluster, codec=codec, window=window, supervise=supervise, session=session,
+                  replace=replace)
+
+
+def _closer(engine: TransitionEngine, session: Session) -> Callable[[], None]:
+    """What a pipeline does last when it closes: release its stages on shared workers, close its connections."""
+    def close() -> None:
+        engine.release()
+        session.close()
+
+    return close
 
 
 def _open_sink(session: Session, deployment: Deployment) -> tuple[zmq.Socket, Sink]:

@@ -7,9 +7,15 @@ executor, returns a `credit` when the executor takes it, and answers `echo` prob
 leaves through an `Outlink` per destination (credits, then the emulated link), round-robin over the
 next stage's replicas by request number.
 
-The wiring comes from the control plane: `install(route)` replaces one epoch's destinations,
-`allow(peers)` the keys that may send, `emulate_links` / `set_dilation` the emulated links. All of
-it runs in the worker's I/O thread, which owns every socket here.
+The wiring comes from the control plane: `install(route)` replaces one deployment's epoch and
+destinations, `allow(pipeline, peers)` the keys that may send to it, `emulate_links` /
+`set_dilation` the emulated links. All of it runs in the worker's I/O thread, which owns every
+socket here.
+
+A worker can serve several deployments at once (one cluster serving several models): each has
+its own `pipeline` slot, epoch, codec, window and outlinks, and its stage ids are its own (the
+coordinator offsets them by slot). An activation is checked against the epoch of the deployment
+that routed its stage.
 """
 
 from __future__ import annotations
@@ -57,9 +63,7 @@ class DataPlane:
     def __init__(self, settings: DataSettings, context: zmq.Context, data: zmq.Socket, executor: StageExecutor,
                  reply: Reply, counters: dict[str, int]) -> None:
         self.settings = settings
-        self.epoch = -1
-        self.window = 4
-        self.codec = "none"
+        self.epoch = -1  # the epoch of the last route installed (what `ping` and `stats` report)
         self.dirty = True  # the set of outlink sockets changed: the I/O loop rebuilds its poller
         self._ctx = context
         self._data = data
@@ -67,26 +71,39 @@ class DataPlane:
         self._reply = reply
         self._counters = counters
         self._routes: dict[int, list[str]] = {}  # stage -> outlink keys of the destination replicas
+        self._owner: dict[int, int] = {}  # stage -> the pipeline slot that routed it
+        self._epochs: dict[int, int] = {}  # pipeline slot -> its epoch
+        self._codecs: dict[int, str] = {}  # pipeline slot -> its codec
+        self._peers: dict[int, tuple[str, ...]] = {}  # pipeline slot -> peers allowed to send to it
         self._outlinks: dict[str, tuple[zmq.Socket, Outlink]] = {}
         self._link_overrides: dict[str, dict[str, float]] = {}
         self._link_in: dict[str, list[float]] = {}  # sender -> [messages, sum of transfer seconds]
 
     # -- wiring (from control commands) -----------------------------------------------------------
-    def allow(self, peers: Sequence[str]) -> None:
-        """Authorize the peers (z85 public keys) that may send activations, besides the coordinator."""
+    def allow(self, pipeline: int, peers: Sequence[str]) -> None:
+        """Authorize the peers (z85 public keys) that may send activations of `pipeline`, besides the coordinator."""
+        self._peers[pipeline] = tuple(peers)
         if self.settings.secret is not None:
-            set_authorized(self._data, [p.encode() for p in peers] + list(self.settings.authorized))
+            every = sorted({p for keys in self._peers.values() for p in keys})
+            set_authorized(self._data, [p.encode() for p in every] + list(self.settings.authorized))
 
     def install(self, route: Route) -> None:
-        """Install the data-plane wiring of one deployment epoch (replaces the previous one)."""
-        self.allow(route.peers)
-        for sock, _ in self._outlinks.values():
+        """Install the wiring of one deployment's epoch (replaces that deployment's previous epoch)."""
+        pipeline = route.pipeline
+        self.allow(pipeline, route.peers)
+        prefix = f"{pipeline}:"
+        for key in [k for k in self._outlinks if k.startswith(prefix)]:
+            sock, _ = self._outlinks.pop(key)
             sock.close(linger=0)
-        self._outlinks, self._routes = {}, {}
-        self.epoch, self.window, self.codec = route.epoch, route.window, route.codec
+        for stage_id in [s for s, owner in self._owner.items() if owner == pipeline]:
+            del self._owner[stage_id]
+            self._routes.pop(stage_id, None)
+        self.epoch = self._epochs[pipeline] = route.epoch
+        self._codecs[pipeline] = route.codec
         self._link_in = {}  # figures are per deployment
         for stage in route.stages:
-            self._routes[stage.stage] = [self._outlink_for(dest) for dest in stage.next]
+            self._owner[stage.stage] = pipeline
+            self._routes[stage.stage] = [self._outlink_for(pipeline, route, dest) for dest in stage.next]
         self.dirty = True
 
     def emulate_links(self, changes: Mapping[str, LinkChange]) -> None:
@@ -103,12 +120,12 @@ class DataPlane:
             if isinstance(outlink.shaper, LinkShaper):
                 outlink.shaper.dilation = dilation
 
-    def _outlink_for(self, dest: Destination) -> str:
-        key = f"{dest.name}@{dest.address}"
+    def _outlink_for(self, pipeline: int, route: Route, dest: Destination) -> str:
+        key = f"{pipeline}:{dest.name}@{dest.address}"
         if key in self._outlinks:
             return key
         sock = self._ctx.socket(zmq.DEALER)
-        sock.identity = f"{self.settings.name}/{self.epoch}".encode()
+        sock.identity = f"{self.settings.name}/{route.epoch}".encode()
         sock.sndhwm = 0
         sock.rcvhwm = 0
         plain = self.settings.secret is None or not dest.public_key
@@ -118,7 +135,7 @@ class DataPlane:
         override = self._link_overrides.get(dest.name, {})
         shaper = shaper_for(override.get("bandwidth", dest.bandwidth_bytes_per_s),
                             override.get("latency", dest.latency_s), self._executor.dilation)
-        self._outlinks[key] = (sock, Outlink(dest.name, socket_sender(sock), self.window, shaper))
+        self._outlinks[key] = (sock, Outlink(dest.name, socket_sender(sock), route.window, shaper))
         return key
 
     # -- the I/O loop's calls ---------------------------------------------------------------------
@@ -172,7 +189,8 @@ class DataPlane:
             return
         key = destinations[job.request % len(destinations)]
         header = {"r": job.request, "e": job.epoch, "s": job.stage + 1}
-        outputs, codec = done.outputs if done.outputs is not None else (), self.codec
+        outputs = done.outputs if done.outputs is not None else ()
+        codec = self._codecs.get(self._owner.get(job.stage, -1), "none")
 
         def build() -> list:
             return encode("act", {**header, "ts": time.time()}, outputs, codec=codec)
@@ -212,8 +230,9 @@ class DataPlane:
         loaded = self._executor.stage(header["s"])
         if loaded is None:
             return f"stage {header['s']} is not loaded on worker {name}"
-        if header["e"] != self.epoch:
-            return f"epoch {header['e']} is not the deployed epoch {self.epoch}"
+        epoch = self._epochs.get(self._owner.get(header["s"], -1), -1)
+        if header["e"] != epoch:
+            return f"epoch {header['e']} is not the deployed epoch {epoch}"
         if self._executor.pending >= self.settings.max_in_flight:
             return (f"worker {name} already has {self.settings.max_in_flight} requests in flight "
                     "(--max-in-flight); a sender must wait for its credits")

@@ -16,11 +16,16 @@ replica that runs several requests at once); they are not built yet.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from partita.model import StageProgram
     from partita.plan import Plan, StagePlan
+
+# Stage ids on the wire: deployment slot s numbers its stages s * STAGE_SPAN + index, so the
+# deployments sharing a worker never share a stage id (slot 0, the first, keeps plain indices).
+STAGE_SPAN = 1000
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,8 @@ class Deployment:
     `placement[k]` names the devices (replicas) holding stage k; `programs[k]` is stage k's
     program. `codec` encodes activations between devices; `window` is the credits each sender
     holds per receiver. `epoch` numbers deployments on a cluster: a worker refuses activations of
-    any other epoch than the one it was last routed for.
+    any other epoch than the one it was last routed for. `slot` tells this deployment apart from
+    the others on the same cluster (0: the first); its stages travel as `stage_id(index)`.
     """
 
     epoch: int
@@ -60,8 +66,13 @@ class Deployment:
     placement: tuple[tuple[str, ...], ...]
     codec: str
     window: int
+    slot: int = 0
 
-    @property
+    def stage_id(self, index: int) -> int:
+        """Stage `index` as workers know it (its index offset by this deployment's slot)."""
+        return self.slot * STAGE_SPAN + index
+
+    @cached_property
     def stages(self) -> tuple[Stage, ...]:
         return tuple(
             ChainStage(index, devices, program, stage_plan)

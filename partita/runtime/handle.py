@@ -106,6 +106,11 @@ class Deployments:
         with self._lock:
             return len(self._pipelines)
 
+    def free_slot(self) -> int:
+        """The lowest deployment slot no running pipeline uses (0 when there is none)."""
+        used = {pipeline.deployment.slot for pipeline in self}
+        return next(slot for slot in range(len(used) + 1) if slot not in used)
+
     def close_all(self) -> None:
         """Close every pipeline (newest first)."""
         for pipeline in reversed(list(self)):

@@ -150,7 +150,7 @@ class ControlHandlers:
         The coordinator allows on every worker first and routes second: a peer that connected
         before it was allowed would fail its handshake and lose what it had queued.
         """
-        self._data.allow(command.peers)
+        self._data.allow(command.pipeline, command.peers)
         return Ok()
 
     def route(self, command: Route) -> Ok:

@@ -31,7 +31,7 @@ import torch
 import zmq
 
 from partita.errors import PartitaError, RequestError, WireError
-from partita.runtime.deployment import Deployment
+from partita.runtime.deployment import ChainStage, Deployment
 from partita.runtime.flow import Outlink, next_wakeup
 from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Record, Replayed
 from partita.runtime.wire import Limits, decode, encode
@@ -282,7 +282,8 @@ class Pipeline:
         workers = self._collect_worker_stats()
         stages = []
         for index, (stage_plan, devices) in enumerate(zip(plan.stages, deployment.placement, strict=True)):
-            per_device = [workers.get(d, {}).get("stages", {}).get(str(index), {}) for d in devices]
+            stage_id = str(deployment.stage_id(index))
+            per_device = [workers.get(d, {}).get("stages", {}).get(stage_id, {}) for d in devices]
             measured = [s["mean_device_s"] for s in per_device if s.get("requests")]
             stages.append({
                 "index": index,
@@ -384,19 +385,25 @@ class Pipeline:
     def _dispatch(self, record: Record) -> None:
         if self._refused(record):
             return  # held for the next epoch (a switch is under way) or failed (no plan fits)
-        epoch = self.deployment.epoch
-        sock, outlink = self._first_links[record.request % len(self._first_links)]
+        deployment = self.deployment
+        epoch = deployment.epoch
+        first = deployment.stages[0]
+        match first:
+            case ChainStage():  # one replica serves the request, round-robin (the links are in replica order)
+                links = [self._first_links[first.devices.index(first.replica_for(record.request))]]
         request, tensors, ledger = record.request, record.inputs, self._ledger
 
         def build() -> list:
             now = time.monotonic()
             ledger.apply(Dispatched(request, epoch, now))
-            return encode("act", {"r": request, "e": epoch, "s": 0, "ts": time.time()}, tensors, codec=self.deployment.codec)
+            header = {"r": request, "e": epoch, "s": deployment.stage_id(0), "ts": time.time()}
+            return encode("act", header, tensors, codec=deployment.codec)
 
-        outlink.put(build)
+        for _, outlink in links:
+            outlink.put(build)
 
     def _on_results(self) -> None:
-        n_stages = len(self.deployment.placement)
+        done_id = self.deployment.stage_id(len(self.deployment.placement))  # where the last stage's results go
         while self._results.poll(0):
             frames = self._results.recv_multipart(copy=False)
             sender = frames[0].bytes
@@ -411,7 +418,7 @@ class Pipeline:
                 continue
             self._results.send_multipart([sender, *encode("credit", {"n": 1})])
             h = msg.header
-            if not all(type(h.get(key)) is int for key in ("r", "e", "s")) or h["s"] != n_stages:
+            if not all(type(h.get(key)) is int for key in ("r", "e", "s")) or h["s"] != done_id:
                 self._counters["malformed"] += 1
                 continue
             now = time.monotonic()

@@ -204,20 +204,24 @@ class Renumber(Command):
 
 @dataclass(frozen=True)
 class Allow(Command):
-    """The peers (z85 public keys) that may send activations to the data socket, besides the coordinator."""
+    """The peers (z85 public keys) that may send activations of deployment `pipeline`, besides the coordinator.
+
+    The data socket accepts the union of every deployment's peers.
+    """
 
     KIND: ClassVar[str] = "allow"
     peers: tuple[str, ...] = ()
+    pipeline: int = 0
 
     def header(self) -> dict[str, Any]:
-        return {"peers": list(self.peers)}
+        return {"peers": list(self.peers), "pipeline": self.pipeline}
 
     @classmethod
     def parse(cls, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...]) -> Allow:
         peers = header.get("peers", [])
         if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
             raise WorkerError("'peers' must be a list of z85 public keys")
-        return cls(tuple(peers))
+        return cls(tuple(peers), _int("allow", "pipeline", header.get("pipeline", 0), low=0))
 
 
 @dataclass(frozen=True)
@@ -263,7 +267,11 @@ class StageRoute:
 
 @dataclass(frozen=True)
 class Route(Command):
-    """The data-plane wiring of one deployment epoch on one worker (replaces the previous epoch's)."""
+    """The data-plane wiring of one deployment's epoch on one worker (replaces that deployment's previous one).
+
+    `pipeline` is the deployment's slot on the cluster (0 for the first): a worker serving several
+    deployments keeps each one's epoch, codec, window, outlinks and peers apart.
+    """
 
     KIND: ClassVar[str] = "route"
     epoch: int
@@ -271,10 +279,11 @@ class Route(Command):
     codec: str = "none"
     peers: tuple[str, ...] = ()
     stages: tuple[StageRoute, ...] = ()
+    pipeline: int = 0
 
     def header(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "window": self.window, "codec": self.codec, "peers": list(self.peers),
-                "stages": [s.to_dict() for s in self.stages]}
+                "stages": [s.to_dict() for s in self.stages], "pipeline": self.pipeline}
 
     @classmethod
     def parse(cls, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...]) -> Route:
@@ -295,7 +304,8 @@ class Route(Command):
                 raise WorkerError(f"route's 'next' must be a list of destinations, got {nexts!r}")
             stages.append(StageRoute(_int("route", "stage", entry.get("stage"), low=0),
                                      tuple(Destination.parse(d) for d in nexts)))
-        return cls(header["epoch"], header["window"], codec, peers, tuple(stages))
+        pipeline = _int("route", "pipeline", header.get("pipeline", 0), low=0)
+        return cls(header["epoch"], header["window"], codec, peers, tuple(stages), pipeline)
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,7 @@ class Supervisor:
                 figures = workers.get(device)
                 if figures is None or device in self._failed:
                     continue
-                stage = figures.get("stages", {}).get(str(index))
+                stage = figures.get("stages", {}).get(str(deployment.stage_id(index)))
                 if stage:
                     mean = self._interval_mean(("stage", device, deployment.epoch, index), stage)
                     if mean is not None and mean > 0:

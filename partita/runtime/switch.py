@@ -82,6 +82,7 @@ class Switcher:
             placement=tuple(tuple(stage.devices) for stage in plan.stages),
             codec=old.codec,
             window=old.window,
+            slot=old.slot,
         )
         pipe.hold(deployment.epoch, timeout_s=SWITCH_TIMEOUT_S)
         transition = self.engine.plan(deployment)

@@ -40,7 +40,7 @@ from partita.cluster import ClusterSpec, LinkSpec
 from partita.errors import DeployError, WorkerError
 from partita.plan.diff import PlanDiff, diff_holdings
 from partita.runtime import protocol
-from partita.runtime.deployment import ChainStage, Deployment
+from partita.runtime.deployment import STAGE_SPAN, ChainStage, Deployment
 from partita.runtime.emulation import LinkShaper, shaper_for
 from partita.runtime.flow import Outlink, socket_sender
 from partita.runtime.handle import ClusterHandle
@@ -173,10 +173,11 @@ class AuthorizeSink:
 
 @dataclass(frozen=True)
 class Allow:
-    """The peers (z85 keys) that may send activations to `device`."""
+    """The peers (z85 keys) that may send this deployment's activations to `device`."""
 
     device: str
     peers: tuple[str, ...]
+    pipeline: int = 0
 
 
 @dataclass(frozen=True)
@@ -268,11 +269,11 @@ def plan_transition(
     routes, predicted = _routes(target, network)
     last = target.stages[-1]
     actions.append(AuthorizeSink(tuple(k for d in last.devices if (k := network.public_keys.get(d)))))
+    idle = protocol.Route(target.epoch, target.window, target.codec, pipeline=target.slot)
     for device in sorted(live):
-        route = routes.get(device, protocol.Route(target.epoch, target.window, target.codec))
-        actions.append(Allow(device, route.peers))
+        actions.append(Allow(device, routes.get(device, idle).peers, target.slot))
     for device in sorted(live):
-        actions.append(Route(device, routes.get(device, protocol.Route(target.epoch, target.window, target.codec))))
+        actions.append(Route(device, routes.get(device, idle)))
     return Transition(target, diff, tuple(actions), tuple(predicted))
 
 
@@ -303,7 +304,7 @@ def _routes(target: Deployment, network: Network) -> tuple[dict[str, protocol.Ro
                                       for d in nexts)
                     else:
                         dests = (_destination(sink.name, sink.address, sink.public_key, network.links(device, source)),)
-                    entries.setdefault(device, []).append(protocol.StageRoute(stage.index, dests))
+                    entries.setdefault(device, []).append(protocol.StageRoute(target.stage_id(stage.index), dests))
                     for sender in senders:
                         link = network.planned.link(sender, device)
                         predicted.append(predicted_link(sender, device, stage.plan.in_bytes, link, to_source=False))
@@ -312,7 +313,8 @@ def _routes(target: Deployment, network: Network) -> tuple[dict[str, protocol.Ro
                         link = network.planned.link(device, source)
                         predicted.append(predicted_link(device, source, stage.plan.out_bytes, link, to_source=True))
     routes = {
-        device: protocol.Route(target.epoch, target.window, target.codec, tuple(peers[device]), tuple(entries[device]))
+        device: protocol.Route(target.epoch, target.window, target.codec, tuple(peers[device]), tuple(entries[device]),
+                               pipeline=target.slot)
         for device in entries
     }
     return routes, predicted
@@ -329,6 +331,11 @@ class TransitionEngine:
     `sink_socket` is the coordinator's result socket (its authorized keys follow the last stage).
     `busy(device)` marks a long control call to the heartbeat, so a device loading a big archive
     is not taken for dead. `host_segment_s` and `host_speeds` pace emulated devices.
+
+    `slot` is the deployment's slot on the cluster: stage ids on the wire are offset by it. An
+    `exclusive` engine (the only deployment on the cluster) unloads everything a device holds
+    before loading, as stages left by an earlier coordinator would only take memory; one that
+    shares the workers unloads only its own stages.
     """
 
     def __init__(
@@ -339,8 +346,12 @@ class TransitionEngine:
         planned: ClusterSpec,
         host_segment_s: Sequence[float] | None = None,
         busy: Callable[[str], AbstractContextManager[Any]] | None = None,
+        slot: int = 0,
+        exclusive: bool = True,
     ) -> None:
         self.session = session
+        self.slot = slot
+        self.exclusive = exclusive
         self.sink = sink
         self.planned = planned
         self.held: dict[str, Holding] = {}
@@ -400,21 +411,31 @@ class TransitionEngine:
         if ships:
             self._ship_all(ships)
 
+    def _stage_id(self, index: int) -> int:
+        return self.slot * STAGE_SPAN + index
+
+    def _unload(self, device: str) -> protocol.Unload:
+        """What to unload on `device` before it changes: everything when exclusive, else only our stage."""
+        holding = self.held.get(device)
+        if self.exclusive:
+            return protocol.Unload()
+        return protocol.Unload(() if holding is None else (self._stage_id(holding.stage),))
+
     def _run(self, action: Action) -> None:
         match action:
             case Drop():
-                self._call(action.device, protocol.Unload(), "unload its stages")
+                self._call(action.device, self._unload(action.device), "unload its stages")
                 self.held.pop(action.device, None)
             case Renumber():
-                self._call(action.device, protocol.Renumber(((action.old, action.new),)),
-                           f"renumber stage {action.old} to {action.new}")
+                moves = ((self._stage_id(action.old), self._stage_id(action.new)),)
+                self._call(action.device, protocol.Renumber(moves), f"renumber stage {action.old} to {action.new}")
                 holding = self.held[action.device]
                 self.held[action.device] = Holding(action.new, holding.segments, holding.sha256)
             case AuthorizeSink():
                 if self._sink_socket is not None and self.session.keys is not None:
                     set_authorized(self._sink_socket, [k.encode() for k in action.keys])
             case Allow():
-                self._call(action.device, protocol.Allow(action.peers), "allow its senders")
+                self._call(action.device, protocol.Allow(action.peers, action.pipeline), "allow its senders")
             case Route():
                 self._call(action.device, action.command, f"route the new epoch {action.command.epoch}")
             case Ship():
@@ -429,13 +450,15 @@ class TransitionEngine:
     def _ship_all(self, ships: Mapping[str, list[Ship]]) -> None:
         def ship(device: str) -> None:
             client = self.session.clients[device]
+            unload = self._unload(device)
             self.held.pop(device, None)
             with self._busy(device):
                 for action in ships[device]:
-                    load = protocol.Load(action.stage, action.program.sha256, blob_tensor(action.program.to_bytes()),
-                                         memory_bytes=action.memory_bytes, reference_host_s=action.reference_host_s)
+                    load = protocol.Load(self._stage_id(action.stage), action.program.sha256,
+                                         blob_tensor(action.program.to_bytes()), memory_bytes=action.memory_bytes,
+                                         reference_host_s=action.reference_host_s)
                     try:
-                        client.send(protocol.Unload(), timeout_s=COMMAND_TIMEOUT_S)
+                        client.send(unload, timeout_s=COMMAND_TIMEOUT_S)
                         client.send(load, timeout_s=SHIP_TIMEOUT_S)
                     except WorkerError as exc:
                         raise DeployError(f"could not deploy stage {action.stage} to {device}: {exc}") from None
@@ -443,6 +466,25 @@ class TransitionEngine:
 
         with ThreadPoolExecutor(max_workers=max(1, len(ships))) as pool:
             list(pool.map(ship, sorted(ships)))
+
+    def release(self, *, timeout_s: float = 2.0) -> None:
+        """Unload this deployment's stages and routes from every live worker (its pipeline closed).
+
+        Only a deployment that shares the workers does this; an exclusive one leaves its stages to
+        the next deployment, which unloads everything first. Best effort: a worker that does not
+        answer in `timeout_s` is left as it is (it failed, or the next deployment routes it again).
+        """
+        if self.exclusive:
+            return
+        epoch = next_epoch()
+        for device, client in list(self.session.clients.items()):
+            holding = self.held.pop(device, None)
+            try:
+                if holding is not None:
+                    client.send(protocol.Unload((self._stage_id(holding.stage),)), timeout_s=timeout_s)
+                client.send(protocol.Route(epoch, 1, pipeline=self.slot), timeout_s=timeout_s)
+            except WorkerError:
+                continue  # closing must not fail on a worker that is gone; nothing of ours runs there
 
     # -- the coordinator's own sends ----------------------------------------------------------------
     def open_first_links(self, deployment: Deployment) -> list[tuple[zmq.Socket, Outlink]]:
