@@ -1,4 +1,4 @@
-"""Faults benchmark (issue 5): does a running pipeline lose, duplicate or corrupt requests when things go wrong?
+"""Faults benchmark: does a running pipeline lose, duplicate or corrupt requests when things go wrong?
 
 One LocalCluster of four emulated devices serves a small MLP (batch 32, codec none); every scenario
 deploys it afresh (supervised: detection `--detection-s`, cool-down 3 s), streams requests, and
@@ -206,7 +206,7 @@ def cut_link(cluster: LocalCluster):
 def fuzz(cluster: LocalCluster, frames: int, seed: int = 0):
     def act(pipe, marks):
         target = pipe.plan.stages[len(pipe.plan.stages) // 2].devices[0]
-        address = pipe.supervisor._session.infos[target]["data"]
+        address = pipe.supervisor.session.infos[target]["data"]
         thread = threading.Thread(target=_fuzz, args=(cluster, target, address, frames, seed, marks), daemon=True)
         marks["faults"].append(time.monotonic())
         thread.start()

@@ -1,6 +1,6 @@
 """Peers benchmark: partita's pipeline against Ray actors and torch.distributed.pipelining, same split.
 
-Issue 4, benchmark item 4. For each model (a small MLP, where per-request overhead dominates, and
+How much does partita's own runtime cost against established peers? For each model (a small MLP, where per-request overhead dominates, and
 torchvision resnet50):
 
 1. Capture once and choose the cuts once: the `optimal` throughput plan on a homogeneous cluster

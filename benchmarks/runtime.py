@@ -1,4 +1,4 @@
-"""Runtime benchmark, sections 1 and 2 of issue 4: is the runtime as fast as the planner says, and does
+"""Runtime benchmark: is the runtime as fast as the planner says, and does
 the optimal plan beat the baselines when measured?
 
 For each of three emulated clusters (examples/clusters: tiny-2, home-edge, defer-8) it starts a

@@ -8,8 +8,8 @@ What the numbers mean:
 - `flops_per_s` is fp32 FLOP/s. For the small ARM boards it is a measured figure (HPL/Linpack on all
   cores), which is close to what a DNN reaches there. For GPUs and x86 parts it is the vendor's or the
   derived fp32 *peak* (cores x clock x FLOP/cycle); a real network reaches perhaps 30-70% of it.
-  `basis` says which. Relative speeds matter most to the planner; measure a real device with
-  `partita profile` for absolute predictions.
+  `basis` says which. Relative speeds matter most to the planner; for absolute predictions deploy
+  times every segment on the real devices (`partita.runtime.measure`) and plans with those times.
 - `memory_bytes` is the installed RAM (unified memory on Jetsons and Pis) or the GPU's memory. What a
   stage may really use is lower (OS, runtime); override `memory` in the cluster file where it binds.
 - Link presets are typical *achieved* TCP goodput and one-way latency, not PHY rates.

@@ -87,6 +87,7 @@ def simulate(plan: Plan, cluster: ClusterSpec, graph_or_profile: Any, *, request
     if jitter < 0 or not math.isfinite(jitter):
         raise PlanError(f"jitter must be a finite number >= 0, got {jitter!r}")
     closed = arrival == "closed"
+    rate: float | None = None
     if not closed:
         try:
             rate = float(arrival)
@@ -103,7 +104,6 @@ def simulate(plan: Plan, cluster: ClusterSpec, graph_or_profile: Any, *, request
         in_flight = 2 * depth + sum(len(s.devices) for s in plan.stages) + 2
     in_flight = max(1, min(int(in_flight), requests))
 
-    rate = None if closed else rate
     arrived, done, busy = _run(route, requests, rate, in_flight, float(jitter), seed, None)
     return _report(plan, route, requests, arrived, done, busy, in_flight if closed else None,
                    "closed" if closed else f"poisson {rate:g} req/s")
@@ -128,7 +128,8 @@ def trace(plan: Plan, cluster: ClusterSpec, graph_or_profile: Any, *, requests: 
     route = _Route(plan, cluster, profile, check_segment_times(profile, cluster, segment_times_s))
     record: list = []
     _run(route, int(requests), None, int(requests), 0.0, 0, record)
-    return [TraceEvent(*route.names[server], n, start, finish) for server, n, start, finish in record]
+    return [TraceEvent(route.names[server][0], route.names[server][1], n, start, finish)
+            for server, n, start, finish in record]
 
 def _run(route: _Route, requests: int, rate: float | None, in_flight: int, sigma: float, seed: int,
          record: list | None) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -147,7 +148,7 @@ def _run(route: _Route, requests: int, rate: float | None, in_flight: int, sigma
     heap: list[tuple[float, int, int, int]] = []
     counter = 0
     last_step = route.n_steps - 1
-    if closed:
+    if rate is None:  # closed
         issued = in_flight
         for n in range(in_flight):
             heap.append((0.0, n, n, 0))

@@ -34,6 +34,12 @@ def chain(n_segments: int, devices) -> list:
     return [(d, bounds[i], bounds[i + 1]) for i, d in enumerate(devices)]
 
 
+def zmq_context():
+    import zmq
+
+    return zmq.Context.instance()
+
+
 @pytest.fixture(scope="module")
 def cluster():
     spec = ClusterSpec.from_dict({
@@ -89,6 +95,36 @@ def test_a_replicated_stage_shares_requests_round_robin(cluster, prepared):
     assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
     assert workers["a"]["stages"]["0"]["requests"] == 10
     assert workers["b"]["stages"]["0"]["requests"] == 10
+
+
+def test_one_cluster_serves_two_models_at_once(cluster, prepared):
+    """Two deployments side by side on the same workers, each with its own stages, epoch and routes."""
+    from partita.model import capture
+    from partita.runtime.control import ControlClient
+
+    model_a, x, graph, measured = prepared
+    torch.manual_seed(1)
+    model_b = nn.Sequential(nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 3)).eval()
+    stages_a = chain(len(graph.segments), ("a", "b"))
+    with deploy(model_a, (x,), cluster, graph=graph, measurements=measured, stages=stages_a, supervise=False) as a:
+        graph_b = capture(model_b, (x,))
+        stages_b = [("b", 0, 1), ("c", 1, len(graph_b.segments))]
+        with deploy(model_b, (x,), cluster, graph=graph_b, stages=stages_b, replace=False, supervise=False) as b:
+            assert (a.deployment.slot, b.deployment.slot) == (0, 1)
+            batches = [torch.randn(4, 32) for _ in range(12)]
+            futures = [(pipe.submit(batch), model, batch) for batch in batches for pipe, model in ((a, model_a), (b, model_b))]
+            assert all(torch.equal(f.result(timeout=60), model(batch)) for f, model, batch in futures)
+            assert [s["requests"] for s in a.stats()["stages"]] == [12, 12]
+            assert [s["requests"] for s in b.stats()["stages"]] == [12, 12]
+        # b closed: its stages left the shared worker, and a still serves.
+        control = ControlClient(zmq_context(), cluster.endpoints["b"], cluster.coordinator_keys)
+        try:
+            held = set(control.call("stats").header["stages"])
+        finally:
+            control.close()
+        assert held == {"1"}  # a's stage 1; b's stage (slot 1) is gone
+        batch = torch.randn(4, 32)
+        assert torch.equal(a(batch, timeout_s=30), model_a(batch))
 
 
 def test_the_planner_chooses_the_plan_when_none_is_given(cluster, prepared):

@@ -35,7 +35,7 @@ def load_model_profile(model: str | None, input_shape: list[str] | None, profile
 
     if (model is None) == (profile is None):
         raise ProfileError("give either MODEL (with --input-shape) or --profile FILE, not both and not neither")
-    if profile is not None:
+    if profile is not None or model is None:  # (the check above leaves model set here)
         return load_profile(profile)
     import torch  # only the MODEL form needs torch
 
@@ -50,7 +50,7 @@ def load_model_profile(model: str | None, input_shape: list[str] | None, profile
 
 def plan(
     model: ModelArg = None,
-    cluster: ClusterOpt = ...,
+    cluster: ClusterOpt = ...,  # type: ignore[assignment]  # typer's spelling of a required option
     input_shape: InputShapeOpt = None,
     profile: ProfileOpt = None,
     objective: Annotated[str, typer.Option("--objective", help="throughput or latency.")] = "throughput",
@@ -117,7 +117,7 @@ def stage_table(plan_value, spec, prof):
                         f"({plan_value.objective})")
     for column, justify in (("#", "right"), ("devices", "left"), ("segments", "left"), ("compute ms", "right"),
                             ("transfer in ms", "right"), ("memory MiB / limit", "right"), ("util", "right")):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify="right" if justify == "right" else "left")
     previous = (spec.source,)
     for k, stage in enumerate(plan_value.stages):
         _, transfer = hop_terms(spec, previous, stage.devices, stage.in_bytes)

@@ -20,7 +20,7 @@ from partita.errors import PartitaError
 
 def simulate(
     model: ModelArg = None,
-    cluster: ClusterOpt = ...,
+    cluster: ClusterOpt = ...,  # type: ignore[assignment]  # typer's spelling of a required option
     input_shape: InputShapeOpt = None,
     profile: ProfileOpt = None,
     planner: PlannerOpt = "optimal",

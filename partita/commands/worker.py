@@ -47,8 +47,8 @@ def worker(
     from partita.runtime.wire import Limits
     from partita.runtime.worker import WorkerConfig, run_worker
 
-    keys = None if insecure else Keypair(*load_secret(secret_key))
-    authorized = () if insecure else tuple(load_public_keys(authorized_keys))
+    keys = None if insecure or secret_key is None else Keypair(*load_secret(secret_key))
+    authorized = () if insecure or authorized_keys is None else tuple(load_public_keys(authorized_keys))
     if insecure:
         print(f"WARNING: worker {name} runs --insecure: no encryption, anyone who reaches {listen} can use it",
               file=sys.stderr, flush=True)
@@ -72,9 +72,9 @@ def _jobs() -> dict:
 
     Composed here, in the face layer, because the runtime must not import partita.fl.
     """
-    from partita.fl.serve import handle_train
+    from partita.fl.serve import TRAIN_KIND, handle_train
 
-    return {"fl-train": handle_train}
+    return {TRAIN_KIND: handle_train}
 
 
 def _emulate_error(value: str) -> typer.BadParameter:

@@ -111,12 +111,12 @@ class TrainConfig:
 
     def planned_steps(self, num_examples: int) -> int:
         """Steps the client would run without a deadline."""
-        steps = None
+        steps: int | None = None
         if self.local_epochs is not None:
             steps = math.ceil(self.local_epochs * num_examples / min(self.batch_size, num_examples))
         if self.local_steps is not None:
             steps = self.local_steps if steps is None else min(steps, self.local_steps)
-        return int(steps)
+        return int(steps or 0)  # __post_init__ requires local_epochs or local_steps: steps is set
 
 
 def _minibatches(num_examples: int, batch_size: int, generator: torch.Generator):
@@ -178,10 +178,10 @@ def train_local(
             for i, p in enumerate(params):
                 grad = torch.zeros_like(p) if p.grad is None else p.grad
                 if config.momentum:
-                    buffers[i] = (
-                        grad.clone() if buffers[i] is None else buffers[i].mul_(config.momentum).add_(grad)
-                    )
-                    direction = buffers[i].clone()
+                    buffer = buffers[i]
+                    buffer = grad.clone() if buffer is None else buffer.mul_(config.momentum).add_(grad)
+                    buffers[i] = buffer
+                    direction = buffer.clone()
                 else:
                     direction = grad.clone()
                 if config.prox_mu:
@@ -193,7 +193,7 @@ def train_local(
         if config.deadline_s is not None and emulated_s + step_s > config.deadline_s * _DEADLINE_SLACK:
             # Only reachable when step times are measured: this step finished too late, so undo it.
             with torch.no_grad():
-                for p, old in zip(params, before, strict=True):
+                for p, old in zip(params, before or [], strict=True):
                     p.copy_(old)
             break
         if pace is not None:

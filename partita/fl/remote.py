@@ -76,7 +76,7 @@ class RemoteClient:
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._socket.linger = 0
         plain = keys is None or endpoint.public_key is None
-        secret = None if plain else (keys.public, keys.secret)
+        secret = None if keys is None or plain else (keys.public, keys.secret)
         apply_client(self._socket, secret, None if plain else endpoint.public_key, insecure=plain)
         self._socket.connect(endpoint.control)
 

@@ -22,14 +22,17 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from partita.errors import FLError
 from partita.fl.local import serve_train_request
 from partita.fl.tasks import Task, get_task
 from partita.fl.update import CONFIG, record_from_wire, record_to_wire
+from partita.runtime.protocol import FL_TRAIN, FL_UPDATE
 
-TRAIN_KIND = "fl-train"
-UPDATE_KIND = "fl-update"
+# The message kinds are the control protocol's (`partita.runtime.protocol.FlTrain` / `FlUpdate`).
+TRAIN_KIND = FL_TRAIN
+UPDATE_KIND = FL_UPDATE
 
 # Tasks load or generate data when built: build each (name, options) once per worker process.
 _tasks: dict[str, Task] = {}
@@ -48,7 +51,7 @@ def cached_task(name: str, **options) -> Task:
 
 def worker_pace(
     speed: float | None, dilation: float, step_time_s: float | None
-) -> Callable[[float], object] | None:
+) -> Callable[[float], Any] | None:
     """How a worker makes each local step take its emulated time in wall-clock terms (None: no waiting).
 
     speed:       the worker's emulated speed relative to its host (None: native speed).

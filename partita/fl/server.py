@@ -12,7 +12,6 @@ a handle over the runtime's workers implements the same two methods (see docs/fl
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -313,7 +312,3 @@ def run_in_process(
     )
     return server.run(weights_of(task.model()), rounds, on_round=on_round)
 
-
-def with_profile(profiles: Mapping[int, ClientProfile], **changes) -> dict[int, ClientProfile]:
-    """A copy of `profiles` with `changes` applied to every client (e.g. momentum=0.9 for all)."""
-    return {cid: dataclasses.replace(p, **changes) for cid, p in profiles.items()}

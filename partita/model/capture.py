@@ -78,6 +78,11 @@ class ModelGraph:
     capture_s: float = 0.0
     _layout: _Layout | None = field(default=None, repr=False)
 
+    @property
+    def layout(self) -> _Layout | None:
+        """The exported graph and its segment boundaries, what `split` cuts; None when not captured here."""
+        return self._layout
+
     def to_profile(self) -> dict:
         """The model profile JSON (contracts.md): what `partita inspect --json` prints."""
         return {

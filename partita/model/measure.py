@@ -165,9 +165,6 @@ class Chain:
     def input_bytes(self) -> int:
         return sum(self.recorder.nbytes.get(n.name, 0) for n in self.placeholders)
 
-    def output_bytes(self) -> int:
-        return self.cut_bytes(self.end)
-
 
 def _batch_expr(placeholders: list[torch.fx.Node]) -> Any:
     """The symbol of the dynamic batch dimension, or None when the capture is static."""

@@ -18,7 +18,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs
 
 import torch
@@ -63,7 +63,7 @@ def load_ref(ref: str) -> torch.nn.Module:
     return module.eval()
 
 
-def _fail(ref: Any, why: str) -> None:
+def _fail(ref: Any, why: str) -> NoReturn:
     raise ModelRefError(f"cannot load model {ref!r}: {why}. Valid forms: {', '.join(FORMS)}")
 
 

@@ -41,7 +41,7 @@ def split(graph: ModelGraph, cuts: Sequence[int]) -> list[StageProgram]:
     each in [0, len(segments) - 2], strictly increasing. SplitError otherwise.
     Returns len(cuts) + 1 stages; run_stages(stages, *x) equals module(*x) exactly.
     """
-    layout = graph._layout
+    layout = graph.layout
     if layout is None:
         raise SplitError(
             "this ModelGraph carries no captured graph (it was built from a profile); capture the model"

@@ -174,7 +174,7 @@ class StageProgram:
                 f"stage {self.index} takes {len(self.inputs)} tensors "
                 f"({', '.join(s.name for s in self.inputs)}), got {len(tensors)}"
             )
-        batch_sizes = set()
+        batch_sizes: set[int] = set()
         for spec, t in zip(self.inputs, tensors, strict=True):
             if not isinstance(t, torch.Tensor) or not spec.matches(t):
                 got = (
@@ -293,8 +293,8 @@ def _shippable(exported: torch.export.ExportedProgram) -> torch.export.ExportedP
     """
     clone = torch.export.ExportedProgram.__new__(torch.export.ExportedProgram)
     clone.__dict__.update(exported.__dict__)  # shallow: graph and weights are shared, not copied
-    clone._example_inputs = None
-    clone._guards_code = []
+    clone._example_inputs = None  # noqa: SLF001 - torch keeps these private; the loader must not see them
+    clone._guards_code = []  # noqa: SLF001 - as above
     return clone
 
 

@@ -10,13 +10,13 @@ left out: there is nothing to tell them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from partita.plan.types import Plan
 
-__all__ = ["ACTIONS", "DeviceChange", "PlanDiff", "diff_plans"]
+__all__ = ["ACTIONS", "DeviceChange", "PlanDiff", "diff_holdings", "diff_plans", "placement_of"]
 
 ACTIONS = ("keep", "load", "unload")
 
@@ -94,12 +94,22 @@ class PlanDiff:
 
 def diff_plans(old: Plan | None, new: Plan, *, gone: Iterable[str] = ()) -> PlanDiff:
     """Compare the deployed plan `old` (None: nothing deployed) with `new`; see the module docstring."""
+    return diff_holdings(placement_of(old) if old is not None else {}, new, gone=gone)
+
+
+def diff_holdings(
+    held: Mapping[str, tuple[int, tuple[int, int]]], new: Plan, *, gone: Iterable[str] = ()
+) -> PlanDiff:
+    """Compare what each device holds now, (stage index, segments [start, end)), with `new`.
+
+    This is the diff the runtime uses: what a device holds can differ from any plan (a device that
+    restarted holds nothing; a switch that failed half-way left some devices changed).
+    """
     gone = set(gone)
-    before = _placement(old) if old is not None else {}
-    after = _placement(new)
+    after = placement_of(new)
     changes = []
-    for device in sorted((set(before) | set(after)) - gone):
-        old_stage, old_segments = before.get(device, (None, None))
+    for device in sorted((set(held) | set(after)) - gone):
+        old_stage, old_segments = held.get(device, (None, None))
         new_stage, new_segments = after.get(device, (None, None))
         if new_segments is None:
             action = "unload"
@@ -111,7 +121,8 @@ def diff_plans(old: Plan | None, new: Plan, *, gone: Iterable[str] = ()) -> Plan
     return PlanDiff(tuple(changes))
 
 
-def _placement(plan: Plan) -> dict[str, tuple[int, tuple[int, int]]]:
+def placement_of(plan: Plan) -> dict[str, tuple[int, tuple[int, int]]]:
+    """Each device of `plan` with its stage index and segments [start, end) (a device runs one stage)."""
     return {
         device: (index, (stage.start, stage.end))
         for index, stage in enumerate(plan.stages)

@@ -82,7 +82,7 @@ class Estimator:
         self.last_time_s = _finite(time_s, "time_s")
         self._recent.append(value)
         middle = statistics.median(self._recent)
-        if self.samples < self._recent.maxlen:
+        if self._value is None or self.samples < (self._recent.maxlen or 0):
             self._value = middle  # until the window is full its median is the best estimate there is
         else:
             self._value += self.alpha * (middle - self._value)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,7 @@ def solve(tables: CostTables, cluster: ClusterSpec, classes: list[DeviceClass], 
     layer: dict[tuple, tuple[np.ndarray, np.ndarray, list]] = {}
     start_value = np.full(L + 1, np.inf)
     start_value[0] = 0.0
-    frontier = {((0,) * n_cls, -1, 1): (start_value, None, None)}
+    frontier: dict[tuple, tuple[np.ndarray, Any, Any]] = {((0,) * n_cls, -1, 1): (start_value, None, None)}
     for depth in range(max_stages):
         layer = {}
         for (v, c, rc), (value, _, _) in frontier.items():

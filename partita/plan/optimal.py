@@ -150,6 +150,8 @@ def _class_path_plan(profile, tables, cluster, classes, objective, stages_limit,
             best = candidate
         if objective == "latency":
             break  # the first chain is the latency-best; replication does not change latency
+    if best is None:  # `found` is not empty, so a candidate was kept; this only names the impossible case
+        raise PlanError(_no_fit_message(profile, cluster, max_stages))
     return best
 
 

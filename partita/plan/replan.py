@@ -40,10 +40,8 @@ rule fires (then it calls the planner once); the policy is not thread-safe: call
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -52,7 +50,7 @@ from partita.errors import ClusterSpecError, PlanError
 from partita.plan import plan as make_plan
 from partita.plan import predict
 from partita.plan.cost import check_segment_times
-from partita.plan.diff import PlanDiff, diff_plans
+from partita.plan.diff import diff_plans
 from partita.plan.drift import (
     DriftRule,
     Signal,
@@ -62,67 +60,10 @@ from partita.plan.drift import (
     updated_cluster,
 )
 from partita.plan.profile import load_profile
+from partita.plan.records import CAUSES, Decision, Replan
 from partita.plan.types import Plan
 
 __all__ = ["CAUSES", "Decision", "Replan", "ReplanPolicy"]
-
-CAUSES = ("failure", "drift", "join")
-
-
-@dataclass(frozen=True)
-class Replan:
-    """One re-plan, as `Pipeline.stats()["replans"]` and `partita run --json` list it.
-
-    time_s: when it was decided (the caller's clock). old_period_s: the replaced plan's predicted
-    period on the figures known at that time (None when no plan was running, e.g. after a failure
-    that left too little memory); new_period_s: the new plan's. switch_s: how long the switch took
-    (filled in by the runtime via `ReplanPolicy.completed`; None until then). reason: one line
-    for people.
-    """
-
-    cause: str
-    time_s: float
-    old_period_s: float | None
-    new_period_s: float
-    switch_s: float | None = None
-    devices_lost: tuple[str, ...] = ()
-    devices_added: tuple[str, ...] = ()
-    reason: str = ""
-
-    def completed(self, switch_s: float) -> Replan:
-        return dataclasses.replace(self, switch_s=float(switch_s))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "cause": self.cause,
-            "time_s": self.time_s,
-            "old_period_s": self.old_period_s,
-            "new_period_s": self.new_period_s,
-            "switch_s": self.switch_s,
-            "devices_lost": list(self.devices_lost),
-            "devices_added": list(self.devices_added),
-            "reason": self.reason,
-        }
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What `decide` asks the runtime to do: deploy `plan`, shipping what `diff` says.
-
-    `cluster` and `segment_times_s` are the figures the plan was made with (what the policy now
-    believes); `replan` is the record to report (its switch_s is None until `completed`).
-    """
-
-    cause: str
-    plan: Plan
-    diff: PlanDiff
-    replan: Replan
-    cluster: ClusterSpec
-    segment_times_s: Mapping[str, tuple[float, ...]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"cause": self.cause, "plan": self.plan.to_dict(), "diff": self.diff.to_dict(),
-                "replan": self.replan.to_dict()}
 
 
 class ReplanPolicy:
@@ -150,7 +91,7 @@ class ReplanPolicy:
         missing = sorted(set(current.devices) - set(cluster.names))
         if missing:
             raise PlanError(f"the current plan uses {', '.join(missing)}, which the cluster does not have")
-        self._options = {"objective": objective or current.objective, "planner": planner,
+        self._options: dict[str, Any] = {"objective": objective or current.objective, "planner": planner,
                          "max_stages": max_stages, "replicate": replicate}
         self.rule = rule
         self.min_gain = float(min_gain)
@@ -225,7 +166,7 @@ class ReplanPolicy:
         if a == b:
             raise ClusterSpecError(f"a link joins two different nodes; got {a!r} twice")
         pair = frozenset((a, b))
-        link = self._cluster.link(a, b)
+        link = self._believed().link(a, b)
         if bandwidth_bytes_per_s is not None:
             if not (bandwidth_bytes_per_s > 0):
                 raise PlanError(f"measured bandwidth of {a}-{b} must be > 0 bytes/s, got {bandwidth_bytes_per_s!r}")
@@ -398,19 +339,21 @@ class ReplanPolicy:
 
     def _figures(self) -> tuple[ClusterSpec, dict[str, tuple[float, ...]]]:
         """The cluster and segment times to plan with: believed figures, drifting ones replaced by estimates."""
-        factors, bandwidths, latencies = {}, {}, {}
+        factors: dict[Any, float] = {}
+        bandwidths: dict[Any, float] = {}
+        latencies: dict[Any, float] = {}
         for (kind, key), signal in self._signals.items():
             {"compute_factor": factors, "bandwidth_bytes_per_s": bandwidths, "latency_s": latencies}[kind][key] = (
                 signal.planning_value())
         links = {}
         for pair in set(bandwidths) | set(latencies):
             a, b = sorted(pair)
-            link = self._cluster.link(a, b)
+            link = self._believed().link(a, b)
             links[pair] = LinkSpec(bandwidths.get(pair, link.bandwidth_bytes_per_s), latencies.get(pair, link.latency_s))
-        present = self._cluster.names
+        present = self._believed().names
         named = [d for d in present if d in self._measured or factors.get(d, 1.0) != 1.0]
         times = scaled_segment_times({d: self._base[d] for d in named}, factors)
-        return updated_cluster(self._cluster, links), times
+        return updated_cluster(self._believed(), links), times
 
     def _plan_on(self, cluster: ClusterSpec, times: Mapping[str, Sequence[float]]) -> Plan:
         return make_plan(self._profile, cluster, segment_times_s=times or None, **self._options)
@@ -421,6 +364,12 @@ class ReplanPolicy:
             return None
         return predict(self._profile, cluster, self._plan.stages, objective=self._plan.objective,
                        planner=self._plan.planner, segment_times_s=times or None)
+
+    def _believed(self) -> ClusterSpec:
+        """The cluster as now believed; PlanError when no device is left to plan on."""
+        if self._cluster is None:
+            raise PlanError("no device is left to plan on; add a device (Pipeline.add_device)")
+        return self._cluster
 
     def _build_cluster(self) -> ClusterSpec | None:
         devices = tuple(spec for name, spec in self._known.items() if name in self._present)
@@ -437,7 +386,7 @@ class ReplanPolicy:
 
     def _latency_believed(self, a: str, b: str) -> float:
         signal = self._signals.get(("latency_s", frozenset((a, b))))
-        return signal.planning_value() if signal is not None else self._cluster.link(a, b).latency_s
+        return signal.planning_value() if signal is not None else self._believed().link(a, b).latency_s
 
     def _skip(self, node: str) -> bool:
         """True for a device that failed (late figures are dropped); ClusterSpecError for an unknown node."""

@@ -1,15 +1,25 @@
-"""The runtime layer: wire format, codecs, CURVE keys, emulation, workers, coordinator, local cluster.
+"""The runtime layer: wire format, control protocol, workers, coordinator, transitions, local cluster.
 
 Foundations (no process or socket state of their own): `wire` (message framing and validation),
-`codec` (tensor payload encodings), `keys` (ZeroMQ CURVE certificates and authorization),
-`emulation` (link shaping and device-speed emulation with time dilation).
+`codec` (tensor payload encodings), `protocol` (the typed control commands and replies), `keys`
+(ZeroMQ CURVE certificates and authorization), `emulation` (link shaping and device-speed
+emulation with time dilation), `deployment` (a deployment target and its stage kinds).
 
-Processes and their pieces: `worker` (the worker process: sockets and its I/O loop), `executor`
-(stage execution and speed emulation), `flow` (credits and the emulated link per hop), `control`
-(the coordinator's client of a worker's control socket), `coordinator` (`deploy`, `measure`),
-`pipeline` (`Pipeline`: requests in, results out, figures), `ledger` (the request book),
-`local` (`LocalCluster`), `connect` (`connect`: workers already running at addresses),
-`profile` (device and link measurements).
+The worker: `worker` (the process: sockets and its I/O loop), `dataplane` (activations in, outputs
+out), `handlers` (the control commands, dispatched through a table), `executor` (stage execution
+and speed emulation), `flow` (credits and the emulated link per hop).
+
+The coordinator: `coordinator` (`deploy` = `prepare` + `launch`), `measure` (device and link
+measurements), `session` (control clients to the workers), `transition` (from the deployment the
+workers hold to a target: typed actions, and the engine that carries them out), `pipeline`
+(`Pipeline`: requests in, results out, figures), `ledger` (the request book), `switch` and
+`supervisor` (re-planning on failures, joins and drift), `heartbeat`, `control` (a worker's control
+client), `local` (`LocalCluster`), `connect` (`connect`: workers already running at addresses),
+`profile` (timing programs, probing links).
+
+Imports go one way: worker pieces never import coordinator pieces, and among the coordinator's,
+supervisor -> switch -> transition -> session -> control; nothing imports the supervisor but
+`coordinator` (when it attaches one).
 
 The public names below load lazily, so importing this package does not import torch.
 """
@@ -20,8 +30,11 @@ from typing import Any
 
 _EXPORTS = {
     "deploy": "partita.runtime.coordinator",
-    "measure": "partita.runtime.coordinator",
-    "Measurements": "partita.runtime.coordinator",
+    "prepare": "partita.runtime.coordinator",
+    "launch": "partita.runtime.coordinator",
+    "Prepared": "partita.runtime.coordinator",
+    "measure": "partita.runtime.measure",
+    "Measurements": "partita.runtime.measure",
     "Pipeline": "partita.runtime.pipeline",
     "LocalCluster": "partita.runtime.local",
     "connect": "partita.runtime.connect",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -226,7 +227,8 @@ def _raw_view(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.dtype == torch.bfloat16:
         flat = flat.view(torch.int16)  # numpy has no bfloat16; same bytes
-    return memoryview(flat.numpy()).cast("B")
+    array: Any = flat.numpy()  # numpy arrays are buffers; its stubs do not say so
+    return memoryview(array).cast("B")
 
 
 def _from_raw(

@@ -23,7 +23,7 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import zmq
@@ -31,8 +31,11 @@ import zmq
 from partita.cluster import ClusterSpec, LinkSpec
 from partita.errors import AuthError, ClusterSpecError
 from partita.runtime.control import ControlClient
-from partita.runtime.handle import Keypair, WorkerEndpoint
+from partita.runtime.handle import Deployments, Keypair, WorkerEndpoint
 from partita.runtime.keys import load_public_keys, load_secret, stop_auth
+
+if TYPE_CHECKING:
+    from partita.runtime.local import LocalCluster
 
 
 class ConnectedCluster:
@@ -40,6 +43,7 @@ class ConnectedCluster:
 
     emulated_links = False
     dilation = 1.0
+    threads_per_worker = 1
 
     def __init__(
         self,
@@ -54,7 +58,17 @@ class ConnectedCluster:
         self.endpoints = dict(endpoints)
         self.coordinator_keys = coordinator_keys
         self.bind_host = bind_host
-        self.advertise_host = advertise_host or _route_to(next(iter(self.endpoints.values())).control)
+        self.advertise_host: str | None = advertise_host or _route_to(next(iter(self.endpoints.values())).control)
+        self.host_speeds: dict[str, float] = {}  # no device is emulated here
+        self.pipelines = Deployments()
+
+    def emulated_link(self, a: str, b: str) -> LinkSpec | None:
+        """None: every link is real."""
+        return None
+
+    def fit_dilation(self, plan: Any, host_segment_s: tuple[float, ...] | None) -> float:
+        """Real devices run in real time: the dilation stays 1."""
+        return self.dilation
 
     def ping(self, timeout_s: float = 5.0) -> dict[str, dict]:
         """Every worker's hello reply; WorkerError naming the first that does not answer."""
@@ -73,10 +87,8 @@ class ConnectedCluster:
             context.term()
 
     def close(self) -> None:
-        """Close the pipeline deployed on this cluster (the workers keep running)."""
-        from partita.runtime.coordinator import close_pipelines
-
-        close_pipelines(self)
+        """Close the pipelines deployed on this cluster (the workers keep running)."""
+        self.pipelines.close_all()
 
     def __enter__(self) -> ConnectedCluster:
         return self
@@ -136,18 +148,20 @@ def remote_endpoints(spec: ClusterSpec, origin: str, *, insecure: bool) -> dict[
 class MixedCluster:
     """Real workers (devices with addresses) plus a LocalCluster emulating the rest, as one cluster."""
 
-    def __init__(self, spec: ClusterSpec, remote: Mapping[str, WorkerEndpoint], local: object,
+    def __init__(self, spec: ClusterSpec, remote: Mapping[str, WorkerEndpoint], local: LocalCluster | None,
                  coordinator_keys: Keypair | None) -> None:
         self.spec = spec
         self.local = local
         self.endpoints = dict(remote)
         self.coordinator_keys = coordinator_keys
-        self.dilation = getattr(local, "dilation", 1.0)
-        self.host_speeds = dict(getattr(local, "host_speeds", {}))
+        self.dilation = local.dilation if local is not None else 1.0
+        self.host_speeds = dict(local.host_speeds) if local is not None else {}
+        self.threads_per_worker = local.threads_per_worker if local is not None else 1
+        self.pipelines = Deployments()
         self.emulated_links = True
         self._remote = set(remote)
         self.bind_host = "0.0.0.0" if remote else "127.0.0.1"
-        self.advertise_host = _route_to(next(iter(remote.values())).control) if remote else "127.0.0.1"
+        self.advertise_host: str | None = _route_to(next(iter(remote.values())).control) if remote else "127.0.0.1"
 
     def emulated_link(self, a: str, b: str) -> LinkSpec | None:
         """The emulated link a-b, or None when a real device is at either end (the real network)."""
@@ -155,10 +169,12 @@ class MixedCluster:
             return None
         return self.local.emulated_link(a, b) if self.local is not None else self.spec.link(a, b)
 
-    def close(self) -> None:
-        from partita.runtime.coordinator import close_pipelines
+    def fit_dilation(self, plan: Any, host_segment_s: tuple[float, ...] | None) -> float:
+        """Real devices take part: the dilation the emulated part started with stays."""
+        return self.dilation
 
-        close_pipelines(self)
+    def close(self) -> None:
+        self.pipelines.close_all()
         if self.local is not None:
             self.local.close()
 

@@ -17,9 +17,8 @@ import zmq
 from partita.errors import WireError, WorkerError
 from partita.runtime.handle import Keypair, WorkerEndpoint
 from partita.runtime.keys import apply_client
+from partita.runtime.protocol import REPLY_KINDS, Command, Reply, reply_from
 from partita.runtime.wire import Limits, Message, decode, encode
-
-REPLY_KINDS = frozenset({"info", "pong", "ok", "error", "profiled", "probed", "stats"})
 
 
 class ControlClient:
@@ -35,7 +34,7 @@ class ControlClient:
         self._socket = context.socket(zmq.DEALER)
         self._socket.linger = 0
         plain = keys is None or endpoint.public_key is None
-        secret = None if plain else (keys.public, keys.secret)
+        secret = None if keys is None or plain else (keys.public, keys.secret)
         apply_client(self._socket, secret, None if plain else endpoint.public_key, insecure=plain)
         self._socket.connect(endpoint.control)
 
@@ -76,6 +75,14 @@ class ControlClient:
         if reply.kind == "error":
             raise WorkerError(f"worker {name} refused {kind!r}: {reply.header.get('reason')}")
         return reply
+
+    def send(self, command: Command, *, timeout_s: float | None = None) -> Reply:
+        """Send a typed command (`partita.runtime.protocol`) and return its typed, checked reply."""
+        reply = self.call(command.KIND, command.header(), command.tensors(), timeout_s=timeout_s)
+        try:
+            return reply_from(reply)
+        except WorkerError as exc:
+            raise WorkerError(f"worker {self.endpoint.name} sent a malformed reply to {command.KIND!r}: {exc}") from None
 
     def close(self) -> None:
         with self._lock:

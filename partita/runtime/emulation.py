@@ -138,6 +138,17 @@ class LinkShaper:
             self._tokens = min(self._burst, self._tokens + elapsed * rate)
 
 
+def shaper_for(bandwidth_bytes_per_s: float | None, latency_s: float | None, dilation: float) -> LinkShaper | None:
+    """The shaper of an emulated link (device units); None when neither part is given (a real, unshaped link).
+
+    `bandwidth_bytes_per_s` None means unlimited; `latency_s` None means none.
+    """
+    if bandwidth_bytes_per_s is None and latency_s is None:
+        return None
+    bandwidth = bandwidth_bytes_per_s if bandwidth_bytes_per_s is not None else math.inf
+    return LinkShaper(bandwidth, latency_s or 0.0, dilation=dilation)
+
+
 @dataclass(frozen=True)
 class Emulated:
     """What one emulated computation looked like, in device seconds.

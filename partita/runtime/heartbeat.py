@@ -24,6 +24,7 @@ only hands out names through `take_failed` / `take_recovered`, so any thread may
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
 import time
@@ -142,7 +143,7 @@ class Heartbeat:
                 poller = zmq.Poller()
                 for w in watched.values():
                     poller.register(w.socket, zmq.POLLIN)
-                ready = dict(poller.poll(self.interval_s / 2 * 1000)) if watched else {}
+                ready = dict(poller.poll(math.ceil(self.interval_s / 2 * 1000))) if watched else {}
                 if not watched:
                     self._stop.wait(self.interval_s / 2)
                 now = time.monotonic()
@@ -167,8 +168,9 @@ class Heartbeat:
         sock.linger = 0
         sock.immediate = 1  # queue only on a live connection: a send to a dead peer fails at once
         sock.sndhwm = 4
-        plain = self._keys is None or endpoint.public_key is None
-        secret = None if plain else (self._keys.public, self._keys.secret)
+        keys = self._keys
+        plain = keys is None or endpoint.public_key is None
+        secret = None if keys is None or plain else (keys.public, keys.secret)
         apply_client(sock, secret, None if plain else endpoint.public_key, insecure=plain)
         sock.connect(endpoint.control)
         return sock

@@ -160,7 +160,7 @@ def peer_key(frame: zmq.Frame) -> bytes | None:
     except zmq.ZMQError:
         # libzmq raises EINVAL when the message carries no User-Id property (no ZAP handshake).
         return None
-    return user.encode() if user else None
+    return str(user).encode() if user else None
 
 
 def stop_auth(context: zmq.Context) -> None:
@@ -214,8 +214,8 @@ def _gate(context: zmq.Context) -> _Gate:
 
 
 def _domain_of(socket: zmq.Socket) -> str:
-    domain = socket.zap_domain
-    domain = domain.decode() if isinstance(domain, bytes) else domain
+    raw = socket.zap_domain
+    domain = raw.decode() if isinstance(raw, bytes) else str(raw)
     if not domain or not domain.startswith("partita-"):
         raise AuthError("this socket was not set up with apply_server(); it has no authorized key set")
     return domain
@@ -234,7 +234,9 @@ def _insecure_choice(secret_file: SecretKey | None, insecure: bool, role: str) -
     return False
 
 
-def _secret_pair(secret: SecretKey) -> tuple[bytes, bytes]:
+def _secret_pair(secret: SecretKey | None) -> tuple[bytes, bytes]:
+    if secret is None:  # _insecure_choice refused this already; kept for the type checker
+        raise AuthError("no secret key for this socket")
     if isinstance(secret, tuple):
         if len(secret) != 2:
             raise AuthError("an in-memory secret key is a (public, secret) pair of z85 bytes")

@@ -57,7 +57,7 @@ class Failed:
 
 @dataclass(frozen=True)
 class Replayed:
-    """Every request in flight is to be sent again in `epoch` (issue 5: after a re-plan)."""
+    """Every request in flight is to be sent again in `epoch` (after a re-plan: the new deployment resends them)."""
 
     epoch: int
     at: float
@@ -98,9 +98,9 @@ class Ledger:
         """Record `event`; return the record it concerned when it changed one (None if dropped)."""
         match event:
             case Accepted():
-                record = Record(event.request, event.inputs, event.future, event.at)
-                self.pending[event.request] = record
-                return record
+                accepted = Record(event.request, event.inputs, event.future, event.at)
+                self.pending[event.request] = accepted
+                return accepted
             case Dispatched():
                 record = self.pending.get(event.request)
                 if record is None:

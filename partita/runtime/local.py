@@ -42,7 +42,7 @@ import zmq
 from partita.cluster import ClusterSpec, DeviceSpec, LinkSpec
 from partita.errors import EmulationError, WorkerError
 from partita.runtime.control import ControlClient
-from partita.runtime.handle import Keypair, WorkerEndpoint
+from partita.runtime.handle import Deployments, Keypair, WorkerEndpoint
 from partita.runtime.keys import load_secret, new_keypair, stop_auth
 
 # Keep the real stage time below its emulated target: the dilation leaves this much headroom over
@@ -92,6 +92,8 @@ class LocalCluster:
     ) -> None:
         self.spec = spec
         self.bind_host = host
+        self.advertise_host: str | None = None  # workers reach the coordinator at bind_host
+        self.pipelines = Deployments()
         self._secure = secure
         self._threads = threads_per_worker
         self.threads_per_worker = threads_per_worker
@@ -149,7 +151,7 @@ class LocalCluster:
         return self
 
     def _start_workers(self) -> None:
-        keys_dir = self._dir / "keys"
+        keys_dir = self.workdir / "keys"
         if self._secure:
             if self._given_coordinator_keys is not None:
                 self.coordinator_keys = self._given_coordinator_keys
@@ -163,9 +165,9 @@ class LocalCluster:
 
     def _spawn(self, name: str, *, restart: bool = False) -> Path:
         """Start the worker process for device `name` with a new key pair (replaced on a restart); return its ready file."""
-        ready = self._dir / f"{name}.ready"
+        ready = self.workdir / f"{name}.ready"
         ready.unlink(missing_ok=True)
-        keys_dir = self._dir / "keys"
+        keys_dir = self.workdir / "keys"
         device = self.spec.device(name)
         args = [
             sys.executable, "-m", "partita.commands.worker",
@@ -184,7 +186,7 @@ class LocalCluster:
         else:
             args += ["--insecure"]
         # A restart appends to the log, so what the killed worker printed stays readable.
-        log = open(self._dir / f"{name}.log", "ab" if restart else "wb")  # noqa: SIM115 - owned by the child
+        log = open(self.workdir / f"{name}.log", "ab" if restart else "wb")  # noqa: SIM115 - owned by the child
         env = dict(os.environ, OMP_NUM_THREADS=str(self._threads), PYTHONUNBUFFERED="1")
         self.processes[name] = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
@@ -197,7 +199,7 @@ class LocalCluster:
         pending = dict(self.processes)
         while pending:
             for name, proc in list(pending.items()):
-                ready = self._dir / f"{name}.ready"
+                ready = self.workdir / f"{name}.ready"
                 if ready.exists():
                     info = json.loads(ready.read_text())
                     key = info["public_key"].encode() if info.get("public_key") else None
@@ -209,10 +211,17 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise WorkerError(f"emulated workers {sorted(pending)} did not start within {START_TIMEOUT_S:g} s")
             time.sleep(0.05)
-        self._context = zmq.Context()
+        context = self._context = zmq.Context()
         for name, endpoint in self.endpoints.items():
-            self._clients[name] = ControlClient(self._context, endpoint, self.coordinator_keys, timeout_s=20)
+            self._clients[name] = ControlClient(context, endpoint, self.coordinator_keys, timeout_s=20)
             self._clients[name].call("ping")
+
+    @property
+    def workdir(self) -> Path:
+        """The private directory of this running cluster (keys, ready files, worker logs)."""
+        if self._dir is None:
+            raise EmulationError("the cluster is not running; start it first")
+        return self._dir
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         """The last lines a worker wrote (for error messages)."""
@@ -223,9 +232,7 @@ class LocalCluster:
 
     def close(self) -> None:
         """Close any pipeline on this cluster, drain and stop every worker, remove the keys. Idempotent."""
-        from partita.runtime.coordinator import close_pipelines
-
-        close_pipelines(self)
+        self.pipelines.close_all()
         for client in self._clients.values():
             client.close()
         self._clients = {}
@@ -248,7 +255,7 @@ class LocalCluster:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    # -- changing the emulation while it runs (issue 5's drift scenarios) -------------------
+    # -- changing the emulation while it runs (a slower device or link, as drift tests need) --
     def set_device(self, name: str, *, speed: float) -> None:
         """Make device `name` emulate `speed` times this host from now on (the spec is unchanged)."""
         if not (isinstance(speed, int | float) and math.isfinite(speed) and speed > 0):
@@ -269,14 +276,11 @@ class LocalCluster:
             float(latency) if latency is not None else current.latency_s,
         )
         change = {k: float(v) for k, v in (("bandwidth", bandwidth), ("latency", latency)) if v is not None}
-        from partita.runtime.coordinator import _live
-
         for here, there in ((a, b), (b, a)):
             if here in self.endpoints:
                 self._client(here).call("emulate", {"links": {there: change}})
             elif here == self.spec.source:
-                pipe = _live.get(self)
-                if pipe is not None:
+                for pipe in self.pipelines:
                     pipe.set_source_link(there, bandwidth=bandwidth, latency=latency)
             else:
                 raise EmulationError(f"no device or source named {here!r} in this cluster")
@@ -290,7 +294,7 @@ class LocalCluster:
             self._client(name).call("emulate", {"dilation": float(dilation)})
         self.dilation = float(dilation)
 
-    def fit_dilation(self, plan: object, host_segment_s: tuple[float, ...] | None) -> float:
+    def fit_dilation(self, plan: Any, host_segment_s: tuple[float, ...] | None) -> float:
         """Choose the dilation a plan needs, and set it (deploy calls this; a fixed `dilation` is kept).
 
         Two floors: the fastest device must be emulable (speed x headroom), and the real compute a
@@ -302,11 +306,11 @@ class LocalCluster:
             self.set_dilation(dilation)
         return dilation
 
-    def dilation_for(self, plan: object, host_segment_s: tuple[float, ...] | None) -> float:
+    def dilation_for(self, plan: Any, host_segment_s: tuple[float, ...] | None) -> float:
         """The dilation `fit_dilation` would choose for `plan` (without setting it)."""
         if self._requested_dilation is not None or host_segment_s is None:
             return self.dilation
-        period_s = getattr(plan, "period_s", 0.0)
+        period_s = float(plan.period_s)
         needed = sum(host_segment_s) / (period_s * self.cpu_budget) if period_s > 0 else 1.0
         return max(self._base_dilation, needed)
 
@@ -324,7 +328,7 @@ class LocalCluster:
         return {name: proc.pid for name, proc in self.processes.items()}
 
     def add_worker(self, device: DeviceSpec) -> WorkerEndpoint:
-        """Start a worker for `device` while the cluster runs (issue 5: a device joins, or one comes back).
+        """Start a worker for `device` while the cluster runs (a device joins, or one comes back).
 
         A new name is added to `spec`; a known name (e.g. a worker that was killed) is restarted
         with fresh keys at a new port, its spec entry replaced by `device`. Then hand it to a
@@ -359,6 +363,8 @@ class LocalCluster:
         info = json.loads(ready.read_text())
         key = info["public_key"].encode() if info.get("public_key") else None
         self.endpoints[device.name] = WorkerEndpoint(device.name, info["control"], key)
+        if self._context is None:
+            raise EmulationError("the cluster is not running; start it first")
         self._clients[device.name] = ControlClient(self._context, self.endpoints[device.name], self.coordinator_keys,
                                                    timeout_s=20)
         self._clients[device.name].call("ping")

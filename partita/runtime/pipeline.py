@@ -8,45 +8,36 @@ futures; every change to the request book goes through `Ledger.apply` in the I/O
 Requests are numbered in submission order; replica `r % n` of a replicated stage serves request
 `r` (round-robin), and `map` yields results in request order whatever order they arrive in.
 Figures are in device time: real seconds divided by the cluster's dilation.
+
+A switch to a new deployment (`partita.runtime.switch`) uses three calls, each run in the I/O
+thread: `hold(epoch)` (every pending request now belongs to the new epoch and waits; the old
+first-stage links close), `install(deployment, first_links, predicted_links)` (the new epoch's
+links; every pending request is sent again, in request order), and `halt(error)` (fail every
+pending request, and every new one until the next `install`, with `error`).
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import zmq
 
-from partita.errors import RequestError, WireError
+from partita.errors import PartitaError, RequestError, WireError
+from partita.runtime.deployment import ChainStage, Deployment
 from partita.runtime.flow import Outlink, next_wakeup
-from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger
+from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Record, Replayed
 from partita.runtime.wire import Limits, decode, encode
 
 RESULT_KINDS = frozenset({"act", "fail", "echo"})
 CREDIT_KINDS = frozenset({"credit", "error"})
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """One epoch's placement: which devices hold each stage and where the source sends and receives.
-
-    `placement[k]` names the devices (replicas) holding stage k. `reference_host_s[k]` is the
-    calibrated host time of stage k (the emulation basis), None for real devices.
-    """
-
-    epoch: int
-    plan: Any
-    programs: tuple[Any, ...]
-    placement: tuple[tuple[str, ...], ...]
-    codec: str
-    window: int
 
 
 class Pipeline:
@@ -60,18 +51,28 @@ class Pipeline:
         results_socket: zmq.Socket,
         first_links: list[tuple[zmq.Socket, Outlink]],
         collect_worker_stats: Callable[[], dict[str, dict]],
-        unflatten: Callable[[tuple[torch.Tensor, ...]], Any],
+        unflatten: Callable[[Any, tuple[torch.Tensor, ...]], Any],
         flatten: Callable[..., tuple[torch.Tensor, ...]],
         dilation: float,
         predicted_links: list[dict[str, Any]],
         on_close: Callable[[], None],
         limits: Limits = Limits(),
+        graph: Any = None,
+        measurements: Any = None,
+        deploy_timings: Mapping[str, float] | None = None,
+        registry: Any = None,
     ) -> None:
+        """`unflatten(program, flat)` rebuilds the model's outputs from the last stage's flat tensors.
+
+        `graph` is the captured ModelGraph, reusable for another deploy; `measurements` what deploy
+        measured (`partita.runtime.measure.Measurements`); `deploy_timings` the real seconds of each
+        deploy phase. `registry` (a `handle.Deployments`) lists this pipeline until it closes.
+        """
         self.deployment = deployment
         self.dilation = dilation
-        self.graph: Any = None  # the captured ModelGraph (set by deploy), reusable for another deploy
-        self.measurements: Any = None  # what deploy measured (partita.runtime.coordinator.Measurements)
-        self.deploy_timings: dict[str, float] = {}  # real seconds per deploy phase
+        self.graph = graph
+        self.measurements = measurements
+        self.deploy_timings: dict[str, float] = dict(deploy_timings or {})
         self._ctx = context
         self._results = results_socket
         self._first_links = first_links
@@ -81,6 +82,9 @@ class Pipeline:
         self._predicted_links = predicted_links
         self._on_close = on_close
         self._limits = limits
+        self._registry = registry
+        self._holding = False  # a switch is under way: requests wait for the next epoch
+        self._halted: PartitaError | None = None  # no plan fits: requests fail with this
         self._ledger = Ledger()
         self._submissions: queue.Queue[Accepted] = queue.Queue()
         self._next_id = 0
@@ -90,8 +94,8 @@ class Pipeline:
         self._stream_from = 0
         self._counters = {"malformed": 0, "worker_errors": 0}
         self._link_in: dict[str, list[float]] = {}
-        # Issue 5: the Supervisor (failures, drift, joins) attached by deploy, and the calls it runs
-        # in this I/O thread (a switch to a new epoch touches the ledger and the sockets).
+        # The Supervisor (failures, drift, joins) attached by deploy, and the calls it runs in this
+        # I/O thread (a switch to a new epoch touches the ledger and the sockets).
         self.supervisor: Any = None
         self._calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._wake_addr = f"inproc://pipeline-{id(self)}"
@@ -102,6 +106,8 @@ class Pipeline:
         self._wake_out.connect(self._wake_addr)
         self._thread = threading.Thread(target=self._loop, name="partita-pipeline", daemon=True)
         self._thread.start()
+        if registry is not None:
+            registry.add(self)
 
     # -- the user's side --------------------------------------------------------------------
     @property
@@ -132,7 +138,7 @@ class Pipeline:
                 outer.set_exception(error)
                 return
             try:
-                outer.set_result(self._unflatten(done.result()))
+                outer.set_result(self._unflatten(self.deployment.programs[-1], done.result()))
             except Exception as exc:  # noqa: BLE001 - a callback's exception would be lost; give it to the caller
                 outer.set_exception(RequestError(f"request {request}: could not rebuild the model's outputs: {exc}"))
 
@@ -170,6 +176,8 @@ class Pipeline:
         self._wake()
         self._thread.join(10.0)
         self._on_close()
+        if self._registry is not None:
+            self._registry.remove(self)
 
     def add_device(self, device: Any, *, timeout_s: float = 120.0) -> dict[str, Any] | None:
         """A device joins the running deployment (a new worker, or one that came back); re-plan if that helps.
@@ -188,6 +196,66 @@ class Pipeline:
         self._calls.put((fn, future))
         self._wake()
         return future
+
+    # -- switching to a new deployment (the supervisor's thread calls these) -----------------
+    def hold(self, epoch: int, *, timeout_s: float = 120.0) -> None:
+        """Every pending request now belongs to `epoch` and waits; the old first-stage links close.
+
+        Answers still coming from older epochs are stale and dropped by the ledger, so no request
+        can be answered twice, or failed by a worker that is being reconfigured.
+        """
+        def hold() -> None:
+            ledger, now = self._ledger, time.monotonic()
+            ledger.apply(Replayed(epoch, now))
+            for request in sorted(ledger.pending):
+                ledger.apply(Dispatched(request, epoch, now))
+            self._holding = True
+            self._close_first_links()
+
+        self.call_in_loop(hold).result(timeout=timeout_s)
+
+    def install(self, deployment: Deployment, first_links: list[tuple[zmq.Socket, Outlink]],
+                predicted_links: list[dict[str, Any]], *, timeout_s: float = 120.0) -> None:
+        """Run `deployment` from now on over `first_links`, and replay every pending request in it, in order."""
+        def install() -> None:
+            self._close_first_links()
+            self.deployment = deployment
+            self._first_links = first_links
+            self._predicted_links = predicted_links
+            self._holding = False
+            self._halted = None
+            self.replay()
+
+        self.call_in_loop(install).result(timeout=timeout_s)
+
+    def replay(self) -> None:
+        """Send every pending request again in the current epoch, oldest first (I/O thread only)."""
+        for record in sorted(self._ledger.pending.values(), key=lambda r: r.request):
+            self._dispatch(record)
+
+    def halt(self, error: PartitaError, *, timeout_s: float = 30.0) -> None:
+        """Fail every pending request with `error`, and every new one until the next `install`."""
+        def halt() -> None:
+            self._halted = error
+            self._close_first_links()
+            for record in sorted(self._ledger.pending.values(), key=lambda r: r.request):
+                self._refused(record)
+
+        self.call_in_loop(halt).result(timeout=timeout_s)
+
+    def _close_first_links(self) -> None:
+        for sock, _ in self._first_links:
+            sock.close(linger=0)
+        self._first_links = []
+
+    def _refused(self, record: Record) -> bool:
+        """True when `record` must not be dispatched now: held for the next epoch, or failed (halted)."""
+        if self._halted is not None:
+            if not record.future.done():
+                record.future.set_exception(self._halted)
+            self._ledger.apply(Failed(record.request, None, str(self._halted), time.monotonic()))
+            return True
+        return self._holding
 
     def __enter__(self) -> Pipeline:
         return self
@@ -214,7 +282,8 @@ class Pipeline:
         workers = self._collect_worker_stats()
         stages = []
         for index, (stage_plan, devices) in enumerate(zip(plan.stages, deployment.placement, strict=True)):
-            per_device = [workers.get(d, {}).get("stages", {}).get(str(index), {}) for d in devices]
+            stage_id = str(deployment.stage_id(index))
+            per_device = [workers.get(d, {}).get("stages", {}).get(stage_id, {}) for d in devices]
             measured = [s["mean_device_s"] for s in per_device if s.get("requests")]
             stages.append({
                 "index": index,
@@ -230,11 +299,10 @@ class Pipeline:
         for link in self._predicted_links:
             receiver = link["to"]
             incoming = self._link_in if link.get("to_source") else workers.get(receiver, {}).get("links_in", {})
-            record = incoming.get(link["from"])
-            if isinstance(record, list):
-                record = {"messages": record[0], "mean_transfer_s": record[1] / max(record[0], 1)}
-            measured = record["mean_transfer_s"] / k if record and record.get("messages") else None
-            links.append({**link, "measured_transfer_s": measured})
+            found = incoming.get(link["from"])
+            record = {"messages": found[0], "mean_transfer_s": found[1] / max(found[0], 1)} if isinstance(found, list) else found
+            measured_s = record["mean_transfer_s"] / k if record and record.get("messages") else None
+            links.append({**link, "measured_transfer_s": measured_s})
         return {
             "epoch": deployment.epoch,
             "dilation": k,
@@ -254,7 +322,7 @@ class Pipeline:
             # Links deploy probed (the plan used these instead of the cluster file's), device time.
             "links_measured": [
                 {"from": a, "to": b, "bandwidth_bytes_per_s": link.bandwidth_bytes_per_s, "latency_s": link.latency_s}
-                for (a, b), link in getattr(self.measurements, "links", {}).items()
+                for (a, b), link in (self.measurements.links if self.measurements is not None else {}).items()
             ],
         }
 
@@ -292,7 +360,7 @@ class Pipeline:
                     poller = self._make_poller()
                 self._accept_submissions()
                 delays = [outlink.pump() for _, outlink in self._first_links]
-                ready = dict(poller.poll(next_wakeup(delays, 0.1) * 1000))
+                ready = dict(poller.poll(math.ceil(next_wakeup(delays, 0.1) * 1000)))
                 if self._wake_in in ready:
                     while self._wake_in.poll(0):
                         self._wake_in.recv()
@@ -311,24 +379,31 @@ class Pipeline:
             except queue.Empty:
                 return
             record = self._ledger.apply(event)
-            self._dispatch(record)
+            if record is not None:
+                self._dispatch(record)
 
-    def _dispatch(self, record: Any) -> None:
-        if self.supervisor is not None and self.supervisor.holds(record):
+    def _dispatch(self, record: Record) -> None:
+        if self._refused(record):
             return  # held for the next epoch (a switch is under way) or failed (no plan fits)
-        epoch = self.deployment.epoch
-        sock, outlink = self._first_links[record.request % len(self._first_links)]
+        deployment = self.deployment
+        epoch = deployment.epoch
+        first = deployment.stages[0]
+        match first:
+            case ChainStage():  # one replica serves the request, round-robin (the links are in replica order)
+                links = [self._first_links[first.devices.index(first.replica_for(record.request))]]
         request, tensors, ledger = record.request, record.inputs, self._ledger
 
         def build() -> list:
             now = time.monotonic()
             ledger.apply(Dispatched(request, epoch, now))
-            return encode("act", {"r": request, "e": epoch, "s": 0, "ts": time.time()}, tensors, codec=self.deployment.codec)
+            header = {"r": request, "e": epoch, "s": deployment.stage_id(0), "ts": time.time()}
+            return encode("act", header, tensors, codec=deployment.codec)
 
-        outlink.put(build)
+        for _, outlink in links:
+            outlink.put(build)
 
     def _on_results(self) -> None:
-        n_stages = len(self.deployment.placement)
+        done_id = self.deployment.stage_id(len(self.deployment.placement))  # where the last stage's results go
         while self._results.poll(0):
             frames = self._results.recv_multipart(copy=False)
             sender = frames[0].bytes
@@ -343,7 +418,7 @@ class Pipeline:
                 continue
             self._results.send_multipart([sender, *encode("credit", {"n": 1})])
             h = msg.header
-            if not all(type(h.get(key)) is int for key in ("r", "e", "s")) or h["s"] != n_stages:
+            if not all(type(h.get(key)) is int for key in ("r", "e", "s")) or h["s"] != done_id:
                 self._counters["malformed"] += 1
                 continue
             now = time.monotonic()

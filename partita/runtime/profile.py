@@ -129,7 +129,7 @@ def _echo(socket: zmq.Socket, blob: torch.Tensor | None, timeout_s: float, shape
     if shape is not None:
         time.sleep(shape[0].delay_for(0 if blob is None else blob.numel()))
     socket.send_multipart(encode("echo", {}, () if blob is None else (blob,)), copy=False)
-    if not socket.poll(timeout_s * 1000):
+    if not socket.poll(math.ceil(timeout_s * 1000)):
         raise ProfileError(f"no echo from the probed peer within {timeout_s} s; is it running and does it allow this key?")
     reply = decode(socket.recv_multipart(copy=False), kinds={"echo", "error"})
     if reply.kind == "error":

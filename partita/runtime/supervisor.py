@@ -11,10 +11,10 @@ module measures and carries out:
   and feeds `observe_stage` / `observe_transfer` (see `_observe`).
 * **joins** — `Pipeline.add_device(...)`, or a failed worker answering again at its address.
 
-A `Decision` is carried out by `partita.runtime.switch.switch_epoch` in the pipeline's I/O thread:
-the new stages are shipped only to devices whose stage changed, every worker is routed for the
-new epoch, and every request still pending is replayed in it (answers from older epochs are
-dropped by the ledger). If the devices left cannot hold the model, every pending request, and
+A `Decision` is carried out by `partita.runtime.switch.Switcher.switch` (the transition from the
+running deployment to the new plan): the new stages are shipped only to devices whose stage
+changed, every worker is routed for the new epoch, and every request still pending is replayed in
+it (answers from older epochs are dropped by the ledger). If the devices left cannot hold the model, every pending request, and
 every request sent until a device joins, fails with the planner's `PlanError`.
 """
 
@@ -33,9 +33,11 @@ from partita.cluster import DeviceSpec
 from partita.errors import DeployError, PartitaError, PlanError, WorkerError
 from partita.plan.drift import DeltaMeans, DriftRule
 from partita.plan.replan import ReplanPolicy
-from partita.runtime.control import ControlClient
 from partita.runtime.heartbeat import Heartbeat
+from partita.runtime.pipeline import Pipeline
+from partita.runtime.session import Session
 from partita.runtime.switch import Switcher
+from partita.runtime.transition import TransitionEngine
 
 TICK_S = 0.05
 
@@ -64,11 +66,11 @@ class Supervision:
 class Supervisor:
     """Watches one pipeline (see the module docstring). Created by `deploy`; stopped by `Pipeline.close`."""
 
-    def __init__(self, pipe: Any, session: Any, config: Supervision, *, objective: str, planner: str,
-                 max_stages: int | None, replicate: bool) -> None:
+    def __init__(self, pipe: Pipeline, session: Session, engine: TransitionEngine, config: Supervision, *,
+                 objective: str, planner: str, max_stages: int | None, replicate: bool) -> None:
         self.config = config
+        self.session = session
         self._pipe = pipe
-        self._session = session
         self._cluster = session.cluster
         # Plan with what deploy planned with: the declared cluster, its probed links in place.
         self.policy = ReplanPolicy(pipe.graph, pipe.measurements.cluster_spec(session.cluster.spec), pipe.plan,
@@ -86,15 +88,12 @@ class Supervisor:
         self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partita-figures")
         self._collecting: Future | None = None
         self.heartbeat = Heartbeat(session.cluster.endpoints, session.keys, detection_s=config.detection_s).start()
-        self.switcher = Switcher(pipe, session, busy=self.heartbeat.busy)
+        engine.watch_busy(self.heartbeat.busy)
+        self.switcher = Switcher(pipe, engine)
         self._thread = threading.Thread(target=self._run, name="partita-supervisor", daemon=True)
         self._thread.start()
 
     # -- any thread -----------------------------------------------------------------------------
-    def holds(self, record: Any) -> bool:
-        """Called by the pipeline's I/O thread before dispatching `record` (see Switcher.holds)."""
-        return self.switcher.holds(record)
-
     def replans(self) -> list[dict[str, Any]]:
         """Every re-plan so far (`Replan.to_dict()`), oldest first."""
         return self.policy.replans()
@@ -175,11 +174,7 @@ class Supervisor:
             self._failed.add(failure.device)
             names.append(failure.device)
             self._log("failed", device=failure.device, detected_at=failure.at, reason=failure.reason)
-            client = self._session.clients.get(failure.device)
-            if client is not None:  # its calls would only time out; stats() leaves it out
-                # A new dict, not an edit: other threads may be iterating over the session's clients.
-                self._session.clients = {k: v for k, v in self._session.clients.items() if k != failure.device}
-                client.close()
+            self.session.drop(failure.device)  # its calls would only time out; stats() leaves it out
         if names:
             self.policy.on_failure(names, time_s=time.monotonic())
         return names
@@ -222,7 +217,7 @@ class Supervisor:
 
     def _halt(self, error: PartitaError) -> None:
         self._log("halted", error=str(error))
-        self._pipe.call_in_loop(lambda: self.switcher.halt(error)).result(timeout=30)
+        self.switcher.halt(error)
 
     # -- joins ----------------------------------------------------------------------------------
     def _join(self, device: DeviceSpec | str) -> dict[str, Any] | None:
@@ -234,17 +229,10 @@ class Supervisor:
         if endpoint is None:
             raise DeployError(f"no running worker for device {name!r}; start it (LocalCluster.add_worker, or "
                               "`partita worker`) and add it to the cluster handle first")
-        session = self._session
-        old = session.clients.get(name)
-        client = ControlClient(session.context, endpoint, session.keys, timeout_s=20)
-        session.clients = {**session.clients, name: client}  # a new dict: see _take_failures
-        if old is not None:
-            old.close()
-        from partita.runtime.coordinator import _routable
-
+        self.session.connect(name, endpoint)
         self.heartbeat.watch(name, endpoint)
         with self.heartbeat.busy(name):
-            session.infos[name] = _routable(client.call("hello", timeout_s=20).header, endpoint.control)
+            self.session.greet(name)
         self.switcher.forget(name)
         self._failed.discard(name)
         self.policy.on_join(device, time_s=time.monotonic(), segment_times_s=self._segment_times(name))
@@ -254,7 +242,7 @@ class Supervisor:
     def _segment_times(self, name: str) -> tuple[float, ...] | None:
         """Seconds per segment on `name`: scaled from the host profile when emulated here, else None (flops)."""
         host_s = self._pipe.measurements.host_segment_s
-        speed = (getattr(self._cluster, "host_speeds", {}) or {}).get(name)
+        speed = self._cluster.host_speeds.get(name)
         if host_s is None or speed is None:
             return None
         return tuple(t / speed for t in host_s)
@@ -276,7 +264,7 @@ class Supervisor:
                 figures = workers.get(device)
                 if figures is None or device in self._failed:
                     continue
-                stage = figures.get("stages", {}).get(str(index))
+                stage = figures.get("stages", {}).get(str(deployment.stage_id(index)))
                 if stage:
                     mean = self._interval_mean(("stage", device, deployment.epoch, index), stage)
                     if mean is not None and mean > 0:
@@ -313,7 +301,7 @@ class Supervisor:
         return delta
 
     def _worker_stats(self, name: str) -> dict[str, Any] | None:
-        client = self._session.clients.get(name)
+        client = self.session.clients.get(name)
         if client is None or name in self._failed:
             return None
         try:
@@ -322,8 +310,8 @@ class Supervisor:
             return None  # a worker that cannot answer is the heartbeat's business, not drift's
 
 
-def attach(pipe: Any, session: Any, supervise: Supervision | bool, *, objective: str, planner: str,
-           max_stages: int | None, replicate: bool, pinned: bool) -> Supervisor:
+def attach(pipe: Pipeline, session: Session, engine: TransitionEngine, supervise: Supervision | bool, *,
+           objective: str, planner: str, max_stages: int | None, replicate: bool, pinned: bool) -> Supervisor:
     """Start supervising a freshly deployed `pipe` (deploy calls this). `pinned`: the user gave the stages."""
     if isinstance(supervise, Supervision):
         config = supervise
@@ -331,6 +319,6 @@ def attach(pipe: Any, session: Any, supervise: Supervision | bool, *, objective:
         config = Supervision(drift=not pinned, joins=not pinned)
     if not isinstance(supervise, Supervision | bool):
         raise DeployError(f"supervise must be True, False or a Supervision, got {supervise!r}")
-    pipe.supervisor = Supervisor(pipe, session, config, objective=objective, planner=planner,
+    pipe.supervisor = Supervisor(pipe, session, engine, config, objective=objective, planner=planner,
                                  max_stages=max_stages, replicate=replicate)
     return pipe.supervisor

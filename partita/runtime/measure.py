@@ -1,0 +1,180 @@
+"""measure: time every segment of a captured model on every device of a cluster, then probe links.
+
+Workers on this host (a `LocalCluster`) share one host profile scaled by each device's emulated
+speed; a worker elsewhere times the segments itself (the `profile` command). Links the cluster
+does not declare (or all of them, on request) are probed: a worker probes its peers' data sockets
+(`probe`), the coordinator probes the source's links. Everything is in device time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+
+from partita.cluster import ClusterSpec, LinkSpec
+from partita.errors import DeployError, WorkerError
+from partita.runtime.handle import ClusterHandle
+from partita.runtime.keys import apply_client
+from partita.runtime.protocol import Allow, Probe, Probed, Profile, Profiled
+from partita.runtime.session import Session
+from partita.runtime.transition import link_setting
+from partita.runtime.wire import blob_tensor
+
+PROFILE_TIMEOUT_S = 600.0
+PROBE_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What `measure` found: seconds per segment per device (device time), the host profile, the links.
+
+    `host_segment_s` is this host's time per segment (the basis of emulated devices), None when
+    no device is emulated here. `device_info` is each worker's hello reply. `links` are the links
+    that were probed, keyed (prober, probed) — the source's are probed from the coordinator — in
+    device time; links not probed are as the cluster declares them (`cluster_spec`).
+    """
+
+    segment_times_s: Mapping[str, tuple[float, ...]]
+    host_segment_s: tuple[float, ...] | None
+    device_info: Mapping[str, Mapping[str, Any]]
+    links: Mapping[tuple[str, str], LinkSpec] = field(default_factory=dict)
+
+    def cluster_spec(self, declared: ClusterSpec) -> ClusterSpec:
+        """`declared` with the probed links in place of what it says (what deploy plans with)."""
+        spec = declared
+        for (a, b), link in self.links.items():
+            spec = spec.with_link(a, b, link)
+        return spec
+
+
+def measure(
+    graph: Any,
+    example_inputs: tuple,
+    cluster: ClusterHandle,
+    *,
+    session: Session | None = None,
+    reps: int = 3,
+    probe_links: bool | None = None,
+) -> Measurements:
+    """Time every segment of `graph` on every device of `cluster` (seconds, device time), then probe links.
+
+    `probe_links` (see `deploy`): None probes the real links the cluster does not declare, True
+    every link, False none. A worker probes its peers' data sockets (`probe`), so each probed
+    worker first allows the probing workers' keys; the coordinator probes the source's links.
+    """
+    from partita.model import flatten_inputs, split
+
+    own = session is None
+    session = session or Session(cluster)
+    try:
+        infos = session.hello()
+        segments = split(graph, list(range(len(graph.segments) - 1)))
+        inputs = tuple(flatten_inputs(*example_inputs))
+        speeds = dict(cluster.host_speeds)
+        remote = [name for name in cluster.spec.names if name not in speeds]
+        archives = [blob_tensor(s.to_bytes()) for s in segments] if remote else []
+        shas = tuple(s.sha256 for s in segments)
+        times: dict[str, tuple[float, ...]] = {}
+        host_s: tuple[float, ...] | None = None
+        if speeds:
+            # Emulated devices share this host: time the segments once, here, on as many torch threads
+            # as an emulated worker uses, and scale by each device's speed.
+            host_s = host_profile(segments, inputs, reps=reps, threads=cluster.threads_per_worker)
+            for name, speed in speeds.items():
+                times[name] = tuple(t / speed for t in host_s)
+
+        def profile(name: str) -> tuple[str, tuple[float, ...]]:
+            command = Profile(shas, tuple(archives), inputs, reps)
+            reply = session.clients[name].send(command, timeout_s=PROFILE_TIMEOUT_S)
+            if not isinstance(reply, Profiled):
+                raise DeployError(f"worker {name} answered profile with {reply.KIND!r}")
+            return name, reply.device_s
+
+        with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
+            times.update(dict(pool.map(profile, remote)))
+        # After the profiles, one at a time: probes that overlap would share (and halve) the network.
+        links = probe(session, links_to_probe(cluster, probe_links))
+        return Measurements(times, host_s, infos, links)
+    finally:
+        if own:
+            session.close()
+
+
+def links_to_probe(cluster: ClusterHandle, probe_links: bool | None) -> list[tuple[str, str]]:
+    """(prober, probed) pairs to measure: the source's links are probed from the coordinator (the source).
+
+    None: links with a real device at either end (not emulated here) that the spec does not
+    declare in its pairs (it only has them from `default`). True: all links. False: none.
+    """
+    if probe_links is False:
+        return []
+    spec = cluster.spec
+    nodes = [*spec.names, *([] if spec.source in spec.names else [spec.source])]
+    out = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            real = not cluster.emulated_links or cluster.emulated_link(a, b) is None
+            if probe_links or (real and frozenset((a, b)) not in spec.pair_links):
+                out.append((b, a) if b == spec.source else (a, b))  # the source is last in `nodes`
+    return out
+
+
+def probe(session: Session, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], LinkSpec]:
+    """Measure each (prober, probed) link; the source's from this process, the others by the prober's worker."""
+    from partita.runtime.profile import measure_link
+
+    if not pairs:
+        return {}
+    cluster, infos = session.cluster, session.hello()
+    source = cluster.spec.source
+    public = session.public_keys()
+    probers: dict[str, list[str]] = {}
+    for a, b in pairs:
+        if a != source and (prober_key := public.get(a)):
+            probers.setdefault(b, []).append(prober_key)
+    for b, prober_keys in probers.items():  # the probed data socket must accept the prober's key
+        session.clients[b].send(Allow(tuple(prober_keys)))
+    links = {}
+    for a, b in pairs:
+        setting = link_setting(cluster, a, b)
+        key = public.get(b)
+        if a == source:
+            sock = session.context.socket(zmq.DEALER)
+            keys = session.keys
+            plain = keys is None or not key
+            apply_client(sock, None if plain or keys is None else (keys.public, keys.secret),
+                         None if plain or key is None else key.encode(), insecure=plain)
+            try:
+                sock.connect(str(infos[b]["data"]))
+                result = measure_link(sock, emulate=(setting.bandwidth_bytes_per_s, setting.latency_s),
+                                      dilation=cluster.dilation)
+            finally:
+                sock.close(linger=0)
+            links[(a, b)] = LinkSpec(float(result["bandwidth_bytes_per_s"]), float(result["latency_s"]))
+            continue
+        command = Probe(str(infos[b]["data"]), key, setting.bandwidth_bytes_per_s, setting.latency_s)
+        try:
+            reply = session.clients[a].send(command, timeout_s=PROBE_TIMEOUT_S)
+        except WorkerError as exc:
+            raise DeployError(f"could not probe the link {a}-{b}: {exc}") from None
+        if not isinstance(reply, Probed):
+            raise DeployError(f"worker {a} answered probe with {reply.KIND!r}")
+        links[(a, b)] = LinkSpec(reply.bandwidth_bytes_per_s, reply.latency_s)
+    return links
+
+
+def host_profile(segments: Sequence[Any], inputs: tuple, *, reps: int, threads: int) -> tuple[float, ...]:
+    """Seconds per segment on this host with `threads` torch threads (the basis of emulated devices)."""
+    from partita.runtime.profile import time_programs
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return tuple(time_programs(segments, inputs, reps=reps))
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,508 @@
+"""Transitions: how the workers get from the deployment they hold to a target deployment.
+
+`deploy` is the transition from nothing to the first target; a re-plan (`switch`) is the
+transition from the current deployment to the next. Both go through this module, in two steps:
+
+1. `plan_transition(held, target, network, live=...)` is pure: from what each device holds now,
+   the target `Deployment` and the `Network` (addresses, keys, link settings, the sink), it
+   computes the plan diff (`partita.plan.diff.diff_holdings`) and the typed worker actions.
+2. `TransitionEngine.apply(transition)` carries the actions out over the control protocol and
+   records what each device now holds.
+
+| diff of a device                      | actions, in this order |
+|---|---|
+| holds a stage the target no longer uses | `Drop` (unload everything) |
+| keeps its segments under a new index    | `Renumber` (nothing shipped) |
+| gets segments it does not hold          | `Ship` (unload, then load the archive: sha256- and memory-checked) |
+| keeps its stage as it is                | nothing |
+| every device of the target, then every live worker | `Allow` (who may send to it), then `Route` (the new epoch's wiring) |
+
+The sink (the coordinator's result socket) is re-authorized for the target's last stage before
+any worker is routed, and every worker is allowed its senders before any is routed, so no
+handshake is refused. The engine also holds the epoch counter, the emulated link settings and the
+shapers of the coordinator's own sends (`open_first_links`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from partita.cluster import ClusterSpec, LinkSpec
+from partita.errors import DeployError, WorkerError
+from partita.plan.diff import PlanDiff, diff_holdings
+from partita.runtime import protocol
+from partita.runtime.deployment import STAGE_SPAN, ChainStage, Deployment
+from partita.runtime.emulation import LinkShaper, shaper_for
+from partita.runtime.flow import Outlink, socket_sender
+from partita.runtime.handle import ClusterHandle
+from partita.runtime.keys import apply_client, set_authorized
+from partita.runtime.session import Session
+from partita.runtime.wire import blob_tensor
+
+if TYPE_CHECKING:
+    from partita.plan import StagePlan
+
+SHIP_TIMEOUT_S = 300.0
+COMMAND_TIMEOUT_S = 10.0
+
+_epochs = itertools.count(1)
+_epochs_lock = threading.Lock()
+
+
+def next_epoch() -> int:
+    """A new epoch number, unique in this process (workers refuse activations of any other epoch)."""
+    with _epochs_lock:
+        return next(_epochs)
+
+
+# -- links ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinkSetting:
+    """The emulated link a -> b, device units; both None: not shaped (a real link, or a device to itself)."""
+
+    bandwidth_bytes_per_s: float | None = None
+    latency_s: float | None = None
+
+    def shaper(self, dilation: float) -> LinkShaper | None:
+        return shaper_for(self.bandwidth_bytes_per_s, self.latency_s, dilation)
+
+
+def link_setting(cluster: ClusterHandle, a: str, b: str) -> LinkSetting:
+    """How the runtime shapes the link a -> b on `cluster` (nothing when links are real)."""
+    link = cluster.emulated_link(a, b) if cluster.emulated_links and a != b else None
+    if link is None:
+        return LinkSetting()
+    bandwidth = None if math.isinf(link.bandwidth_bytes_per_s) else link.bandwidth_bytes_per_s
+    return LinkSetting(bandwidth, link.latency_s or None)
+
+
+def predicted_link(a: str, b: str, nbytes: int, link: LinkSpec, *, to_source: bool) -> dict[str, Any]:
+    """One hop as `Pipeline.stats()["links"]` reports it: the bytes a request puts on it and the predicted times."""
+    occupancy_s = 0.0 if math.isinf(link.bandwidth_bytes_per_s) else nbytes / link.bandwidth_bytes_per_s
+    return {
+        "from": a,
+        "to": b,
+        "to_source": to_source,
+        "bytes": int(nbytes),
+        "predicted_occupancy_s": occupancy_s,
+        "predicted_transfer_s": link.latency_s + occupancy_s,
+    }
+
+
+# -- what the transition works from ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Holding:
+    """What one device holds: stage `stage`, segments [start, end), the program's sha256."""
+
+    stage: int
+    segments: tuple[int, int]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Sink:
+    """The coordinator's result socket: where the last stage sends (the source node's name, address, key)."""
+
+    name: str
+    address: str
+    public_key: str | None
+
+
+@dataclass(frozen=True)
+class Network:
+    """What routes are made of: the running workers' data addresses and keys, the links, the sink.
+
+    `links(a, b)` is the emulated setting of link a -> b; `planned` is the cluster the plan assumed
+    (for predicted link times); `reference_host_s(device, stage)` is the calibrated host time an
+    emulated device's stage is paced by (None: a real device).
+    """
+
+    source: str
+    data: Mapping[str, str]
+    public_keys: Mapping[str, str | None]
+    links: Callable[[str, str], LinkSetting]
+    planned: ClusterSpec
+    sink: Sink
+    reference_host_s: Callable[[str, StagePlan], float | None] = lambda device, stage: None
+
+
+# -- the actions ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Drop:
+    """Unload every stage of `device` (the target does not use it)."""
+
+    device: str
+
+
+@dataclass(frozen=True)
+class Renumber:
+    """`device` keeps its program, served from now on as stage `new` instead of `old`."""
+
+    device: str
+    old: int
+    new: int
+
+
+@dataclass(frozen=True)
+class Ship:
+    """Send stage `stage`'s archive to `device` and load it there (after unloading what it held)."""
+
+    device: str
+    stage: int
+    program: Any
+    memory_bytes: float
+    reference_host_s: float | None
+    segments: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AuthorizeSink:
+    """Only these workers (z85 keys) may connect to the coordinator's result socket from now on."""
+
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Allow:
+    """The peers (z85 keys) that may send this deployment's activations to `device`."""
+
+    device: str
+    peers: tuple[str, ...]
+    pipeline: int = 0
+
+
+@dataclass(frozen=True)
+class Route:
+    """`device`'s data-plane wiring for the target's epoch."""
+
+    device: str
+    command: protocol.Route
+
+
+Action = Drop | Renumber | Ship | AuthorizeSink | Allow | Route
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The actions that take the workers to `target`, the diff they come from, the predicted hops."""
+
+    target: Deployment
+    diff: PlanDiff
+    actions: tuple[Action, ...]
+    predicted_links: tuple[dict[str, Any], ...] = field(default=())
+
+    @property
+    def shipped(self) -> tuple[tuple[str, int], ...]:
+        """(device, stage) of every archive shipped."""
+        return tuple(sorted((a.device, a.stage) for a in self.actions if isinstance(a, Ship)))
+
+    @property
+    def renumbered(self) -> tuple[tuple[str, int], ...]:
+        """(device, new stage) of every stage only renumbered."""
+        return tuple(sorted((a.device, a.new) for a in self.actions if isinstance(a, Renumber)))
+
+    def describe(self) -> list[str]:
+        """One line per action, in order (what docs/runtime.md shows)."""
+        out = []
+        for action in self.actions:
+            match action:
+                case Drop():
+                    out.append(f"drop      {action.device}")
+                case Renumber():
+                    out.append(f"renumber  {action.device}: stage {action.old} -> {action.new}")
+                case Ship():
+                    out.append(f"ship      stage {action.stage} {list(action.segments)} -> {action.device}")
+                case AuthorizeSink():
+                    out.append(f"sink      accepts {len(action.keys)} key(s)")
+                case Allow():
+                    out.append(f"allow     {action.device}: {len(action.peers)} peer(s)")
+                case Route():
+                    stages = [s.stage for s in action.command.stages]
+                    out.append(f"route     {action.device}: epoch {action.command.epoch}, stages {stages}")
+        return out
+
+
+def plan_transition(
+    held: Mapping[str, Holding], target: Deployment, network: Network, *, live: Iterable[str]
+) -> Transition:
+    """The actions from `held` (what each live device holds) to `target`; pure (see the module docstring).
+
+    `live` are the workers that answer: only they are dropped or routed. A device of the target
+    that is not live is an error (DeployError): there is no worker to ship to.
+    """
+    live = set(live)
+    missing = sorted(d for d in target.devices if d not in live)
+    if missing:
+        raise DeployError(f"the new plan uses {missing}, which have no live worker")
+    programs = {stage.index: stage.program for stage in target.stages}
+    # A device whose program differs from the target's (another model's, a stale split) is reloaded.
+    current = {
+        device: (h.stage, h.segments) for device, h in held.items()
+        if device in live and _same_program(h, device, target, programs)
+    }
+    stale = {device for device in held if device in live and device not in current}
+    diff = diff_holdings(current, target.plan)
+    actions: list[Action] = []
+    for change in diff.changes:
+        if change.action == "unload" and change.device in held:
+            actions.append(Drop(change.device))
+    actions += [Drop(d) for d in sorted(stale) if d not in target.devices]
+    for change in diff.changes:
+        old, new = change.old_stage, change.new_stage
+        if change.action == "keep" and old is not None and new is not None and old != new:
+            actions.append(Renumber(change.device, old, new))
+    for stage in target.stages:
+        for device in stage.devices:
+            change = next(c for c in diff.changes if c.device == device)
+            if change.action == "load":
+                actions.append(Ship(device, stage.index, stage.program, float(stage.plan.memory_bytes),
+                                    network.reference_host_s(device, stage.plan), (stage.plan.start, stage.plan.end)))
+    routes, predicted = _routes(target, network)
+    last = target.stages[-1]
+    actions.append(AuthorizeSink(tuple(k for d in last.devices if (k := network.public_keys.get(d)))))
+    idle = protocol.Route(target.epoch, target.window, target.codec, pipeline=target.slot)
+    for device in sorted(live):
+        actions.append(Allow(device, routes.get(device, idle).peers, target.slot))
+    for device in sorted(live):
+        actions.append(Route(device, routes.get(device, idle)))
+    return Transition(target, diff, tuple(actions), tuple(predicted))
+
+
+def _same_program(held: Holding, device: str, target: Deployment, programs: Mapping[int, Any]) -> bool:
+    """True unless the device's held program is known to differ from the target's for its segments."""
+    for stage in target.stages:
+        if device in stage.devices and (stage.plan.start, stage.plan.end) == held.segments:
+            return bool(programs[stage.index].sha256 == held.sha256)
+    return True  # the target gives it other segments (or none): the diff decides
+
+
+def _routes(target: Deployment, network: Network) -> tuple[dict[str, protocol.Route], list[dict[str, Any]]]:
+    """Each target device's route, and the hops the plan predicts (as `Pipeline.stats()` reports them)."""
+    stages = target.stages
+    keys, source, sink = network.public_keys, network.source, network.sink
+    peers: dict[str, list[str]] = {}
+    entries: dict[str, list[protocol.StageRoute]] = {}
+    predicted: list[dict[str, Any]] = []
+    for stage in stages:
+        match stage:
+            case ChainStage():
+                senders = stages[stage.index - 1].devices if stage.index > 0 else (source,)
+                nexts = stages[stage.index + 1].devices if stage.index + 1 < len(stages) else None
+                for device in stage.devices:
+                    peers.setdefault(device, []).extend(k for u in senders if (k := keys.get(u)))
+                    if nexts is not None:
+                        dests = tuple(_destination(d, network.data[d], keys.get(d), network.links(device, d))
+                                      for d in nexts)
+                    else:
+                        dests = (_destination(sink.name, sink.address, sink.public_key, network.links(device, source)),)
+                    entries.setdefault(device, []).append(protocol.StageRoute(target.stage_id(stage.index), dests))
+                    for sender in senders:
+                        link = network.planned.link(sender, device)
+                        predicted.append(predicted_link(sender, device, stage.plan.in_bytes, link, to_source=False))
+                if nexts is None:
+                    for device in stage.devices:
+                        link = network.planned.link(device, source)
+                        predicted.append(predicted_link(device, source, stage.plan.out_bytes, link, to_source=True))
+    routes = {
+        device: protocol.Route(target.epoch, target.window, target.codec, tuple(peers[device]), tuple(entries[device]),
+                               pipeline=target.slot)
+        for device in entries
+    }
+    return routes, predicted
+
+
+def _destination(name: str, address: str, key: str | None, setting: LinkSetting) -> protocol.Destination:
+    return protocol.Destination(name, address, key, setting.bandwidth_bytes_per_s, setting.latency_s)
+
+
+# -- carrying a transition out --------------------------------------------------------------------
+class TransitionEngine:
+    """Carries transitions out on the workers of `session`, and remembers what each device holds.
+
+    `sink_socket` is the coordinator's result socket (its authorized keys follow the last stage).
+    `busy(device)` marks a long control call to the heartbeat, so a device loading a big archive
+    is not taken for dead. `host_segment_s` and `host_speeds` pace emulated devices.
+
+    `slot` is the deployment's slot on the cluster: stage ids on the wire are offset by it. An
+    `exclusive` engine (the only deployment on the cluster) unloads everything a device holds
+    before loading, as stages left by an earlier coordinator would only take memory; one that
+    shares the workers unloads only its own stages.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        sink: Sink,
+        *,
+        planned: ClusterSpec,
+        host_segment_s: Sequence[float] | None = None,
+        busy: Callable[[str], AbstractContextManager[Any]] | None = None,
+        slot: int = 0,
+        exclusive: bool = True,
+    ) -> None:
+        self.session = session
+        self.slot = slot
+        self.exclusive = exclusive
+        self.sink = sink
+        self.planned = planned
+        self.held: dict[str, Holding] = {}
+        self._host_s = tuple(host_segment_s) if host_segment_s is not None else None
+        self._busy = busy or (lambda device: nullcontext())
+        self._sink_socket: zmq.Socket | None = None
+
+    def watch_busy(self, busy: Callable[[str], AbstractContextManager[Any]]) -> None:
+        """Mark long calls with `busy(device)` from now on (the supervisor's heartbeat)."""
+        self._busy = busy
+
+    def attach_sink(self, socket: zmq.Socket) -> None:
+        """The result socket whose authorized keys `AuthorizeSink` sets (secure clusters only)."""
+        self._sink_socket = socket
+
+    def forget(self, device: str) -> None:
+        """`device` restarted (or joined): it holds nothing."""
+        self.held.pop(device, None)
+
+    def network(self) -> Network:
+        session, cluster = self.session, self.session.cluster
+        infos = session.hello()
+        speeds = cluster.host_speeds
+        host_s = self._host_s
+
+        def reference(device: str, stage: StagePlan) -> float | None:
+            if host_s is None or device not in speeds:
+                return None
+            return sum(host_s[stage.start:stage.end])
+
+        return Network(
+            source=cluster.spec.source,
+            data={name: str(info["data"]) for name, info in infos.items()},
+            public_keys=session.public_keys(),
+            links=lambda a, b: link_setting(cluster, a, b),
+            planned=self.planned,
+            sink=self.sink,
+            reference_host_s=reference,
+        )
+
+    def plan(self, target: Deployment) -> Transition:
+        """The transition from what the workers hold to `target` (nothing is sent)."""
+        return plan_transition(self.held, target, self.network(), live=self.session.clients)
+
+    def apply(self, transition: Transition) -> None:
+        """Carry `transition` out; DeployError naming the device and the step if a worker refuses."""
+        ships: dict[str, list[Ship]] = {}
+        for action in transition.actions:
+            match action:
+                case Ship():
+                    ships.setdefault(action.device, []).append(action)
+                case _:
+                    if ships:  # ship in parallel, once every drop and renumber before them is done
+                        self._ship_all(ships)
+                        ships = {}
+                    self._run(action)
+        if ships:
+            self._ship_all(ships)
+
+    def _stage_id(self, index: int) -> int:
+        return self.slot * STAGE_SPAN + index
+
+    def _unload(self, device: str) -> protocol.Unload:
+        """What to unload on `device` before it changes: everything when exclusive, else only our stage."""
+        holding = self.held.get(device)
+        if self.exclusive:
+            return protocol.Unload()
+        return protocol.Unload(() if holding is None else (self._stage_id(holding.stage),))
+
+    def _run(self, action: Action) -> None:
+        match action:
+            case Drop():
+                self._call(action.device, self._unload(action.device), "unload its stages")
+                self.held.pop(action.device, None)
+            case Renumber():
+                moves = ((self._stage_id(action.old), self._stage_id(action.new)),)
+                self._call(action.device, protocol.Renumber(moves), f"renumber stage {action.old} to {action.new}")
+                holding = self.held[action.device]
+                self.held[action.device] = Holding(action.new, holding.segments, holding.sha256)
+            case AuthorizeSink():
+                if self._sink_socket is not None and self.session.keys is not None:
+                    set_authorized(self._sink_socket, [k.encode() for k in action.keys])
+            case Allow():
+                self._call(action.device, protocol.Allow(action.peers, action.pipeline), "allow its senders")
+            case Route():
+                self._call(action.device, action.command, f"route the new epoch {action.command.epoch}")
+            case Ship():
+                self._ship_all({action.device: [action]})
+
+    def _call(self, device: str, command: protocol.Command, what: str) -> None:
+        try:
+            self.session.clients[device].send(command, timeout_s=COMMAND_TIMEOUT_S)
+        except (WorkerError, KeyError) as exc:
+            raise DeployError(f"could not {what} on {device}: {exc}") from None
+
+    def _ship_all(self, ships: Mapping[str, list[Ship]]) -> None:
+        def ship(device: str) -> None:
+            client = self.session.clients[device]
+            unload = self._unload(device)
+            self.held.pop(device, None)
+            with self._busy(device):
+                for action in ships[device]:
+                    load = protocol.Load(self._stage_id(action.stage), action.program.sha256,
+                                         blob_tensor(action.program.to_bytes()), memory_bytes=action.memory_bytes,
+                                         reference_host_s=action.reference_host_s)
+                    try:
+                        client.send(unload, timeout_s=COMMAND_TIMEOUT_S)
+                        client.send(load, timeout_s=SHIP_TIMEOUT_S)
+                    except WorkerError as exc:
+                        raise DeployError(f"could not deploy stage {action.stage} to {device}: {exc}") from None
+                    self.held[device] = Holding(action.stage, action.segments, action.program.sha256)
+
+        with ThreadPoolExecutor(max_workers=max(1, len(ships))) as pool:
+            list(pool.map(ship, sorted(ships)))
+
+    def release(self, *, timeout_s: float = 2.0) -> None:
+        """Unload this deployment's stages and routes from every live worker (its pipeline closed).
+
+        Only a deployment that shares the workers does this; an exclusive one leaves its stages to
+        the next deployment, which unloads everything first. Best effort: a worker that does not
+        answer in `timeout_s` is left as it is (it failed, or the next deployment routes it again).
+        """
+        if self.exclusive:
+            return
+        epoch = next_epoch()
+        for device, client in list(self.session.clients.items()):
+            holding = self.held.pop(device, None)
+            try:
+                if holding is not None:
+                    client.send(protocol.Unload((self._stage_id(holding.stage),)), timeout_s=timeout_s)
+                client.send(protocol.Route(epoch, 1, pipeline=self.slot), timeout_s=timeout_s)
+            except WorkerError:
+                continue  # closing must not fail on a worker that is gone; nothing of ours runs there
+
+    # -- the coordinator's own sends ----------------------------------------------------------------
+    def open_first_links(self, deployment: Deployment) -> list[tuple[zmq.Socket, Outlink]]:
+        """A DEALER (behind an Outlink: credits and the emulated source link) to each first-stage replica."""
+        session, cluster = self.session, self.session.cluster
+        source, keys = cluster.spec.source, session.keys
+        public = session.public_keys()
+        infos = session.hello()
+        links = []
+        for device in deployment.stages[0].devices:
+            sock = session.context.socket(zmq.DEALER)
+            sock.identity = f"{source}/{deployment.epoch}".encode()
+            sock.sndhwm = 0
+            key = public.get(device)
+            plain = keys is None or not key
+            apply_client(sock, None if plain or keys is None else (keys.public, keys.secret),
+                         None if plain or key is None else key.encode(), insecure=plain)
+            sock.connect(str(infos[device]["data"]))
+            shaper = link_setting(cluster, source, device).shaper(cluster.dilation)
+            links.append((sock, Outlink(device, socket_sender(sock), deployment.window, shaper)))
+        return links
