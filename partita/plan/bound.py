@@ -87,11 +87,11 @@ def _optimistic_cluster(tables: CostTables, cluster: ClusterSpec, groups: list[l
     for k, members in enumerate(groups):
         fastest = np.min([per_segment[name] for name in members], axis=0)
         memory = max(cluster.device(name).memory_bytes for name in members)
-        spec = DeviceSpec(reps[k], max(cluster.device(name).flops_per_s for name in members), memory)
-        devices.append(spec)
+        device = DeviceSpec(reps[k], max(cluster.device(name).flops_per_s for name in members), memory)
+        devices.append(device)
         intra = _best_link(bandwidth, latency, index[k], index[k], distinct=True) if len(members) > 1 else None
         names_k = (reps[k], *(f"{reps[k]}.{i}" for i in range(1, len(members))))
-        classes.append(DeviceClass(names_k, spec, tuple(float(t) for t in fastest), intra))
+        classes.append(DeviceClass(names_k, device, tuple(float(t) for t in fastest), intra))
     pairs = {}
     for a in range(len(groups)):
         pairs[frozenset((reps[a], source))] = _best_link(bandwidth, latency, index[a], src)
@@ -136,6 +136,8 @@ def _chain_value(tables: CostTables, spec: ClusterSpec, classes: list[DeviceClas
         else:
             value += link.latency_s + busy + compute
         prev = stage
+    if prev is None:
+        raise ValueError("a chain has at least one stage")
     last = classes[prev.cls]
     link = spec.link(last.members[0], spec.source)
     busy = tables.cut_bytes[tables.L] / link.bandwidth_bytes_per_s

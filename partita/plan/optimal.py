@@ -102,11 +102,10 @@ def _plan_large(profile: Profile, tables: CostTables, cluster: ClusterSpec, clas
     value = best.period_s if objective == "throughput" else best.latency_s
     bound = _certified_bound(tables, cluster, classes, search, objective=objective, replicate=replicate,
                              stages_limit=stages_limit, segment_times_s=segment_times_s, value=value)
-    if bound <= 0:
-        bound = None  # nothing better than zero is known
+    known = bound if bound > 0 else None  # nothing better than zero is known
     if objective == "latency":
-        return _relabel(best, profile, cluster, segment_times_s, None, bound)
-    return _relabel(best, profile, cluster, segment_times_s, bound, None)
+        return _relabel(best, profile, cluster, segment_times_s, None, known)
+    return _relabel(best, profile, cluster, segment_times_s, known, None)
 
 
 def _certified_bound(tables, cluster, classes, search, *, objective, replicate, stages_limit, segment_times_s,
@@ -150,8 +149,6 @@ def _class_path_plan(profile, tables, cluster, classes, objective, stages_limit,
             best = candidate
         if objective == "latency":
             break  # the first chain is the latency-best; replication does not change latency
-    if best is None:  # `found` is not empty, so a candidate was kept; this only names the impossible case
-        raise PlanError(_no_fit_message(profile, cluster, max_stages))
     return best
 
 
@@ -186,20 +183,20 @@ def _topology_plan(profile, tables, cluster, classes, candidates, *, objective, 
         # The search stopped on its budget: improve the best chain known by local moves.
         start = chain
         if start is None and plain:
-            start = _device_chain(net, min(plain, key=lambda c: c.period_s))
+            start = tuple(_device_chain(net, min(plain, key=lambda c: c.period_s)))
         if start:
             improved, value = improve_period(net, start, max_stages=stages_limit)
             if value < result.value:
-                chain = improved
+                chain = tuple(improved)
     if chain is None:
         return result, None
     class_of = {name: k for k, c in enumerate(classes) for name in c.members}
-    named = [(net.names[s.device], s.start, s.end) for s in chain]
+    named: list = [(net.names[s.device], s.start, s.end) for s in chain]
     if replicate:
-        chain = [ClassStage(class_of[name], 1, start, end) for name, start, end in named]
-        chain = add_replicas(chain, tables, cluster, classes, _used(chain, classes))
+        by_class = [ClassStage(class_of[name], 1, start, end) for name, start, end in named]
+        by_class = add_replicas(by_class, tables, cluster, classes, _used(by_class, classes))
         # Replicas come from the rest of each class; the searched device keeps its stage.
-        named = _with_replicas(named, chain, classes)
+        named = _with_replicas(named, by_class, classes)
     plan = predict(profile, cluster, named, objective=objective, planner="optimal", segment_times_s=segment_times_s)
     return result, plan
 
