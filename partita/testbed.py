@@ -22,11 +22,13 @@ Nothing is sent anywhere but the addresses of the namespaces this object made.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,3 +205,92 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+class WorkerTestbed:
+    """A `Testbed` with a real `partita worker` on every host, and a cluster file naming them.
+
+    Each worker listens on its host's address, port 5555, with its own CURVE key pair; the
+    coordinator's key pair is `keys/coordinator.key[_secret]` under `root`. `file` is the cluster
+    file: one device per host by `address` and `public_key`, with `device_fields` (YAML flow
+    mapping entries, e.g. "compute: 10GFLOPS, memory: 1GiB") and `links` (the file's `links:`
+    section, YAML text) added when given.
+    """
+
+    def __init__(self, hosts: list[Host], root: Path, *, device_fields: str = "", links: str | None = None,
+                 threads: int = 1) -> None:
+        from partita.runtime.keys import new_keypair
+
+        self.root = Path(root)
+        self.keys = self.root / "keys"
+        _, self.coordinator_secret = new_keypair(self.keys, "coordinator", overwrite=True)
+        self.testbed = Testbed(hosts)
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.device_fields = device_fields
+        self.links = links
+        self.threads = threads
+        self.file = self.root / "cluster.yaml"
+
+    def __enter__(self) -> WorkerTestbed:
+        self.testbed.__enter__()
+        try:
+            for name in self.testbed.hosts:
+                self.start(name)
+            self.wait_ready(*self.testbed.hosts)
+            self._write_cluster_file()
+        except BaseException:
+            self.testbed.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.testbed.close()
+
+    def start(self, name: str) -> None:
+        """Start (or restart, with a new key pair) the worker of host `name`; see `wait_ready`."""
+        from partita.runtime.keys import new_keypair
+
+        _, secret = new_keypair(self.keys, name, overwrite=True)
+        ready = self.root / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        self.workers[name] = self.testbed.popen(name, [
+            sys.executable, "-m", "partita.commands.worker",
+            "--listen", f"tcp://{self.testbed.address(name)}:5555", "--name", name,
+            "--secret-key", str(secret), "--authorized-keys", str(self.keys / "coordinator.key"),
+            "--device", "cpu", "--threads", str(self.threads), "--ready-file", str(ready),
+        ], log=self.root / f"{name}.log")
+
+    def wait_ready(self, *names: str, timeout_s: float = 60.0) -> None:
+        """Wait until the workers `names` listen; TestbedError with a worker's log if one does not."""
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            ready = self.root / f"{name}.ready"
+            while not ready.exists():
+                if self.workers[name].poll() is not None or time.monotonic() > deadline:
+                    log = (self.root / f"{name}.log").read_text(errors="replace")
+                    raise TestbedError(f"worker {name} did not start:\n{log}")
+                time.sleep(0.05)
+            json.loads(ready.read_text())  # complete, not half written
+
+    def kill(self, name: str) -> None:
+        """Kill host `name`'s worker at once (SIGKILL), as a device that loses power."""
+        self.workers[name].kill()
+        self.workers[name].wait()
+
+    def _write_cluster_file(self) -> None:
+        lines = []
+        for name in self.testbed.hosts:
+            fields = f"name: {name}, address: 'tcp://{self.testbed.address(name)}:5555', public_key: keys/{name}.key"
+            if self.device_fields:
+                fields += f", {self.device_fields}"
+            lines.append(f"  - {{{fields}}}")
+        text = "source: client\ndevices:\n" + "\n".join(lines) + "\n"
+        if self.links:
+            text += "links:\n" + self.links
+        self.file.write_text(text)
+
+    def connect(self):
+        """`partita.connect` to the workers, as the coordinator (not yet entered)."""
+        import partita
+
+        return partita.connect(self.file, secret_key=self.coordinator_secret)

@@ -12,21 +12,13 @@ namespace and process is removed at the end, also when a test fails.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-import partita
 from partita.runtime.coordinator import deploy
-from partita.runtime.keys import new_keypair
 from partita.runtime.supervisor import Supervision
-from partita.testbed import Host, Testbed, unavailable_reason
+from partita.testbed import Host, WorkerTestbed, unavailable_reason
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,7 +26,6 @@ pytestmark = [
 ]
 
 MBIT = {"a": 200, "b": 20, "c": 50}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def model() -> nn.Module:
@@ -47,73 +38,12 @@ def example() -> torch.Tensor:
     return torch.randn(64, 512)
 
 
-class RealCluster:
-    """The testbed with a worker per host, and a cluster file that names them by address alone."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.keys = root / "keys"
-        _, self.coordinator_secret = new_keypair(self.keys, "coordinator")
-        self.testbed = Testbed([Host(name, mbit) for name, mbit in MBIT.items()])
-        self.workers: dict[str, subprocess.Popen] = {}
-
-    def __enter__(self) -> RealCluster:
-        self.testbed.__enter__()
-        try:
-            for name in MBIT:
-                self.start(name)
-            self.wait_ready(*MBIT)
-            self.write_cluster_file()
-        except BaseException:
-            self.testbed.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.testbed.close()
-
-    def start(self, name: str) -> None:
-        _, secret = new_keypair(self.keys, name, overwrite=True)
-        ready = self.root / f"{name}.ready"
-        ready.unlink(missing_ok=True)
-        self.workers[name] = self.testbed.popen(name, [
-            sys.executable, "-m", "partita.commands.worker",
-            "--listen", f"tcp://{self.testbed.address(name)}:5555", "--name", name,
-            "--secret-key", str(secret), "--authorized-keys", str(self.keys / "coordinator.key"),
-            "--device", "cpu", "--threads", "1", "--ready-file", str(ready),
-        ], log=self.root / f"{name}.log")
-
-    def wait_ready(self, *names: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        for name in names:
-            ready = self.root / f"{name}.ready"
-            while not ready.exists():
-                if self.workers[name].poll() is not None or time.monotonic() > deadline:
-                    log = (self.root / f"{name}.log").read_text(errors="replace")
-                    raise RuntimeError(f"worker {name} did not start:\n{log}")
-                time.sleep(0.05)
-            json.loads(ready.read_text())  # complete, not half written
-
-    def write_cluster_file(self) -> None:
-        lines = [
-            f"  - {{name: {name}, compute: 10GFLOPS, memory: 1GiB, "
-            f"address: 'tcp://{self.testbed.address(name)}:5555', public_key: keys/{name}.key}}"
-            for name in MBIT
-        ]
-        # `default` is only the planner's prior: every link is probed at deploy.
-        self.file = self.root / "cluster.yaml"
-        self.file.write_text(
-            "source: client\ndevices:\n" + "\n".join(lines)
-            + "\nlinks:\n  default: {bandwidth: 1MB/s, latency: 1ms}\n"
-        )
-
-    def connect(self):
-        return partita.connect(self.file, secret_key=self.coordinator_secret)
-
-
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    with RealCluster(tmp_path_factory.mktemp("realnet")) as cluster:
+    hosts = [Host(name, mbit) for name, mbit in MBIT.items()]
+    # `default` is only the planner's prior: every link is probed at deploy.
+    with WorkerTestbed(hosts, tmp_path_factory.mktemp("realnet"), device_fields="compute: 10GFLOPS, memory: 1GiB",
+                       links="  default: {bandwidth: 1MB/s, latency: 1ms}\n") as cluster:
         yield cluster
 
 
@@ -215,7 +145,7 @@ def test_a_killed_worker_mid_stream_loses_nothing(real, graph):
             with deploy(m, (example(),), cluster, graph=graph, probe_links=True,
                         supervise=Supervision(detection_s=1.0)) as pipe:
                 victim = pipe.plan.stages[0].devices[0]
-                exact, delivered = stream(pipe, m, 300, at=50, change=lambda: real.workers[victim].kill())
+                exact, delivered = stream(pipe, m, 300, at=50, change=lambda: real.kill(victim))
                 replans = pipe.stats()["replans"]
                 assert all(victim not in s.devices for s in pipe.plan.stages)
     finally:
