@@ -19,7 +19,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs
 
 import torch
@@ -64,7 +64,7 @@ def load_ref(ref: str) -> torch.nn.Module:
     return module.eval()
 
 
-def _fail(ref: Any, why: str, cause: BaseException | None = None) -> None:
+def _fail(ref: Any, why: str, cause: BaseException | None = None) -> NoReturn:
     """Raise the one-line error; `cause` (the user's own exception) is chained for `partita --debug`."""
     raise ModelRefError(f"cannot load model {ref!r}: {why}. Valid forms: {', '.join(FORMS)}") from cause
 
