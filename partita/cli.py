@@ -7,6 +7,9 @@ Commands live one per module in `partita/commands/`; this file registers them an
 from __future__ import annotations
 
 import sys
+import traceback
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,6 +23,38 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+_debug = {"on": False}  # set by --debug; read by main() when a command fails
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def partita_version() -> str:
+    """The installed package's version (the source tree's when run uninstalled)."""
+    try:
+        return version("partita")
+    except PackageNotFoundError:  # running from a checkout that was never pip-installed
+        return "0+unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"partita {partita_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    _version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On an error, also print the traceback (of your own model code too).")
+    ] = False,
+) -> None:
+    """Run PyTorch inference across heterogeneous devices: measure, split exactly, plan, stream, recover."""
+    _debug["on"] = debug
 
 
 def _register() -> None:
@@ -59,11 +94,41 @@ def main(argv: list[str] | None = None) -> None:
     typer's standalone mode already turns usage errors, Ctrl-C and exits into messages and exit
     codes; a `PartitaError` escaping a command becomes one line on stderr and exit code 2.
     """
+    args = sys.argv[1:] if argv is None else list(argv)
+    swallowed = _switch_given_a_value(args)
+    if swallowed:
+        Console(stderr=True).print(f"[bold red]error:[/] {swallowed}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     try:
-        app(args=argv)
+        app(args=args)
     except PartitaError as exc:
+        if _debug["on"]:
+            traceback.print_exception(exc)
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+def _switch_given_a_value(args: list[str]) -> str | None:
+    """The message for a switch followed by a word like `true` (`--json true`), or None.
+
+    click would take that word as the next positional argument (the model, say) and then fail on
+    something else entirely, so the mistake is named here, before parsing.
+    """
+    # typer vendors its own click, so commands and options are recognised by their attributes.
+    command = typer.main.get_command(app)
+    for i, arg in enumerate(args):
+        subcommands = getattr(command, "commands", {})
+        if arg in subcommands:
+            command = subcommands[arg]
+            continue
+        flags = {o: p for p in command.params if getattr(p, "is_flag", False) for o in p.opts}
+        if arg in flags and i + 1 < len(args) and args[i + 1].lower() in _BOOLEAN_WORDS:
+            return (
+                f"{arg} is a switch and takes no value, so {args[i + 1]!r} would be read as an argument: "
+                f"write {arg} alone to turn it on" + (f" or {flags[arg].secondary_opts[0]} to turn it off"
+                                                      if flags[arg].secondary_opts else " and leave it out to turn it off")
+            )
+    return None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ bit-identity across devices is not expected). The CUDA test runs only where torc
 from __future__ import annotations
 
 import queue
+import time
 
 import pytest
 import torch
@@ -89,3 +90,41 @@ def test_a_stage_runs_on_cuda_and_returns_cpu_tensors_close_to_the_cpu_run(chain
     assert all(o.device.type == "cpu" for o in done.outputs)
     for got, want in zip(done.outputs, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_an_emulated_device_is_never_faster_than_its_speed_allows():
+    """The executor paces jobs as a FIFO device with a fixed service time: no credit carries over idle time.
+
+    A job that overran its target (the host was slower than the emulated device) used to leave
+    credit that the next job, arriving at an idle device, spent: it finished sooner than the device
+    could. That is how replicated plans measured above r x one device.
+    """
+    from zoo import mlp
+
+    from partita.model import capture
+
+    model, x = mlp(), torch.randn(2, 64)
+    stage = split(capture(model, (x,)), [])[0]
+    target_s = 0.15
+    done: queue.Queue[Done] = queue.Queue()
+    executor = StageExecutor(torch.device("cpu"), capacity_bytes=2**30, on_taken=lambda job: None,
+                             on_done=done.put, speed=1.0, dilation=1.0)
+    executor.load(0, stage, memory_bytes=0.0, reference_host_s=target_s, owner="test")
+    executor.start()
+    try:
+        executor.submit(Job(0, 1, 1, (torch.randn(400_000, 64),), b"peer", 0.0))  # overruns its 150 ms
+        overran = done.get(timeout=60)
+        assert overran.host_s > target_s  # the premise: the host could not keep up with this one
+        time.sleep(0.1)  # the device sits idle
+        submitted = time.perf_counter()
+        executor.submit(Job(0, 2, 1, (x,), b"peer", 0.0))
+        done.get(timeout=60)
+        assert time.perf_counter() - submitted >= target_s
+        started = time.perf_counter()
+        for request in range(3, 8):  # five queued at once finish no sooner than five service times
+            executor.submit(Job(0, request, 1, (x,), b"peer", 0.0))
+        for _ in range(5):
+            done.get(timeout=60)
+        assert time.perf_counter() - started >= 5 * target_s
+    finally:
+        executor.stop()

@@ -11,6 +11,7 @@ that crosses the cut after it. The result, a `ModelGraph`, is what the planner r
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import time
 import warnings
@@ -141,6 +142,18 @@ def capture(
 
 def _export(module: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool):
     """torch.export the module; returns (ExportedProgram, batch_is_dynamic)."""
+    # torch logs a failing op at ERROR level before raising it; the raised error becomes our one
+    # message, so the log line would only say the same thing twice, with a timestamp.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        return _export_quietly(module, example_inputs, dynamic_batch)
+    finally:
+        fake_log.setLevel(level)
+
+
+def _export_quietly(module: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool):
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         shapes = tuple(
@@ -155,7 +168,7 @@ def _export(module: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool)
                 return torch.export.export(module, traced_inputs, dynamic_shapes=shapes), True
         except Exception as exc:  # a model that pins its batch size is still capturable statically
             if not _is_constraint_violation(exc):
-                raise _capture_error(module, exc) from exc
+                raise _capture_error(module, exc, example_inputs) from exc
             warnings.warn(
                 f"{type(module).__name__} fixes its batch size ({_first_line(exc)}); "
                 "captured with a static batch: its stages run only at the example batch size",
@@ -165,7 +178,7 @@ def _export(module: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool)
         with torch.no_grad(), eager_fast_paths():
             return torch.export.export(module, example_inputs), False
     except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
-        raise _capture_error(module, exc) from exc
+        raise _capture_error(module, exc, example_inputs) from exc
 
 
 def _is_constraint_violation(exc: Exception) -> bool:
@@ -181,8 +194,20 @@ def _first_line(exc: Exception) -> str:
     return type(exc).__name__
 
 
-def _capture_error(module: torch.nn.Module, exc: Exception) -> CaptureError:
-    """Name what failed (the user's source line when torch.export reports one) and what to do."""
+def _capture_error(module: torch.nn.Module, exc: Exception, example_inputs: tuple) -> CaptureError:
+    """Name what failed (the user's source line when torch.export reports one) and what to do.
+
+    A model that fails on its example inputs even when run eagerly has no tracing problem: the
+    inputs are wrong (most often their rank or channel count), so the message says what the
+    model's first layer expects instead of advising a traceable forward.
+    """
+    eager = _eager_failure(module, example_inputs)
+    if eager is not None:
+        shapes = ", ".join(str(list(t.shape)) for t in pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor))
+        return CaptureError(
+            f"{type(module).__name__} does not run on example inputs of shape {shapes}: "
+            f"{type(eager).__name__}: {_first_line(eager)}.{_expected_input(module)}"
+        )
     text = str(exc)
     where = ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', text)
@@ -195,6 +220,40 @@ def _capture_error(module: torch.nn.Module, exc: Exception) -> CaptureError:
         "Make forward traceable (no Python branching on tensor values: use torch.cond or torch.where; "
         "no .item()/.tolist() feeding shapes), or pass a module that wraps only the traceable part"
     )
+
+
+def _eager_failure(module: torch.nn.Module, example_inputs: tuple) -> Exception | None:
+    """The exception the module raises when simply called on the inputs, or None if it runs."""
+    try:
+        with torch.no_grad():
+            module(*example_inputs)
+    except Exception as exc:  # a user's forward can raise anything; here it means "bad inputs"
+        return exc
+    return None
+
+
+_CONV_AXES = {torch.nn.Conv1d: ("L",), torch.nn.Conv2d: ("H", "W"), torch.nn.Conv3d: ("D", "H", "W")}
+
+
+def _expected_input(module: torch.nn.Module) -> str:
+    """' Its first layer NAME (TYPE) takes ... (--input-shape EXAMPLE).' from the first convolution
+    or linear layer, or a generic hint when the model has neither."""
+    for name, layer in module.named_modules():
+        label = f"{name or 'the model itself'} ({type(layer).__name__})"
+        for kind, axes in _CONV_AXES.items():
+            if isinstance(layer, kind):
+                dims = ", ".join(["batch", str(layer.in_channels), *axes])
+                example = ",".join(["1", str(layer.in_channels), *(["64"] * len(axes))])
+                return (
+                    f" Its first layer {label} takes {len(axes) + 2}-D input ({dims}):"
+                    f" give that shape, batch first (e.g. --input-shape {example})"
+                )
+        if isinstance(layer, torch.nn.Linear):
+            return (
+                f" Its first layer {label} takes input whose last dimension is {layer.in_features}:"
+                f" give that shape, batch first (e.g. --input-shape 1,{layer.in_features})"
+            )
+    return " Give the shape the model takes, batch dimension first (e.g. --input-shape 1,3,224,224)"
 
 
 # ------------------------------------------------------------------------------------- measuring

@@ -14,6 +14,7 @@ A factory is called without arguments and must return a torch.nn.Module.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import sys
@@ -53,9 +54,9 @@ def load_ref(ref: str) -> torch.nn.Module:
         if not target or not factory.isidentifier():
             _fail(ref, f"{factory!r} is not a factory name")
         if target.endswith(".py"):
-            module = _call_factory(ref, _import_file(ref, target), factory)
+            module = _call_factory(ref, _import_file(ref, target), factory, where=target)
         else:
-            module = _call_factory(ref, _import_module(ref, target), factory)
+            module = _call_factory(ref, _import_module(ref, target), factory, where=f"module {target}")
         if query:
             _load_weights(ref, module, query, factory)
     else:
@@ -63,8 +64,16 @@ def load_ref(ref: str) -> torch.nn.Module:
     return module.eval()
 
 
-def _fail(ref: Any, why: str) -> NoReturn:
-    raise ModelRefError(f"cannot load model {ref!r}: {why}. Valid forms: {', '.join(FORMS)}")
+def _fail(ref: Any, why: str, cause: BaseException | None = None) -> NoReturn:
+    """Raise the one-line error; `cause` (the user's own exception) is chained for `partita --debug`."""
+    raise ModelRefError(f"cannot load model {ref!r}: {why}. Valid forms: {', '.join(FORMS)}") from cause
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    """' (did you mean a, b?)' for the choices closest to a mistyped name, or ''."""
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    close += [c for c in choices if name and (name in c or c in name) and c not in close]
+    return f" (did you mean {', '.join(close[:4])}?)" if close else ""
 
 
 def _load_pt2(ref: str) -> torch.nn.Module:
@@ -97,9 +106,7 @@ def _load_torchvision(ref: str) -> torch.nn.Module:
         _fail(ref, "torchvision is not installed (pip install 'partita[vision]')")
     available = torchvision.models.list_models()
     if name not in available:
-        close = [m for m in available if name and (name in m or m in name)][:5]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        _fail(ref, f"torchvision has no model {name!r}{hint}")
+        _fail(ref, f"torchvision has no model {name!r}{_did_you_mean(name, available)}")
     module = torchvision.models.get_model(name, weights=None)
     if "weights" in options:
         state = _read_safetensors(ref, options["weights"][-1])
@@ -144,7 +151,7 @@ def _import_module(ref: str, dotted: str) -> Any:
     except ModuleNotFoundError as exc:
         _fail(ref, f"no module {exc.name or dotted!r}")
     except Exception as exc:  # importing user code can raise anything; say which module failed
-        _fail(ref, f"importing {dotted} failed: {type(exc).__name__}: {exc}")
+        _fail(ref, f"importing {dotted} failed: {type(exc).__name__}: {exc}", exc)
 
 
 def _import_file(ref: str, path_text: str) -> Any:
@@ -161,20 +168,22 @@ def _import_file(ref: str, path_text: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as exc:  # running user code can raise anything; say which file failed
         del sys.modules[name]
-        _fail(ref, f"running {path} failed: {type(exc).__name__}: {exc}")
+        _fail(ref, f"running {path} failed: {type(exc).__name__}: {exc}", exc)
     return module
 
 
-def _call_factory(ref: str, module: Any, factory: str) -> torch.nn.Module:
+def _call_factory(ref: str, module: Any, factory: str, *, where: str) -> torch.nn.Module:
+    """Call `factory` from `module`; `where` names it for the user (the file, not our import name)."""
     fn = getattr(module, factory, None)
     if fn is None:
-        _fail(ref, f"{module.__name__} has no {factory!r}")
+        public = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        _fail(ref, f"{where} has no {factory!r}{_did_you_mean(factory, public)}")
     if not callable(fn):
         _fail(ref, f"{factory!r} is not callable")
     try:
         result = fn()
     except Exception as exc:  # user factories can raise anything; report it as a bad reference
-        _fail(ref, f"{factory}() failed: {type(exc).__name__}: {exc}")
+        _fail(ref, f"{factory}() failed: {type(exc).__name__}: {exc} (partita --debug shows its traceback)", exc)
     if not isinstance(result, torch.nn.Module):
         _fail(ref, f"{factory}() returned {type(result).__name__}, not a torch.nn.Module")
     return result

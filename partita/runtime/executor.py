@@ -138,7 +138,9 @@ class StageExecutor:
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._busy = False
-        self._late_s = 0.0  # real seconds the emulated device is behind its schedule (sleep overshoot)
+        # When the emulated device finishes its latest job on its own schedule (perf_counter
+        # seconds): the device is a FIFO server, so the next job cannot finish before this + its time.
+        self._free_at = 0.0
         self._thread = threading.Thread(target=self._loop, name="partita-compute", daemon=True)
 
     # -- stages -----------------------------------------------------------------------------
@@ -232,7 +234,7 @@ class StageExecutor:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        self._queue.put(job)
+        self._queue.put((time.perf_counter(), job))
 
     @property
     def pending(self) -> int:
@@ -249,14 +251,15 @@ class StageExecutor:
             item = self._queue.get()
             if item is _STOP:
                 return
+            queued_at, job = item
             self._busy = True
             try:
-                self._on_taken(item)
-                self._on_done(self._run(item))
+                self._on_taken(job)
+                self._on_done(self._run(job, queued_at))
             finally:
                 self._busy = False
 
-    def _run(self, job: Job) -> Done:
+    def _run(self, job: Job, queued_at: float) -> Done:
         loaded = self.stage(job.stage)
         if loaded is None:
             return Done(job, None, f"stage {job.stage} is not loaded on this worker", 0.0, 0.0)
@@ -274,13 +277,17 @@ class StageExecutor:
             target_s = basis_s / self.speed * self.dilation
             if host_s > target_s:
                 loaded.stats.overruns += 1
-            # Waking from a sleep is late by a little (more on a busy machine); the next wait is
-            # shortened by what the previous ones overshot, so device time is right on average.
-            remaining_s = target_s - (time.perf_counter() - started) - self._late_s
+            # The emulated device runs its jobs back to back on its own schedule: a job begins when
+            # it was queued or when the device's previous job ends on that schedule, whichever is
+            # later, and ends `target_s` after. A wake-up that overshot delays the real finish of
+            # one job but not the schedule, so queued jobs catch up and device time is right on
+            # average; a job that arrives at an idle device gets no credit, so the device is never
+            # faster than it could physically be (replicas measure at most r x one device).
+            scheduled_end = max(queued_at, self._free_at) + target_s
+            self._free_at = scheduled_end
+            remaining_s = scheduled_end - time.perf_counter()
             if remaining_s > 0:
                 time.sleep(remaining_s)
-            actual_s = time.perf_counter() - started
-            self._late_s = min(max(0.0, self._late_s + actual_s - target_s), target_s)
         device_s = (time.perf_counter() - started) / self.dilation
         loaded.stats.requests += 1
         loaded.stats.host_s += host_s

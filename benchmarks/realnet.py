@@ -1,0 +1,209 @@
+"""Real-network benchmark: real `partita worker`s in network namespaces, links shaped by the kernel.
+
+The same testbed as tests/test_realnet.py (partita.testbed): hosts behind access links shaped with
+`tc ... tbf`, the coordinator in this machine's namespace. It prints:
+
+1. probe accuracy: every link probed `--probes` times; median against the kernel's shaping, and
+   the spread (max - min) / median of the probes;
+2. the plan those probes give (and whether every probe gave the same one), its predicted
+   throughput and latency against what a stream and single requests measure;
+3. a link cut mid-stream (the busiest used host's link to 1/10): every re-plan with its cause,
+   and the measured switch time; requests lost and outputs checked;
+4. a worker killed mid-stream: time to detect and to resume (first result after the switch),
+   requests lost and outputs checked.
+
+Run as root: `.venv/bin/python benchmarks/realnet.py` (about 2 minutes). Writes
+benchmarks/results/realnet.json. Exits with the reason where namespaces cannot be made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from partita.model import capture  # noqa: E402
+from partita.runtime.coordinator import deploy, measure  # noqa: E402
+from partita.runtime.supervisor import Supervision  # noqa: E402
+from partita.testbed import Host, WorkerTestbed, unavailable_reason  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "realnet.json"
+MBIT = {"a": 200.0, "b": 20.0, "c": 50.0, "d": 100.0}
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+
+
+def shaped(sender: str, receiver: str) -> float:
+    return min(MBIT.get(sender, float("inf")), MBIT.get(receiver, float("inf")))
+
+
+def probe_accuracy(bed: WorkerTestbed, graph, x, probes: int) -> dict:
+    samples: dict[tuple[str, str], list[float]] = {}
+    placements = []
+    with bed.connect() as cluster:
+        for _ in range(probes):
+            measured = measure(graph, (x,), cluster, probe_links=True)
+            for pair, link in measured.links.items():
+                samples.setdefault(pair, []).append(link.bandwidth_bytes_per_s * 8 / 1e6)
+            with deploy(model(), (x,), cluster, graph=graph, measurements=measured, supervise=False) as pipe:
+                placements.append([(list(s.devices), s.start, s.end) for s in pipe.plan.stages])
+    rows = []
+    for (sender, receiver), mbits in sorted(samples.items()):
+        median = statistics.median(mbits)
+        rows.append({"from": sender, "to": receiver, "shaped_mbit": shaped(sender, receiver), "probed_mbit": median,
+                     "ratio": median / shaped(sender, receiver), "spread": (max(mbits) - min(mbits)) / median})
+    return {"links": rows, "placements": placements, "same_plan": all(p == placements[0] for p in placements)}
+
+
+def stream(pipe, m, requests: int, actions: dict[int, callable]) -> dict:
+    inputs = [torch.randn(64, 512) for _ in range(requests)]
+    outputs, times = [], []
+    started = time.monotonic()
+    for i, y in enumerate(pipe.map(iter(inputs))):
+        outputs.append(y)
+        times.append(time.monotonic())
+        if i in actions:
+            actions[i]()
+    with torch.no_grad():
+        wrong = sum(not torch.equal(y, m(x)) for y, x in zip(outputs, inputs, strict=False))
+    return {"delivered": len(outputs), "lost": requests - len(outputs), "wrong": wrong, "times": times,
+            "started": started}
+
+
+def predicted_vs_measured(bed: WorkerTestbed, graph, x, requests: int) -> dict:
+    m = model()
+    with bed.connect() as cluster:
+        with deploy(m, (x,), cluster, graph=graph, probe_links=True, supervise=False) as pipe:
+            singles = []
+            for _ in range(10):
+                t0 = time.perf_counter()
+                pipe(x)
+                singles.append(time.perf_counter() - t0)
+            run = stream(pipe, m, requests, {})
+            span = run["times"][-1] - run["times"][len(run["times"]) // 5]
+            rps = (len(run["times"]) - 1 - len(run["times"]) // 5) / span
+            return {"plan": str(pipe.plan), "predicted_rps": pipe.plan.throughput_rps, "measured_rps": rps,
+                    "predicted_latency_s": pipe.plan.latency_s, "measured_latency_s": statistics.median(singles),
+                    "lost": run["lost"], "wrong": run["wrong"]}
+
+
+def link_cut(bed: WorkerTestbed, graph, x, requests: int) -> dict:
+    m = model()
+    with bed.connect() as cluster:
+        with deploy(m, (x,), cluster, graph=graph, probe_links=True, supervise=Supervision(detection_s=2.0)) as pipe:
+            used = [d for s in pipe.plan.stages for d in s.devices]
+            victim = max(used, key=lambda d: MBIT[d])
+            cut_at: list[float] = []
+
+            def cut() -> None:
+                bed.testbed.shape(victim, uplink_mbit=MBIT[victim] / 10)
+                cut_at.append(time.monotonic())
+
+            try:
+                run = stream(pipe, m, requests, {requests // 6: cut})
+            finally:
+                bed.testbed.shape(victim, uplink_mbit=MBIT[victim])
+            replans = pipe.stats()["replans"]
+    return {"victim": victim, "replans": replans, "lost": run["lost"], "wrong": run["wrong"],
+            "switches": sum(r["switch_s"] is not None for r in replans)}
+
+
+def kill(bed: WorkerTestbed, graph, x, requests: int) -> dict:
+    m = model()
+    with bed.connect() as cluster:
+        with deploy(m, (x,), cluster, graph=graph, probe_links=True, supervise=Supervision(detection_s=1.0)) as pipe:
+            victim = pipe.plan.stages[0].devices[0]
+            killed: list[float] = []
+
+            def die() -> None:
+                bed.kill(victim)
+                killed.append(time.monotonic())
+
+            run = stream(pipe, m, requests, {requests // 6: die})
+            events = list(pipe.supervisor.events)
+    bed.start(victim)
+    bed.wait_ready(victim)
+    failed = next((e["detected_at"] for e in events if e["event"] == "failed"), None)
+    switched = next((e["at"] for e in events if e["event"] == "switched" and failed and e["at"] >= failed), None)
+    first_after = next((t for t in run["times"] if switched and t >= switched), None)
+    return {"victim": victim, "lost": run["lost"], "wrong": run["wrong"],
+            "detect_s": failed - killed[0] if failed and killed else None,
+            "resume_s": first_after - failed if first_after and failed else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--probes", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=600)
+    args = parser.parse_args()
+    reason = unavailable_reason()
+    if reason:
+        sys.exit(f"realnet benchmark: {reason}")
+    torch.set_num_threads(1)
+    x = torch.randn(64, 512)
+    graph = capture(model(), (x,))
+    with tempfile.TemporaryDirectory() as root, WorkerTestbed(
+        [Host(n, mbit) for n, mbit in MBIT.items()], Path(root),
+        device_fields="compute: 10GFLOPS, memory: 1GiB", links="  default: {bandwidth: 1MB/s, latency: 1ms}\n",
+    ) as bed:
+        result = {
+            "probes": probe_accuracy(bed, graph, x, args.probes),
+            "plan": predicted_vs_measured(bed, graph, x, args.requests),
+            "link_cut": link_cut(bed, graph, x, args.requests),
+            "kill": kill(bed, graph, x, args.requests // 2),
+        }
+    report(result, args)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2, default=str))
+
+
+def report(result: dict, args) -> None:
+    links = Table(title=f"probe accuracy ({args.probes} probes per link; shaping by tc tbf)")
+    for column in ("from", "to", "shaped Mbit/s", "probed Mbit/s", "probed / shaped", "spread"):
+        links.add_column(column, justify="left" if column in ("from", "to") else "right")
+    for r in result["probes"]["links"]:
+        links.add_row(r["from"], r["to"], f"{r['shaped_mbit']:.0f}", f"{r['probed_mbit']:.1f}",
+                      f"{r['ratio']:.2f}", f"{r['spread']:.1%}")
+    console.print(links)
+    console.print(f"same plan on every probe: {result['probes']['same_plan']}")
+    p = result["plan"]
+    plan = Table(title="the plan from the probes: predicted against measured")
+    for column in ("figure", "predicted", "measured", "measured / predicted"):
+        plan.add_column(column, justify="left" if column == "figure" else "right")
+    plan.add_row("throughput (req/s)", f"{p['predicted_rps']:.1f}", f"{p['measured_rps']:.1f}",
+                 f"{p['measured_rps'] / p['predicted_rps']:.2f}")
+    plan.add_row("latency, one request", f"{p['predicted_latency_s'] * 1e3:.2f} ms",
+                 f"{p['measured_latency_s'] * 1e3:.2f} ms", f"{p['measured_latency_s'] / p['predicted_latency_s']:.2f}")
+    console.print(plan)
+    console.print(p["plan"])
+    faults = Table(title="faults on the real network")
+    for column in ("scenario", "lost", "wrong", "switches", "detect s", "resume / switch s"):
+        faults.add_column(column, justify="left" if column == "scenario" else "right")
+    cut = result["link_cut"]
+    switch_s = ", ".join(f"{r['switch_s']:.2f} ({r['cause']})" for r in cut["replans"] if r["switch_s"] is not None)
+    faults.add_row(f"{cut['victim']}'s link / 10", str(cut["lost"]), str(cut["wrong"]), str(cut["switches"]), "—",
+                   switch_s or "—")
+    k = result["kill"]
+    faults.add_row(f"kill {k['victim']}", str(k["lost"]), str(k["wrong"]), "1",
+                   f"{k['detect_s']:.2f}" if k["detect_s"] is not None else "—",
+                   f"{k['resume_s']:.2f}" if k["resume_s"] is not None else "—")
+    console.print(faults)
+
+
+if __name__ == "__main__":
+    main()

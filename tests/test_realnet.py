@@ -1,0 +1,155 @@
+"""The real-network tier: `partita worker`s in network namespaces whose links the kernel shapes.
+
+Three hosts, each behind its own access link shaped with `tc ... tbf` (200, 20 and 50 Mbit/s
+each way), run real workers; the coordinator runs in this machine's namespace and reaches them
+over a bridge (`partita.testbed`). What the emulated tests cannot check, these do: that probes
+measure what the kernel enforces, that a plan made from probes is the same run to run, and that
+streams over real queues lose nothing when a link is cut or a worker is killed.
+
+Skipped with the reason where network namespaces cannot be made (not root, no iproute2). Every
+namespace and process is removed at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from partita.runtime.coordinator import deploy
+from partita.runtime.supervisor import Supervision
+from partita.testbed import Host, WorkerTestbed, unavailable_reason
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(unavailable_reason() is not None, reason=f"real-network tier: {unavailable_reason()}"),
+]
+
+MBIT = {"a": 200, "b": 20, "c": 50}
+
+
+def model() -> nn.Module:
+    """Wide enough that each hop carries ~128 KiB per request: the links, not the CPU, set the plan."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+
+
+def example() -> torch.Tensor:
+    return torch.randn(64, 512)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    hosts = [Host(name, mbit) for name, mbit in MBIT.items()]
+    # `default` is only the planner's prior: every link is probed at deploy.
+    with WorkerTestbed(hosts, tmp_path_factory.mktemp("realnet"), device_fields="compute: 10GFLOPS, memory: 1GiB",
+                       links="  default: {bandwidth: 1MB/s, latency: 1ms}\n") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def graph():
+    from partita.model import capture
+
+    return capture(model(), (example(),))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The workers run one torch thread; so does the reference, so outputs are bit-identical."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shaped_mbit(sender: str, receiver: str) -> float:
+    """What the kernel lets through from sender to receiver: the slower of the two access links."""
+    return min(MBIT.get(sender, float("inf")), MBIT.get(receiver, float("inf")))
+
+
+@pytest.fixture(scope="module")
+def three_deploys(real, graph):
+    """Deploy three times in a row, probing every link each time: [(links, placement)] per deploy."""
+    runs = []
+    with real.connect() as cluster:
+        for _ in range(3):
+            with deploy(model(), (example(),), cluster, graph=graph, probe_links=True, supervise=False) as pipe:
+                runs.append((dict(pipe.measurements.links), [(s.devices, s.start, s.end) for s in pipe.plan.stages]))
+    return runs
+
+
+def test_probes_measure_every_shaped_link_within_20_percent(three_deploys):
+    for links, _ in three_deploys:
+        assert {frozenset(pair) for pair in links} == {
+            frozenset(p) for p in [("client", "a"), ("client", "b"), ("client", "c"), ("a", "b"), ("a", "c"), ("b", "c")]
+        }
+        for (sender, receiver), link in links.items():
+            mbit = link.bandwidth_bytes_per_s * 8 / 1e6
+            assert 0.8 <= mbit / shaped_mbit(sender, receiver) <= 1.2, (sender, receiver, mbit)
+            assert link.latency_s < 0.01  # no delay is added: the veth's own, well under a millisecond
+
+
+def test_three_deploys_in_a_row_make_the_same_plan(three_deploys):
+    placements = [placement for _, placement in three_deploys]
+    assert placements[0] == placements[1] == placements[2]
+    assert all("b" not in devices for devices, _, _ in placements[0])  # the 20 Mbit/s host is avoided
+
+
+def stream(pipe, m: nn.Module, requests: int, *, at: int | None = None, change=None):
+    """Stream `requests` inputs; apply `change()` after `at` results; return (outputs exact, count)."""
+    inputs = [torch.randn(64, 512) for _ in range(requests)]
+    outputs = []
+    for i, y in enumerate(pipe.map(iter(inputs))):
+        outputs.append(y)
+        if change is not None and i == at:
+            change()
+    with torch.no_grad():
+        exact = all(torch.equal(y, m(x)) for y, x in zip(outputs, inputs, strict=True))
+    return exact, len(outputs)
+
+
+def test_a_stream_with_nothing_changed_makes_no_switch(real, graph):
+    m = model()
+    with real.connect() as cluster:
+        with deploy(m, (example(),), cluster, graph=graph, probe_links=True,
+                    supervise=Supervision(detection_s=2.0)) as pipe:
+            exact, delivered = stream(pipe, m, 600)
+            replans = pipe.stats()["replans"]
+    assert delivered == 600 and exact
+    assert [r for r in replans if r["switch_s"] is not None] == [], replans
+
+
+def test_a_link_cut_mid_stream_loses_nothing(real, graph):
+    m = model()
+    with real.connect() as cluster:
+        with deploy(m, (example(),), cluster, graph=graph, probe_links=True,
+                    supervise=Supervision(detection_s=2.0)) as pipe:
+            used = {d for s in pipe.plan.stages for d in s.devices}
+            victim = next(name for name in ("a", "c", "b") if name in used)
+            try:
+                exact, delivered = stream(pipe, m, 600, at=100,
+                                          change=lambda: real.testbed.shape(victim, uplink_mbit=MBIT[victim] / 10))
+            finally:
+                real.testbed.shape(victim, uplink_mbit=MBIT[victim])
+            replans = pipe.stats()["replans"]
+    print("link cut:", victim, [(r["cause"], r["switch_s"]) for r in replans])
+    assert delivered == 600 and exact
+    assert len([r for r in replans if r["switch_s"] is not None]) <= 2, replans
+
+
+def test_a_killed_worker_mid_stream_loses_nothing(real, graph):
+    m = model()
+    try:
+        with real.connect() as cluster:
+            with deploy(m, (example(),), cluster, graph=graph, probe_links=True,
+                        supervise=Supervision(detection_s=1.0)) as pipe:
+                victim = pipe.plan.stages[0].devices[0]
+                exact, delivered = stream(pipe, m, 300, at=50, change=lambda: real.kill(victim))
+                replans = pipe.stats()["replans"]
+                assert all(victim not in s.devices for s in pipe.plan.stages)
+    finally:
+        real.start(victim)  # later tests find the cluster whole again
+        real.wait_ready(victim)
+    assert delivered == 300 and exact
+    assert any(r["cause"] == "failure" for r in replans), replans
