@@ -155,10 +155,14 @@ class Routes:
             raise HTTPError(400, str(exc), "bad_request") from None
         if not self.service.ready:
             raise HTTPError(503, f"no plan can run now: {self.service.state.halted}", "failed")
+        in_flight = self.service.metrics.in_flight
+        in_flight.inc()
         try:
             outputs = await asyncio.wrap_future(self.service.batcher.submit(parsed.inputs, parsed.rows))
         except PartitaError as exc:
             raise HTTPError(503 if self.service.draining else 500, str(exc), "failed") from None
+        finally:
+            in_flight.dec()
         payload, headers = encode_response(self.options.name, parsed, self.signature, outputs)
         media = "application/octet-stream" if headers else "application/json"
         return Response(payload, media_type=media, headers=headers)

@@ -5,6 +5,7 @@ seconds divided by the emulated cluster's dilation; HTTP latencies are wall seco
 
 - `partita_requests_total{outcome}`: HTTP infer requests by outcome: `ok`, `bad_request` (400),
   `not_found` (404), `unauthorized` (401), `too_large` (413), `failed` (accepted, then failed).
+- `partita_requests_in_flight`: infer requests accepted (checked and queued) and not yet answered.
 - `partita_request_latency_seconds`: histogram of infer requests answered `ok`, arrival to answer.
 - `partita_batch_rows`, `partita_batch_requests`: histograms of each batch sent: rows, requests.
 - `partita_batch_wait_seconds`: histogram of how long a batch's oldest request waited to be sent.
@@ -38,6 +39,8 @@ class ServeMetrics:
         self.requests = Counter("partita_requests", "HTTP infer requests by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)  # every outcome shows, at 0, from the start
+        self.in_flight = Gauge("partita_requests_in_flight", "Infer requests accepted and not yet answered",
+                               registry=r)
         self.latency = Histogram(
             "partita_request_latency_seconds", "Infer requests answered ok: arrival to answer (wall seconds)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
