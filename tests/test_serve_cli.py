@@ -126,13 +126,14 @@ def _wait_for_url(lines: list[str], process: subprocess.Popen, timeout_s: float 
 async def _send_all(url: str, inputs: list[torch.Tensor]) -> list[tuple[int, torch.Tensor | None, float]]:
     """One client per input, all at once: (status, output, monotonic time answered)."""
 
-    async def one(x: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
+    async def one(client: httpx.AsyncClient, x: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
         body = {"inputs": [{"name": "input", "shape": [4, 64], "datatype": "FP32", "data": x.flatten().tolist()}]}
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            response = await client.post("/v2/models/mlp/infer", json=body)
+        response = await client.post("/v2/models/mlp/infer", json=body)
         if response.status_code != 200:
             return response.status_code, None, time.monotonic()
         [out] = response.json()["outputs"]
         return 200, torch.tensor(out["data"]).reshape(out["shape"]), time.monotonic()
 
-    return await asyncio.gather(*(one(x) for x in inputs))
+    limits = httpx.Limits(max_connections=len(inputs), max_keepalive_connections=len(inputs))
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        return await asyncio.gather(*(one(client, x) for x in inputs))
