@@ -181,6 +181,17 @@ def test_requests_within_the_window_share_a_batch_and_get_their_own_rows_back():
         assert all(torch.equal(y, model(x)) for y, x in zip(outputs, inputs, strict=True))
 
 
+def test_while_the_pipeline_is_full_requests_wait_and_leave_as_one_full_batch():
+    recorder = Recorder(mlp(), delay_s=0.3)
+    batcher = DynamicBatcher(recorder, max_rows=16, window_s=0.0, max_batches=1)
+    first = batcher.submit((torch.randn(2, 64),), 2)
+    time.sleep(0.1)  # the first batch (one request) is in the pipeline; the next ones must wait for it
+    rest = [batcher.submit((torch.randn(2, 64),), 2) for _ in range(8)]
+    [f.result(10) for f in [first, *rest]]
+    batcher.close(10)
+    assert recorder.batches == [2, 16]
+
+
 def test_max_rows_one_sends_every_request_alone():
     recorder = Recorder(mlp())
     batcher = DynamicBatcher(recorder, max_rows=1, window_s=0.05)

@@ -7,6 +7,11 @@ batch; none is ever split). It concatenates each input along dimension 0, sends 
 batcher gathers the next), and cuts every output back into each request's rows. `window_s` 0
 batches only what is already waiting; `max_rows` 1 turns batching off.
 
+Batches in flight are bounded (`max_batches`, a number or a function read before every batch):
+while the pipeline holds that many, requests wait here, so the next batch takes all of them
+(up to `max_rows`). Without the bound every request would leave at once, alone, and queue inside
+the pipeline instead: batches would stay small exactly when the load is high.
+
 A request accepted is answered: with its rows of the outputs, or with the batch's error.
 `close()` stops taking requests, sends what is waiting and waits until every batch is answered.
 """
@@ -37,11 +42,13 @@ class DynamicBatcher:
     """Coalesce requests into batches of at most `max_rows` rows, waiting at most `window_s` for more.
 
     `submit(inputs)` sends one batch (flat input tensors) and returns a Future of its flat outputs.
+    `max_batches` bounds the batches sent and not yet answered (see the module docstring).
     `on_batch(rows, requests, queue_s)` is told about every batch sent: its rows, how many requests
     it holds and how long its oldest request waited (seconds), e.g. for metrics.
     """
 
     def __init__(self, submit: Callable[[tuple[torch.Tensor, ...]], Future], *, max_rows: int, window_s: float,
+                 max_batches: int | Callable[[], int] = 4,
                  on_batch: Callable[[int, int, float], None] | None = None) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
@@ -57,6 +64,9 @@ class DynamicBatcher:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
+        self._max_batches = max_batches
+        self._batches = 0  # sent, not yet answered
+        self._slot = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._loop, name="partita-batcher", daemon=True)
         self._thread.start()
 
@@ -100,9 +110,24 @@ class DynamicBatcher:
         # After close() a request may still land behind the stop mark (it passed the check just
         # before): keep draining until nothing is left.
         while not stopping or self._carry is not None or not self._queue.empty():
+            self._wait_for_slot()
             batch, stopping = self._gather(stopping)
             if batch:
                 self._send(batch)
+            else:
+                self._release_slot()
+
+    def _wait_for_slot(self) -> None:
+        limit = self._max_batches() if callable(self._max_batches) else self._max_batches
+        with self._slot:
+            while self._batches >= max(1, limit):
+                self._slot.wait()
+            self._batches += 1
+
+    def _release_slot(self, _future: Future | None = None) -> None:
+        with self._slot:
+            self._batches -= 1
+            self._slot.notify_all()
 
     def _gather(self, stopping: bool) -> tuple[list[_Waiting], bool]:
         """The next batch (the carried-over request first); `stopping` once close() was called."""
@@ -144,9 +169,11 @@ class DynamicBatcher:
                 inputs = tuple(torch.cat(parts) for parts in zip(*(w.inputs for w in batch), strict=True))
             outer = self._submit(inputs)
         except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error as its answer
+            self._release_slot()
             for w in batch:
                 w.future.set_exception(exc)
             return
+        outer.add_done_callback(self._release_slot)
 
         def split(done: Future) -> None:
             error = done.exception()

@@ -117,13 +117,19 @@ class Service:
                                 max_rows=options.max_rows, window_s=options.window_s, poll_s=options.poll_s,
                                 on_plan_change=on_plan_change)
         self.batcher = DynamicBatcher(pipeline_submit(pipe, signature), max_rows=options.max_rows,
-                                      window_s=options.window_s, on_batch=self._on_batch)
+                                      window_s=options.window_s, max_batches=self._max_batches,
+                                      on_batch=self._on_batch)
         self._closed = False
         self.state.start()
 
     @property
     def ready(self) -> bool:
         return not self.draining and self.state.halted is None
+
+    def _max_batches(self) -> int:
+        """Batches in the pipeline at once: two per device of the current plan (one computing, one
+        arriving) and one more, so every stage stays busy while requests wait to form full batches."""
+        return 2 * len(self.pipe.plan.devices) + 1
 
     def _on_batch(self, rows: int, requests: int, wait_s: float) -> None:
         self.metrics.batch_rows.observe(rows)
