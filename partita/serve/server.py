@@ -127,9 +127,10 @@ class Service:
         return not self.draining and self.state.halted is None
 
     def _max_batches(self) -> int:
-        """Batches in the pipeline at once: two per device of the current plan (one computing, one
-        arriving) and one more, so every stage stays busy while requests wait to form full batches."""
-        return 2 * len(self.pipe.plan.devices) + 1
+        """Batches in the pipeline at once: one per device of the current plan and one more, so every
+        stage has work while later requests wait here to form full batches (more in flight would
+        only queue at the stages, and split the same load into smaller batches)."""
+        return len(self.pipe.plan.devices) + 1
 
     def _on_batch(self, rows: int, requests: int, wait_s: float) -> None:
         self.metrics.batch_rows.observe(rows)
