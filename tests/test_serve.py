@@ -27,6 +27,7 @@ import partita
 from partita.cluster import ClusterSpec
 from partita.runtime.supervisor import Supervision
 from partita.serve.server import InferenceServer, ServeOptions, Service, deploy_for_serving
+from partita.serve.state import plan_line
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,7 @@ ROWS = 4
 MAX_ROWS = 32
 BODY_LIMIT = 1 << 20
 BROWSER = Path("/usr/bin/chromium")
+PLAN_LINES: list[str] = []  # what the server reported on each plan change (the CLI prints these)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,8 @@ def served():
                                              supervise=Supervision(detection_s=1.0, drift=False))
         options = ServeOptions(name="mlp", port=0, max_rows=MAX_ROWS, window_s=0.002, api_key=KEY,
                                max_body_bytes=BODY_LIMIT, poll_s=0.5)
-        with InferenceServer(Service(pipe, signature, cluster.spec, options)) as server:
+        service = Service(pipe, signature, cluster.spec, options, on_plan_change=PLAN_LINES.append)
+        with InferenceServer(service) as server:
             yield server, model, cluster
 
 
@@ -293,6 +296,7 @@ def test_a_worker_killed_mid_load_delays_answers_but_fails_none(served, client):
     assert {d["name"]: d["status"] for d in state["devices"]}[victim] == "down"
     assert victim not in {d for s in state["plan"]["stages"] for d in s["devices"]}
     assert {"failed", "replan", "plan"} <= {e["kind"] for e in state["events"]}
+    assert PLAN_LINES and PLAN_LINES[-1] == plan_line(server.service.pipe.plan)  # reported the new plan
     metrics = client.get("/metrics").text
     assert f'partita_device_up{{device="{victim}"}} 0.0' in metrics
     assert 'partita_switches_total{cause="failure"} 1.0' in metrics

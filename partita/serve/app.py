@@ -153,7 +153,9 @@ class Routes:
                                    max_rows=self.options.max_rows)
         except InferRequestError as exc:
             raise HTTPError(400, str(exc), "bad_request") from None
-        if not self.service.ready:
+        if self.service.draining:
+            raise HTTPError(503, "the server is shutting down and takes no new requests", "failed")
+        if self.service.state.halted is not None:
             raise HTTPError(503, f"no plan can run now: {self.service.state.halted}", "failed")
         in_flight = self.service.metrics.in_flight
         in_flight.inc()
