@@ -353,3 +353,16 @@ def test_the_dashboard_shows_devices_plan_traffic_and_a_failure_live_in_a_real_b
     _check_all_answered_exactly(model, inputs, result["responses"])
     assert not errors, errors
 
+
+
+def test_when_no_plan_can_run_the_server_says_not_ready_and_refuses_with_the_reason(served, client):
+    server, _, cluster = served
+    for name, process in cluster.processes.items():
+        if process.poll() is None:
+            _kill(cluster, name)
+    _wait_for(lambda: httpx.get(server.url + "/v2/health/ready").status_code == 503, what="not ready")
+    refused = client.post("/v2/models/mlp/infer", json=infer_body(torch.randn(ROWS, 64)))
+    assert refused.status_code == 503 and "no plan can run" in refused.json()["error"]
+    assert httpx.get(server.url + "/v2/health/live").status_code == 200  # the server itself stays up
+    state = client.get("/api/state").json()
+    assert not state["ready"] and "halted" in {e["kind"] for e in state["events"]}

@@ -9,7 +9,8 @@ partita-demo.json.
 
 Emulating a Jetson (about 18x this host's core) faithfully dilates the whole world ~20x, so each
 plan streams as many requests as fit in a few seconds of real time (at least `--min-requests`);
-the default input is 1x3x64x64 to keep the Pi-bound plans within about a minute on two cores.
+the default input is 1x3x64x64 to keep the Pi-bound plans (30 requests each at least, for a stable
+figure) within a few minutes on two cores.
 """
 
 from __future__ import annotations
@@ -170,14 +171,15 @@ def _plot(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], graph:
     devices = sorted({d for r in results.values() for s in r["stages"] for d in s["devices"]})
     palette = plt.get_cmap("Set2")
     colours = {d: palette(i % palette.N) for i, d in enumerate(devices)}
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [3, 2, 2]})
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [3, 2, 2]})
     for y, r in enumerate(results.values()):
         for s in r["stages"]:
             start, end = s["segments"]
             share = (end - start) / len(s["devices"])
             for k, device in enumerate(s["devices"]):
                 left.barh(y, share, left=start + k * share, color=colours[device], edgecolor="white")
-            left.text((start + end) / 2, y, "+".join(s["devices"]), ha="center", va="center", fontsize=7)
+            if end - start >= 1.5:  # a sliver's name would spill over its neighbours: the legend names it
+                left.text((start + end) / 2, y, "+".join(s["devices"]), ha="center", va="center", fontsize=7)
     segments = len(graph.segments) if graph is not None else max(s["segments"][1] for r in results.values()
                                                                     for s in r["stages"])
     left.set_xlim(0, segments)
@@ -186,8 +188,8 @@ def _plot(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], graph:
     left.set_xlabel(f"segments of the model (0..{segments})")
     left.set_title("plans: stages and their devices")
     left.invert_yaxis()
-    left.legend(handles=[Patch(color=colours[d], label=d) for d in devices], fontsize=7, loc="lower right",
-                ncol=2, title="device", title_fontsize=7)
+    left.legend(handles=[Patch(color=colours[d], label=d) for d in devices], fontsize=8, loc="upper center",
+                bbox_to_anchor=(0.5, -0.16), ncol=len(devices), frameon=False)
 
     names = [r["planner"] for r in rows]
     _paired_bars(middle, names, [r["predicted_throughput_rps"] for r in rows],
@@ -196,7 +198,7 @@ def _plot(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], graph:
     middle.set_title("throughput (higher is better)")
     _paired_bars(right, names, [r["predicted_latency_s"] * 1e3 for r in rows],
                  [None if r["measured_latency_s"] is None else r["measured_latency_s"] * 1e3 for r in rows],
-                 "{:.0f}", predicted_colour, measured_colour)
+                 "{:.1f}", predicted_colour, measured_colour)
     right.set_ylabel("ms of device time, one request")
     right.set_title("latency (lower is better)")
     requests = ", ".join(f"{r['planner']} {r['requests']}" for r in rows)
