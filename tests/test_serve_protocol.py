@@ -133,6 +133,8 @@ def test_deeply_nested_data_is_refused_without_recursion():
     body = ('{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ' + data + "}]}").encode()
     with pytest.raises(InferRequestError, match="list of numbers"):
         parse_request(body, None, SIGNATURE, max_rows=8)
+    with pytest.raises(InferRequestError, match="too deeply"):
+        parse_request(b"[" * 100_000 + b"]" * 100_000, None, SIGNATURE, max_rows=8)
 
 
 def test_public_binds_need_a_key_or_an_explicit_no_auth():

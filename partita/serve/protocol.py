@@ -52,6 +52,8 @@ def parse_request(body: bytes, header_length: str | None, signature: ModelSignat
         request = json.loads(json_part)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InferRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # json.loads recurses per nesting level: a hostile body must not become a 500
+        raise InferRequestError("the request body nests JSON too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise InferRequestError('expected a JSON object with "inputs": a list of tensors '
                                 '({"name", "shape", "datatype", "data"})')
