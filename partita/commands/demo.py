@@ -154,7 +154,16 @@ def _print(console: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def _plot(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], graph: Any, path: Path, *, title: str) -> None:
-    """Three panels: each plan's stages over the model's segments (one colour per device), then
+    """Write the figure (see `figure`) to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, rows, graph, title=title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], graph: Any, *, title: str) -> Any:
+    """The demo's matplotlib Figure. Three panels: each plan's stages over the model's segments (one colour per device), then
     throughput and latency, predicted beside measured, every bar labelled with its value.
 
     Devices take colours from a palette the figures never use; predicted and measured are two
@@ -204,8 +213,7 @@ def _plot(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], graph:
     requests = ", ".join(f"{r['planner']} {r['requests']}" for r in rows)
     fig.suptitle(f"{title}  ·  requests measured per plan: {requests}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _paired_bars(ax: Any, names: list[str], predicted: list[float], measured: list[float | None], label: str,
