@@ -45,6 +45,7 @@ def serve(
     ] = 2.0,
 ) -> None:
     """Serve MODEL over HTTP (Open Inference Protocol v2) on the cluster, with dynamic batching and a dashboard."""
+    require_serve_extra()
     from rich.console import Console
 
     from partita.commands.inspect import parse_input_shapes
@@ -86,6 +87,17 @@ def serve(
         server.run()
         state = service.state.snapshot()["requests"]
         console.print(f"stopped: {state.get('ok', 0)} request(s) answered, {state.get('failed', 0)} failed", highlight=False)
+
+
+def require_serve_extra() -> None:
+    """ServeError naming the install command when the `serve` extra's packages are missing."""
+    import importlib.util
+
+    from partita.errors import ServeError
+
+    missing = [name for name in ("starlette", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ServeError(f"partita serve needs {', '.join(missing)}: pip install 'partita[serve]'")
 
 
 def default_name(model: str) -> str:
