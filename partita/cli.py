@@ -83,6 +83,9 @@ def _register() -> None:
     from partita.commands import fl as fl_cmd
 
     app.command("fl")(fl_cmd.fl)
+    from partita.commands import serve as serve_cmd
+
+    app.command("serve")(serve_cmd.serve)
 
 
 _register()

@@ -69,3 +69,11 @@ class FLError(PartitaError):
 
 class StageInputError(PartitaError):
     """Tensors given to a stage do not match what it takes (count, dtype or shape)."""
+
+
+class ServeError(PartitaError):
+    """`partita serve` cannot start or serve as asked (a model without a dynamic batch, a bad option)."""
+
+
+class InferRequestError(PartitaError):
+    """An inference request over HTTP is malformed; the message says what was expected (HTTP 400)."""

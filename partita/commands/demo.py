@@ -9,7 +9,8 @@ partita-demo.json.
 
 Emulating a Jetson (about 18x this host's core) faithfully dilates the whole world ~20x, so each
 plan streams as many requests as fit in a few seconds of real time (at least `--min-requests`);
-the default input is 1x3x64x64 to keep the Pi-bound plans within about a minute on two cores.
+the default input is 1x3x64x64 to keep the Pi-bound plans (30 requests each at least, for a stable
+figure) within a few minutes on two cores.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def demo(
     model: Annotated[str, typer.Option("--model", help="Model reference.")] = "torchvision:resnet50",
     input_shape: Annotated[str, typer.Option("--input-shape", help="Example input shape.")] = "1,3,64,64",
     seconds_per_plan: Annotated[float, typer.Option("--seconds-per-plan", help="Real seconds of streaming per plan.")] = 4.0,
-    min_requests: Annotated[int, typer.Option("--min-requests", min=2, help="Fewest requests per plan.")] = 3,
+    min_requests: Annotated[int, typer.Option("--min-requests", min=2, help="Fewest requests per plan.")] = 30,
     max_requests: Annotated[int, typer.Option("--max-requests", min=2, help="Most requests per plan.")] = 200,
     output: Annotated[Path, typer.Option("--output", help="Where to write PNG and JSON (a path stem).")] = Path("partita-demo"),
 ) -> None:
@@ -155,34 +156,77 @@ def _print(console: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def _plot(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], graph: Any, path: Path, *, title: str) -> None:
-    """Left: each plan's stages over the model's segments, coloured by device. Right: throughput, measured vs predicted."""
+    """Write the figure (see `figure`) to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, rows, graph, title=title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], graph: Any, *, title: str) -> Any:
+    """The demo's matplotlib Figure. Three panels: each plan's stages over the model's segments (one colour per device), then
+    throughput and latency, predicted beside measured, every bar labelled with its value.
+
+    Devices take colours from a palette the figures never use; predicted and measured are two
+    greys (light and dark), so no colour means two things.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
+    predicted_colour, measured_colour = "#c8c8c8", "#404040"
     devices = sorted({d for r in results.values() for s in r["stages"] for d in s["devices"]})
-    colours = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(devices)}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    palette = plt.get_cmap("Set2")
+    colours = {d: palette(i % palette.N) for i, d in enumerate(devices)}
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [3, 2, 2]})
     for y, r in enumerate(results.values()):
         for s in r["stages"]:
             start, end = s["segments"]
             share = (end - start) / len(s["devices"])
             for k, device in enumerate(s["devices"]):
                 left.barh(y, share, left=start + k * share, color=colours[device], edgecolor="white")
-            left.text((start + end) / 2, y, "+".join(s["devices"]), ha="center", va="center", fontsize=7)
+            if end - start >= 1.5:  # a sliver's name would spill over its neighbours: the legend names it
+                left.text((start + end) / 2, y, "+".join(s["devices"]), ha="center", va="center", fontsize=7)
+    segments = len(graph.segments) if graph is not None else max(s["segments"][1] for r in results.values()
+                                                                    for s in r["stages"])
+    left.set_xlim(0, segments)
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_yticks(range(len(results)), list(results))
-    left.set_xlabel(f"segments of the model (0..{len(graph.segments) if graph is not None else '?'})")
+    left.set_xlabel(f"segments of the model (0..{segments})")
     left.set_title("plans: stages and their devices")
     left.invert_yaxis()
-    x = range(len(rows))
-    right.bar([i - 0.2 for i in x], [r["predicted_throughput_rps"] for r in rows], width=0.4, label="predicted")
-    right.bar([i + 0.2 for i in x], [r["measured_throughput_rps"] or 0 for r in rows], width=0.4, label="measured")
-    right.set_xticks(list(x), [r["planner"] for r in rows])
-    right.set_ylabel("throughput (requests / device second)")
-    right.set_title("throughput: measured vs predicted")
-    right.legend()
-    fig.suptitle(title)
+    left.legend(handles=[Patch(color=colours[d], label=d) for d in devices], fontsize=8, loc="upper center",
+                bbox_to_anchor=(0.5, -0.16), ncol=len(devices), frameon=False)
+
+    names = [r["planner"] for r in rows]
+    _paired_bars(middle, names, [r["predicted_throughput_rps"] for r in rows],
+                 [r["measured_throughput_rps"] for r in rows], "{:.1f}", predicted_colour, measured_colour)
+    middle.set_ylabel("requests / device second")
+    middle.set_title("throughput (higher is better)")
+    _paired_bars(right, names, [r["predicted_latency_s"] * 1e3 for r in rows],
+                 [None if r["measured_latency_s"] is None else r["measured_latency_s"] * 1e3 for r in rows],
+                 "{:.1f}", predicted_colour, measured_colour)
+    right.set_ylabel("ms of device time, one request")
+    right.set_title("latency (lower is better)")
+    requests = ", ".join(f"{r['planner']} {r['requests']}" for r in rows)
+    fig.suptitle(f"{title}  ·  requests measured per plan: {requests}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _paired_bars(ax: Any, names: list[str], predicted: list[float], measured: list[float | None], label: str,
+                 predicted_colour: str, measured_colour: str) -> None:
+    """Predicted (light) beside measured (dark) per plan, each bar labelled, however small."""
+    x = range(len(names))
+    bars_p = ax.bar([i - 0.2 for i in x], predicted, width=0.4, color=predicted_colour, label="predicted")
+    bars_m = ax.bar([i + 0.2 for i in x], [m or 0.0 for m in measured], width=0.4, color=measured_colour,
+                    label="measured")
+    ax.bar_label(bars_p, labels=[label.format(v) for v in predicted], fontsize=7, padding=2)
+    ax.bar_label(bars_m, labels=["—" if m is None else label.format(m) for m in measured], fontsize=7, padding=2)
+    ax.set_xticks(list(x), names)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8)

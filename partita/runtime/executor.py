@@ -87,6 +87,7 @@ class StageStats:
     host_s: float = 0.0
     device_s: float = 0.0
     overruns: int = 0  # requests whose real compute took longer than the emulated target
+    queue_s: float = 0.0  # device seconds requests waited on this worker before their compute began
 
     def to_dict(self) -> dict[str, Any]:
         n = max(self.requests, 1)
@@ -96,6 +97,7 @@ class StageStats:
             "mean_host_s": self.host_s / n,
             "mean_device_s": self.device_s / n,
             "overruns": self.overruns,
+            "mean_queue_s": self.queue_s / n,
         }
 
 
@@ -263,6 +265,7 @@ class StageExecutor:
         loaded = self.stage(job.stage)
         if loaded is None:
             return Done(job, None, f"stage {job.stage} is not loaded on this worker", 0.0, 0.0)
+        queue_s = (time.monotonic() - job.received_at) / self.dilation
         started = time.perf_counter()
         try:
             with torch.no_grad():
@@ -290,6 +293,7 @@ class StageExecutor:
                 time.sleep(remaining_s)
         device_s = (time.perf_counter() - started) / self.dilation
         loaded.stats.requests += 1
+        loaded.stats.queue_s += queue_s
         loaded.stats.host_s += host_s
         loaded.stats.device_s += device_s
         return Done(job, outputs, None, host_s, device_s)

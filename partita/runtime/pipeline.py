@@ -294,6 +294,7 @@ class Pipeline:
                 "requests": sum(s.get("requests", 0) for s in per_device),
                 "overruns": sum(s.get("overruns", 0) for s in per_device),
                 "host_compute_s": statistics.fmean(s["mean_host_s"] for s in per_device) if measured else None,
+                "measured_queue_s": statistics.fmean(s.get("mean_queue_s", 0.0) for s in per_device if s.get("requests")) if measured else None,
             })
         links = []
         for link in self._predicted_links:
