@@ -145,7 +145,7 @@ class Routes:
     async def _infer(self, request: Request) -> Response:
         refused = self._guarded(request) or self._unknown_model(request)
         if refused:
-            raise HTTPError(refused.status_code, json.loads(refused.body)["error"],
+            raise HTTPError(refused.status_code, json.loads(bytes(refused.body))["error"],
                             "unauthorized" if refused.status_code == 401 else "not_found")
         body = await self._read_body(request)
         try:
