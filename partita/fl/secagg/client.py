@@ -7,11 +7,12 @@ weights in their order, flattened) and never sends it. Per round:
 2. `share_keys(roster, threshold)`: draws a self-mask seed b; splits b and its own mask private key s_SK
    t-of-n (Shamir) over the roster; returns each other client's pair of shares encrypted for it (AES-GCM under
    a key agreed from the c keys), for the server to route.
-3. `masked_input(shares, scale, u2)`: stores the shares it got, then returns
-       y = Q(scale * Delta) + PRG(b) + sum_{v in U2, v != u} sign(u, v) PRG(s_uv)        in Z_{2^64}
+3. `masked_input(shares, scales, u2)`: stores the shares it got, then returns
+       y = Q([w_1 Delta, ..., w_K Delta]) + PRG(b) + sum_{v in U2, v != u} sign(u, v) PRG(s_uv)     in Z_{2^64}
    with sign(u, v) = +1 for u < v and -1 otherwise, so the pairwise masks of any two clients who both
-   send cancel in the sum; s_uv comes from X25519(s_u, s_v). `scale` is the strategy's coefficient for this
-   client (FedNova: p_i tau_eff / A_i), announced by the server after it heard every client's scalars.
+   send cancel in the sum; s_uv comes from X25519(s_u, s_v). The scales w_k are the strategy's weights for
+   this client (`Strategy.client_weights`; FedNova: p_i / A_i and p_i), announced by the server after it heard
+   every client's scalars.
 4. `unmask(survivors, dropped)`: the shares of b for clients whose y arrived, and of s_SK for clients that
    shared keys but sent no y. Never both for one client (that would unmask its update): a request that asks
    for both, or names fewer survivors than the threshold, is refused.
@@ -19,6 +20,7 @@ weights in their order, flattened) and never sends it. Per round:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -92,8 +94,6 @@ class SecureSession:
         if not 2 <= threshold <= len(roster):
             raise FLError(f"The threshold must be in [2, {len(roster)}] clients, got {threshold}.")
         self._threshold = int(threshold)
-        import os
-
         self._seed = os.urandom(shamir.SECRET_BYTES)
         holders = [holder(v) for v in self._roster]
         seed_shares = shamir.split(self._seed, threshold, holders)
@@ -109,7 +109,7 @@ class SecureSession:
             )
         return out
 
-    def masked_input(self, shares: Mapping[int, bytes], scale: float, u2: Sequence[int]) -> np.ndarray:
+    def masked_input(self, shares: Mapping[int, bytes], scales: Sequence[float], u2: Sequence[int]) -> np.ndarray:
         """y in Z_{2^64}: the scaled, quantised change under the self mask and the pairwise masks with U2."""
         u2 = sorted(set(u2))
         if self.client_id not in u2 or not set(u2) <= set(self._roster) or len(u2) < self._threshold:
@@ -126,9 +126,9 @@ class SecureSession:
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, bytes) for s in pair)):
                 raise FLError(f"Client {sender}'s share is malformed.")
             self._held[sender] = (pair[0], pair[1])
-        if not (np.isfinite(scale) and scale > 0):
-            raise FLError(f"The announced scale must be a positive number, got {scale!r}.")
-        y = masking.quantize(scale * self.delta)
+        if not scales or not all(isinstance(w, float | int) and np.isfinite(w) and w >= 0 for w in scales):
+            raise FLError(f"The announced scales must be numbers >= 0, got {scales!r}.")
+        y = masking.quantize(np.concatenate([float(w) * self.delta for w in scales]))
         with np.errstate(over="ignore"):
             y = y + masking.mask(self._seed, y.size)
             for v in u2:
