@@ -68,13 +68,14 @@ def worker(
 
 
 def _jobs() -> dict:
-    """The long jobs this worker serves besides stages: federated training (`fl-train`, see docs/fl.md).
+    """The long jobs this worker serves besides stages: federated training (`fl-train`, `fl-secure`, see
+    docs/fl.md).
 
     Composed here, in the face layer, because the runtime must not import partita.fl.
     """
-    from partita.fl.serve import handle_train
+    from partita.fl.serve import JOBS
 
-    return {"fl-train": handle_train}
+    return dict(JOBS)
 
 
 def _emulate_error(value: str) -> typer.BadParameter:

@@ -71,8 +71,12 @@ class SecureParticipant:
     ) -> tuple[ClientReport, KeyAdvert] | None:
         """Train; keep the change; return only the scalars and this round's public keys."""
         update = self._train(global_weights, config)
-        if update is None:
-            return None
+        return None if update is None else self.begin(global_weights, update, round_key)
+
+    def begin(
+        self, global_weights: Mapping[str, Tensor], update: ClientUpdate, round_key: bytes
+    ) -> tuple[ClientReport, KeyAdvert]:
+        """Open this round's session on an update already trained (a worker trains in its own job)."""
         session = SecureSession(self.client_id, round_key, flat_delta(global_weights, update.weights))
         with self._lock:
             self._sessions[bytes(round_key)] = session
