@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from partita.fl import ClientProfile, FedAvg, FedNova, FLServer, InProcessClient, get_task, task_evaluator
+from partita.fl import (
+    ClientProfile,
+    FedAvg,
+    FedNova,
+    FLServer,
+    InProcessClient,
+    get_task,
+    run_in_process,
+    task_evaluator,
+)
 from partita.fl.remote import clients_of
 from partita.fl.update import weights_of
 
@@ -255,6 +264,21 @@ def test_fl_command_prints_rounds_and_final_figures_as_json(tmp_path):
         )
     for name in ("fedavg", "fedprox", "fednova"):
         assert (tmp_path / f"w-{name}.safetensors").is_file()
+
+
+def test_fl_command_with_secure_aggregation_trains_and_reports_every_client(tmp_path):
+    cluster_file = ROOT / "examples" / "clusters" / "tiny-2.yaml"
+    args = ("--task", "quadratic", "--cluster", str(cluster_file), "--rounds", "2", "--local-steps", "2-8")
+    secure = _partita("fl", *args, "--strategy", "fednova", "--secure-aggregation", "--json", cwd=tmp_path)
+    task = get_task("quadratic", num_clients=2, seed=0)
+    profiles = {0: ClientProfile(local_steps=2, lr=0.1), 1: ClientProfile(local_steps=8, lr=0.1)}
+    plain = run_in_process(task, FedNova(), 2, profiles=profiles, seed=0)
+
+    assert secure.returncode == 0, secure.stderr
+    rows = json.loads(secure.stdout)["rounds"]
+    assert [(r["clients"], r["steps"], r["dropped"]) for r in rows] == [([0, 1], [2, 8], {})] * 2
+    ours = json.loads(secure.stdout)["final"]["fednova"]["distance_to_optimum"]
+    assert ours == pytest.approx(plain.final.metrics["distance_to_optimum"], abs=1e-6)
 
 
 def test_digits_weights_trained_by_fl_load_through_a_model_reference(tmp_path):
