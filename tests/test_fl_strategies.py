@@ -105,6 +105,23 @@ def test_a_norm_overrides_what_the_fields_imply():
     assert torch.allclose(FedNova.paper().aggregate(w(0.0), other)["w"], torch.tensor([-3.5]))
 
 
+def test_fednova_bounds_its_step_by_fedavgs_and_keeps_its_direction():
+    # Client 1: 1 step, Delta (4, 0), d = (4, 0). Client 2: 4 steps, Delta (0, 4), d = (0, 1) (a saturated
+    # many-step client). p = 1/2 each. Paper: tau_eff = 2.5, sum p d = (2, 0.5), D = (5, 1.25), longer than
+    # FedAvg's step (2, 2) (norm 2.83). Bounded: tau_eff = 2.83 / ||(2, 0.5)|| = 1.372, D = 1.372 * (2, 0.5).
+    updates = [upd([-4.0, 0.0], steps=1), upd([0.0, -4.0], steps=4)]
+    paper = FedNova.paper().aggregate(w(0.0, 0.0), updates)["w"]
+    bounded = FedNova(server_momentum=0.0).aggregate(w(0.0, 0.0), updates)["w"]
+    assert torch.allclose(paper, torch.tensor([-5.0, -1.25]))
+    tau = math.sqrt(8.0) / math.sqrt(2.0**2 + 0.5**2)
+    assert torch.allclose(bounded, torch.tensor([-2.0 * tau, -0.5 * tau]))
+    assert math.isclose(float(bounded.norm()), math.sqrt(8.0), rel_tol=1e-6)  # FedAvg's step length
+    # Where the paper's step is the shorter one, the bound leaves it alone (the first example above).
+    short = [upd([-1.0], steps=1), upd([-6.0], steps=3)]
+    assert torch.equal(FedNova(server_momentum=0.0).aggregate(w(0.0), short)["w"],
+                       FedNova.paper().aggregate(w(0.0), short)["w"])
+
+
 def test_fednova_server_momentum_accumulates_across_rounds():
     strategy = FedNova(server_lr=0.5, server_momentum=0.5)
     x = w(0.0)

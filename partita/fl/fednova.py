@@ -20,16 +20,27 @@ learning-rate units, A_i = eta_i ||a_i||_1 (for a per-step schedule, sum_k eta_k
 as `ClientUpdate.a_norm`). The normalised update d_i = Delta_i / A_i is then an average gradient, whatever
 eta_i and tau_i were, and the server takes
 
-    tau_eff = sum_i p_i A_i                                   (effective local work, in lr units)
     D       = tau_eff * sum_i p_i d_i = sum_i p_i (tau_eff / A_i) Delta_i
-    x^{t+1} = x^t - server_lr * D                             (server_momentum = 0)
     v <- server_momentum * v + D ;  x^{t+1} = x^t - server_lr * v      (server momentum, as the authors' `gmf`)
+
+    tau_eff = sum_i p_i A_i                                    (`FedNova.paper()`: effective local work)
+    tau_eff = min(sum_i p_i A_i, ||S_avg|| / ||sum_i p_i d_i||)  (`FedNova()`, the default: "bounded")
+
+where S_avg = sum_i p_i Delta_i is FedAvg's step (norms over all floating parameters together).
+
+The step length. The paper's tau_eff extrapolates every client's average gradient over the mean work; with
+very unequal work (2 against 30 steps) the few-step clients' changes are multiplied up (8x, and about 35x with
+local momentum 0.9, whose ||a_i||_1 grows faster than tau_i) while the many-step clients' saturated
+trajectories give small d_i, so the paper's step overshoots (docs/fl.md: it diverged with momentum 0.9 on
+non-IID digits). The default keeps the paper's direction and bounds its length by FedAvg's step, a mean of
+real client trajectories; server momentum 0.5 recovers the speed. Near the fixed point sum_i p_i d_i -> 0, so
+the bound lifts and the paper's tau_eff applies.
 
 With equal learning rates eta this is the authors' code exactly: x^{t+1} = x^t - sum_i p_i (tau_eff/||a_i||_1)
 Delta_i with tau_eff = sum_i p_i ||a_i||_1. One detail follows their code rather than the general formula: for a
 proximal client the code counts its work in tau_eff as tau_i (not ||a_i||_1), so a proximal client contributes
-p_i eta_i tau_i to tau_eff here too. tau_eff only scales the step; the fixed point, sum_i p_i grad F_i = 0, is the
-same either way. A client that ran no steps has no direction and is left out (p renormalised over the rest).
+p_i eta_i tau_i to tau_eff here too. tau_eff and server momentum only scale the step; the fixed point,
+sum_i p_i d_i = 0, is the same for every positive tau_eff. A client that ran no steps has no direction and is left out (p renormalised over the rest).
 """
 
 from __future__ import annotations
