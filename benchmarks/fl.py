@@ -329,7 +329,7 @@ def spread_steps(sizes: list[int], low: int, high: int, correlated: bool, seed: 
     else:
         import numpy as np
 
-        order = [int(i) for i in np.random.default_rng([seed, 13]).permutation(count)]
+        order = [int(i) for i in np.random.default_rng([seed, 99]).permutation(count)]
     out = [0] * count
     for rank, client in enumerate(order):
         out[client] = steps[rank]

@@ -146,3 +146,53 @@ def test_fednova_is_at_least_as_accurate_as_fedavg_on_non_iid_digits_with_unequa
     assert np.mean(fednova) >= np.mean(fedavg), f"FedAvg -> FedNova accuracy: {figures}"
     assert sum(b >= a for a, b in zip(fedavg, fednova, strict=True)) > len(fedavg) / 2, figures
     assert min(fednova) > 0.5, figures  # 10 balanced classes: chance is 0.1
+
+
+# Issue 13's robustness target: local steps spread 2-30, in the order of the clients' data sizes or not, with
+# local momentum 0 and 0.9, at the default lr. The paper's rule (FedNova.paper()) diverged here with momentum
+# 0.9 (mean accuracy 0.34 and 0.72; docs/fl.md); the default must stay within a point of FedAvg on the mean and
+# never diverge. Paired: FedAvg and FedNova see the same partition, initial weights and minibatches.
+ROBUST_CLIENTS = 10
+ROBUST_SEEDS = range(8)
+ROBUST_SETTINGS = [(correlated, momentum) for correlated in (False, True) for momentum in (0.0, 0.9)]
+
+
+def spread_steps(sizes: list[int], correlated: bool, seed: int) -> list[int]:
+    """Steps 2..30 spread evenly over the clients: by data size (correlated) or in a seeded random order."""
+    steps = [round(2 + 28 * i / (len(sizes) - 1)) for i in range(len(sizes))]
+    if correlated:
+        order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    else:
+        order = [int(i) for i in np.random.default_rng([seed, 99]).permutation(len(sizes))]
+    out = [0] * len(sizes)
+    for rank, client in enumerate(order):
+        out[client] = steps[rank]
+    return out
+
+
+def _robust_pair(job: tuple[bool, float, int]) -> tuple[float, float]:
+    """FedAvg's and FedNova's final accuracy in one setting and seed (module level: runs in a worker process)."""
+    correlated, momentum, seed = job
+    torch.set_num_threads(1)
+    task = get_task("digits", num_clients=ROBUST_CLIENTS, seed=seed, alpha=0.3)
+    sizes = [task.client_data(i).num_examples for i in range(ROBUST_CLIENTS)]
+    steps = spread_steps(sizes, correlated, seed)
+    profiles = {i: ClientProfile(local_steps=s, lr=0.05, momentum=momentum) for i, s in enumerate(steps)}
+    avg = run_in_process(task, FedAvg(), 20, profiles=profiles, seed=seed).final
+    nova = run_in_process(task, FedNova(), 20, profiles=profiles, seed=seed).final
+    return avg.accuracy, nova.accuracy
+
+
+@pytest.mark.slow
+def test_fednova_stays_within_a_point_of_fedavg_and_never_diverges_under_very_unequal_work():
+    jobs = [(c, m, seed) for c, m in ROBUST_SETTINGS for seed in ROBUST_SEEDS]
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = dict(zip(jobs, pool.map(_robust_pair, jobs), strict=True))
+    for correlated, momentum in ROBUST_SETTINGS:
+        pairs = [results[(correlated, momentum, seed)] for seed in ROBUST_SEEDS]
+        fedavg, fednova = [p[0] for p in pairs], [p[1] for p in pairs]
+        figures = f"correlated={correlated} momentum={momentum}: " + ", ".join(
+            f"{a:.3f}->{b:.3f}" for a, b in pairs
+        )
+        assert np.mean(fednova) >= np.mean(fedavg) - 0.01, figures
+        assert min(fednova) > 0.5, figures  # no divergent run (chance is 0.1)
