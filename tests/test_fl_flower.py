@@ -47,25 +47,27 @@ STRATEGIES = {
 SAMPLING = {"min_train_nodes": CLIENTS, "min_available_nodes": CLIENTS, "fraction_evaluate": 0.0}
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
-def test_a_flower_simulation_ends_where_partitas_own_server_does(name):
+def test_a_flower_simulation_ends_where_partitas_own_server_does():
+    # One simulation (one Ray start) runs the three strategies one after the other on the same nodes.
     task = get_task("digits", num_clients=CLIENTS, seed=0, alpha=0.3)
-    make_flower, make_partita = STRATEGIES[name]
     result = {}
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid, context):
-        finished = make_flower().start(grid, ArrayRecord(weights_of(task.model())), num_rounds=3)
-        result["weights"] = finished.arrays.to_torch_state_dict()
+        for name, (make_flower, _) in STRATEGIES.items():
+            finished = make_flower().start(grid, ArrayRecord(weights_of(task.model())), num_rounds=3)
+            result[name] = finished.arrays.to_torch_state_dict()
 
     run_simulation(
         server_app, flower.client_app(task, PROFILES), num_supernodes=CLIENTS,
         backend_config={"client_resources": {"num_cpus": 1}},
     )
-    ours = run_in_process(task, make_partita(), 3, profiles=PROFILES, seed=0).weights
 
-    assert set(result["weights"]) == set(ours)
-    for key, tensor in ours.items():
-        difference = float((result["weights"][key] - tensor).abs().max())
-        assert torch.equal(result["weights"][key], tensor), (key, difference)
+    assert set(result) == set(STRATEGIES)
+    for name, (_, make_partita) in STRATEGIES.items():
+        ours = run_in_process(task, make_partita(), 3, profiles=PROFILES, seed=0).weights
+        assert set(result[name]) == set(ours)
+        for key, tensor in ours.items():
+            difference = float((result[name][key] - tensor).abs().max())
+            assert torch.equal(result[name][key], tensor), (name, key, difference)
