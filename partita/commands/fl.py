@@ -178,10 +178,14 @@ def _train(run: FLRun, console) -> dict:
 
     from partita.fl import STRATEGIES, FedProx, FLServer, task_evaluator
     from partita.fl.remote import clients_of
-    from partita.fl.secagg.round import SecureAggregation
     from partita.fl.update import weights_of
     from partita.runtime.connect import open_cluster
 
+    secure = None
+    if run.secure_aggregation:  # needs the optional `cryptography` (an FLError saying so without it)
+        from partita.fl.secagg.round import SecureAggregation
+
+        secure = SecureAggregation()
     histories = {}
     evaluate = task_evaluator(run.fl_task)
     initial = weights_of(run.fl_task.model())
@@ -209,7 +213,7 @@ def _train(run: FLRun, console) -> dict:
                     deadline_s=run.deadline,
                     parallel=len(clients),
                     seed=run.seed,
-                    secure=SecureAggregation() if run.secure_aggregation else None,
+                    secure=secure,
                 )
                 histories[name] = _rounds(
                     server, initial, run.rounds, lambda r, b=bar: progress.update(b, advance=1, status=_status(r))

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from partita.errors import FLError, WireError, WorkerError
 from partita.fl.local import TrainConfig, train_request_record, update_from_reply
-from partita.fl.secagg.client import KeyAdvert
 from partita.fl.serve import SECURE_KIND, SECURE_REPLY_KIND, TRAIN_KIND, UPDATE_KIND
 from partita.fl.update import ClientReport, ClientUpdate, record_from_wire, record_to_wire
 from partita.runtime.handle import Keypair, WorkerEndpoint
@@ -107,8 +106,13 @@ class RemoteClient:
 
     def secure_train(
         self, global_weights: Mapping[str, Tensor], config: TrainConfig, round_key: bytes
-    ) -> tuple[ClientReport, KeyAdvert] | None:
-        """Train on the worker; only the scalars and the round's public keys come back (None: missed deadline)."""
+    ):
+        """Train on the worker; only the scalars and the round's public keys (a `KeyAdvert`) come back.
+
+        None: the client missed the deadline.
+        """
+        from partita.fl.secagg.client import KeyAdvert  # needs the optional `cryptography`
+
         record = train_request_record(
             global_weights, config, task=self.task, client_id=self.client_id, task_options=self.task_options
         )

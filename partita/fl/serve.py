@@ -28,8 +28,6 @@ import torch
 
 from partita.errors import FLError
 from partita.fl.local import serve_train_request, update_from_reply
-from partita.fl.secagg.client import KeyAdvert
-from partita.fl.secagg.participant import SecureParticipant
 from partita.fl.tasks import Task, get_task
 from partita.fl.update import ARRAYS, CONFIG, record_from_wire, record_to_wire
 
@@ -103,11 +101,13 @@ def handle_train(message) -> tuple[str, dict, tuple]:
 
 SECURE_KIND = "fl-secure"
 SECURE_REPLY_KIND = "fl-secure-reply"
-_participants: dict[int, SecureParticipant] = {}
+_participants: dict = {}  # client id -> partita.fl.secagg.participant.SecureParticipant
 _participants_lock = threading.Lock()
 
 
-def _participant(client_id: int) -> SecureParticipant:
+def _participant(client_id: int):
+    from partita.fl.secagg.participant import SecureParticipant  # needs the optional `cryptography`
+
     with _participants_lock:
         participant = _participants.get(client_id)
         if participant is None:
@@ -151,6 +151,8 @@ def handle_secure(message) -> tuple[str, dict, tuple]:
         raise FLError(f"An {SECURE_KIND} {step!r} step needs an int 'client-id'.")
     participant = _participant(client_id)
     if step == "share":
+        from partita.fl.secagg.client import KeyAdvert
+
         roster = [KeyAdvert.from_wire(item) for item in _list(header, "roster")]
         shares = participant.secure_share(round_key, roster, _int(header, "threshold"))
         return SECURE_REPLY_KIND, {"shares": [[v, c] for v, c in shares.items()]}, ()

@@ -18,17 +18,19 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 from torch import Tensor
 
 from partita.errors import FLError, PartitaError
 from partita.fl.local import TrainConfig, evaluate_local, train_local
-from partita.fl.secagg.round import SecureAggregation, secure_round
 from partita.fl.strategy import Strategy
 from partita.fl.tasks.base import Task
 from partita.fl.update import ClientUpdate, clone_weights, weights_of
+
+if TYPE_CHECKING:  # secure aggregation needs the optional `cryptography`; imported when used
+    from partita.fl.secagg.round import SecureAggregation
 
 # What a transport may raise for a client that is gone; anything else is a bug and propagates.
 CLIENT_LOST_ERRORS = (PartitaError, TimeoutError, ConnectionError, OSError)
@@ -223,6 +225,8 @@ class FLServer:
         sampled = self.sample(round_number)
         configs = [self.configure(c, round_number) for c in sampled]
         if self.secure is not None:
+            from partita.fl.secagg.round import secure_round
+
             result = secure_round(
                 self.strategy, sampled, configs, weights, settings=self.secure, parallel=self.parallel,
                 lost_errors=CLIENT_LOST_ERRORS,
