@@ -149,12 +149,14 @@ def test_fednova_is_at_least_as_accurate_as_fedavg_on_non_iid_digits_with_unequa
 
 
 # Issue 13's robustness target: local steps spread 2-30, in the order of the clients' data sizes or not, with
-# local momentum 0 and 0.9, at the default lr. The paper's rule (FedNova.paper()) diverged here with momentum
-# 0.9 (mean accuracy 0.34 and 0.72; docs/fl.md); the default must stay within a point of FedAvg on the mean and
-# never diverge. Paired: FedAvg and FedNova see the same partition, initial weights and minibatches.
+# local momentum 0.9, at the default lr. The paper's rule (FedNova.paper()) diverged here (mean accuracy 0.36
+# and 0.72; docs/fl.md); the default must stay within a point of FedAvg on the mean and never diverge. Paired:
+# FedAvg and FedNova see the same partition, initial weights and minibatches. The momentum-0 rows of the same
+# table (FedNova +2.6 and +2.0 points) are measured by benchmarks/fl.py; with them this test would take over
+# two minutes of CPU on two cores.
 ROBUST_CLIENTS = 10
 ROBUST_SEEDS = range(8)
-ROBUST_SETTINGS = [(correlated, momentum) for correlated in (False, True) for momentum in (0.0, 0.9)]
+ROBUST_SETTINGS = [(False, 0.9), (True, 0.9)]
 
 
 def spread_steps(sizes: list[int], correlated: bool, seed: int) -> list[int]:
@@ -184,7 +186,7 @@ def _robust_pair(job: tuple[bool, float, int]) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_fednova_stays_within_a_point_of_fedavg_and_never_diverges_under_very_unequal_work():
+def test_fednova_stays_within_a_point_of_fedavg_and_never_diverges_under_unequal_work_and_momentum():
     jobs = [(c, m, seed) for c, m in ROBUST_SETTINGS for seed in ROBUST_SEEDS]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = dict(zip(jobs, pool.map(_robust_pair, jobs), strict=True))
