@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 from torch import Tensor
 
 from partita.errors import FLError
@@ -142,6 +143,11 @@ def secure_round(
     transcript.masked = stage(
         "masking", u2, lambda c: c.secure_mask(round_key, inbox(c.client_id), scales[c.client_id], u2_ids)
     )
+    expected = strategy.num_sums * sum(t.numel() for t in weights.values() if t.is_floating_point())
+    for cid, masked in list(transcript.masked.items()):
+        if getattr(masked, "shape", None) != (expected,) or masked.dtype != np.uint64:
+            del transcript.masked[cid]  # treated as lost after sharing: its pairwise masks are removed
+            dropped[cid] = f"lost during secure masking: sent {getattr(masked, 'shape', '?')}, not ({expected},) uint64"
     u3_ids = sorted(transcript.masked)
     if len(u3_ids) < threshold:
         return unchanged(f"secure aggregation lost too many clients ({len(u3_ids)} < threshold {threshold})")
