@@ -14,7 +14,17 @@
    run the same rounds over 10 real worker processes on loopback (LocalCluster, CURVE): `fl-train` and
    `fl-update` through the workers' control sockets, one near-free local step each (`_fl_payload.py`).
 
-Run: .venv/bin/python benchmarks/fl.py [--quick]. Writes benchmarks/results/fl.json.
+4. Robustness (issue 13): digits, Dirichlet(0.3), ten clients whose local steps are spread 2-30, in the
+   order of their data sizes ("correlated") or in a seeded random order ("uncorrelated"), with local momentum
+   0 and 0.9, at the default lr 0.05, 20 rounds: mean and worst final accuracy over the seeds for FedAvg, the
+   paper's FedNova (`FedNova.paper()`) and partita's default FedNova, and how many runs diverged (final
+   accuracy below 0.2; chance is 0.1).
+5. Secure aggregation's cost: rounds over real workers (LocalCluster, one client per worker), plain against
+   `--secure-aggregation`, for FedAvg and FedNova: median ms per round and bytes per round on the
+   coordinator's sockets (requests + replies, heartbeats excluded), as ratios to plain.
+
+Run: .venv/bin/python benchmarks/fl.py [--quick] [--only convergence,paired,overhead,robustness,secure].
+Writes benchmarks/results/fl.json.
 """
 
 from __future__ import annotations
@@ -310,10 +320,159 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+def spread_steps(sizes: list[int], low: int, high: int, correlated: bool, seed: int) -> list[int]:
+    """Local steps low..high spread evenly over the clients: by data size (correlated) or in a seeded order."""
+    count = len(sizes)
+    steps = [round(low + (high - low) * i / (count - 1)) for i in range(count)]
+    if correlated:
+        order = sorted(range(count), key=lambda i: sizes[i])
+    else:
+        import numpy as np
+
+        order = [int(i) for i in np.random.default_rng([seed, 99]).permutation(count)]
+    out = [0] * count
+    for rank, client in enumerate(order):
+        out[client] = steps[rank]
+    return out
+
+
+ROBUST_STRATEGIES = {"fedavg": FedAvg, "fednova (paper)": FedNova.paper, "fednova": FedNova}
+
+
+def _robust_run(job: tuple) -> tuple:
+    correlated, momentum, label, seed, rounds = job
+    torch.set_num_threads(1)
+    task = get_task("digits", num_clients=NUM_CLIENTS, seed=seed, alpha=0.3)
+    sizes = [task.client_data(i).num_examples for i in range(NUM_CLIENTS)]
+    steps = spread_steps(sizes, 2, 30, correlated, seed)
+    profiles = {i: ClientProfile(local_steps=s, lr=0.05, momentum=momentum) for i, s in enumerate(steps)}
+    final = run_in_process(task, ROBUST_STRATEGIES[label](), rounds, profiles=profiles, seed=seed).final
+    return job, final.accuracy
+
+
+def robustness(seeds: list[int], rounds: int) -> dict:
+    """Final accuracy per (spread, momentum, strategy, seed); seeds spread over two processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [
+        (correlated, momentum, label, seed, rounds)
+        for correlated in (False, True)
+        for momentum in (0.0, 0.9)
+        for label in ROBUST_STRATEGIES
+        for seed in seeds
+    ]
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        finals = list(pool.map(_robust_run, jobs))
+    rows: dict[tuple, list[float]] = {}
+    for (correlated, momentum, label, _seed, _), accuracy in finals:
+        rows.setdefault((correlated, momentum, label), []).append(accuracy)
+    return {
+        "task": "digits", "alpha": 0.3, "steps": "2-30", "lr": 0.05, "rounds": rounds, "seeds": seeds,
+        "rows": [
+            {"correlated": c, "momentum": m, "strategy": label, "accuracy": accs}
+            for (c, m, label), accs in rows.items()
+        ],
+    }
+
+
+def print_robustness(result: dict) -> None:
+    table = Table(
+        title=f"digits, Dirichlet(0.3), local steps 2-30, lr 0.05, {result['rounds']} rounds: final accuracy over "
+        f"seeds {result['seeds'][0]}-{result['seeds'][-1]}"
+    )
+    for column in ("steps vs data", "momentum", "strategy", "mean", "worst", "diverged (<0.2)", "mean - fedavg"):
+        table.add_column(column, justify="right")
+    baseline = {
+        (r["correlated"], r["momentum"]): statistics.fmean(r["accuracy"])
+        for r in result["rows"] if r["strategy"] == "fedavg"
+    }
+    for row in result["rows"]:
+        mean = statistics.fmean(row["accuracy"])
+        table.add_row(
+            "correlated" if row["correlated"] else "uncorrelated",
+            f"{row['momentum']:g}",
+            row["strategy"],
+            f"{mean:.3f}",
+            f"{min(row['accuracy']):.3f}",
+            str(sum(a < 0.2 for a in row["accuracy"])),
+            f"{mean - baseline[(row['correlated'], row['momentum'])]:+.3f}",
+        )
+    console.print(table)
+
+
+def secure_cost(payloads_bytes: list[int], clients_count: int, repeats: int) -> list[dict]:
+    """ms and coordinator bytes per round, plain and secure, over `clients_count` real workers."""
+    import os
+
+    from partita.cluster import ClusterSpec
+    from partita.fl.remote import clients_of
+    from partita.fl.secagg.round import SecureAggregation
+    from partita.runtime.local import LocalCluster
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))
+    devices = [{"name": f"w{i}", "compute": "10GFLOPS", "memory": "2GiB", "speed": 1.0} for i in range(clients_count)]
+    spec = ClusterSpec.from_dict({"source": "w0", "devices": devices, "links": {"default": {"bandwidth": "10Gbit/s", "latency": "0s"}}})
+    rows = []
+    with LocalCluster(spec, host_flops=1e10) as cluster:
+        for nbytes in payloads_bytes:
+            options = {"num_clients": clients_count, "numel": nbytes // 4}
+            for strategy in (FedAvg, FedNova):
+                row = {"payload_bytes": nbytes, "clients": clients_count, "strategy": strategy.name}
+                for mode in ("plain", "secure"):
+                    clients = clients_of(cluster, task="_fl_payload:PayloadTask", task_options=options)
+                    profiles = {i: ClientProfile(local_steps=1 + i, lr=0.1) for i in range(clients_count)}
+                    server = FLServer(
+                        strategy(), clients, profiles=profiles, evaluate=lambda w: {}, parallel=clients_count,
+                        secure=SecureAggregation() if mode == "secure" else None,
+                    )
+                    weights = {"w": torch.zeros(options["numel"])}
+                    server.run_round(1, weights)  # warm-up: every worker builds the task
+                    before = sum(c.bytes_sent + c.bytes_received for c in clients)
+                    samples = []
+                    for _ in range(repeats):
+                        began = time.perf_counter()
+                        _, record = server.run_round(1, weights)
+                        samples.append((time.perf_counter() - began) * 1e3)
+                        if len(record.clients) != clients_count:
+                            raise RuntimeError(f"{mode} round left clients out: {record.dropped}")
+                    row[f"{mode}_ms"] = statistics.median(samples)
+                    row[f"{mode}_bytes"] = (sum(c.bytes_sent + c.bytes_received for c in clients) - before) / repeats
+                    for client in clients:
+                        client.close()
+                rows.append(row)
+    return rows
+
+
+def print_secure_cost(rows: list[dict]) -> None:
+    table = Table(title="Secure aggregation against plain, over real workers: median ms and coordinator bytes per round")
+    for column in ("payload", "clients", "strategy", "plain ms", "secure ms", "time x", "plain bytes",
+                   "secure bytes", "bytes x"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            _size(row["payload_bytes"]), str(row["clients"]), row["strategy"],
+            f"{row['plain_ms']:.1f}", f"{row['secure_ms']:.1f}", f"{row['secure_ms'] / row['plain_ms']:.2f}x",
+            _size(int(row["plain_bytes"])), _size(int(row["secure_bytes"])),
+            f"{row['secure_bytes'] / row['plain_bytes']:.2f}x",
+        )
+    console.print(table)
+    from partita.fl.secagg.masking import FRACTION_BITS
+
+    console.print(
+        f"fixed-point ring Z_2^64 with {FRACTION_BITS} fractional bits: each client's scaled update is rounded to "
+        f"2^-{FRACTION_BITS}, so a sum over n clients is within n * 2^-{FRACTION_BITS + 1} of the float64 sum"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and seeds (a smoke run)")
+    parser.add_argument(
+        "--only", default="convergence,paired,overhead,robustness,secure", help="comma-separated parts to run"
+    )
     args = parser.parse_args()
+    parts = set(args.only.split(","))
     torch.set_num_threads(1)  # tiny models: intra-op threads only add contention on a shared machine
     devices, device_source = cluster_devices()
     console.print(
@@ -330,18 +489,28 @@ def main() -> None:
         ("synthetic", 10 if args.quick else 40, 0.02, {"alpha": 1.0, "beta": 1.0}),
         ("digits", 8 if args.quick else 30, 0.05, {"alpha": 0.3}),
     ]
-    for task_name, rounds, lr, options in settings:
+    for task_name, rounds, lr, options in settings if "convergence" in parts else ():
         result = convergence(task_name, rounds, seeds, lr, options, devices)
         print_convergence(result)
         results["convergence"].append(result)
-    paired = paired_digits(list(range(4 if args.quick else 20)), rounds=20)
-    print_paired(paired)
-    results["paired_digits"] = paired
-    payloads = [10 * 2**10, 100 * 2**10, 2**20, 10 * 2**20]
-    rows = overhead(payloads, repeats=3 if args.quick else 10)
-    runtime_overhead(rows, repeats=3 if args.quick else 10)
-    print_overhead(rows)
-    results["overhead"] = rows
+    if "paired" in parts:
+        paired = paired_digits(list(range(4 if args.quick else 20)), rounds=20)
+        print_paired(paired)
+        results["paired_digits"] = paired
+    if "overhead" in parts:
+        payloads = [10 * 2**10, 100 * 2**10, 2**20, 10 * 2**20]
+        rows = overhead(payloads, repeats=3 if args.quick else 10)
+        runtime_overhead(rows, repeats=3 if args.quick else 10)
+        print_overhead(rows)
+        results["overhead"] = rows
+    if "robustness" in parts:
+        robust = robustness(list(range(2 if args.quick else 8)), rounds=20)
+        print_robustness(robust)
+        results["robustness"] = robust
+    if "secure" in parts:
+        cost = secure_cost([10 * 2**10, 2**20, 4 * 2**20], clients_count=5, repeats=3 if args.quick else 5)
+        print_secure_cost(cost)
+        results["secure_cost"] = cost
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     console.print(f"wrote {RESULTS.relative_to(ROOT)}")

@@ -111,5 +111,5 @@ def test_equal_work_makes_fednova_and_fedavg_agree():
     task = get_task("quadratic", num_clients=4, examples=EXAMPLES)
     profiles = {i: ClientProfile(local_steps=3, lr=0.05, batch_size=5) for i in range(4)}
     avg = run_in_process(task, FedAvg(), 5, profiles=profiles).weights["x"]
-    nova = run_in_process(task, FedNova(), 5, profiles=profiles).weights["x"]
+    nova = run_in_process(task, FedNova.paper(), 5, profiles=profiles).weights["x"]
     np.testing.assert_allclose(avg.numpy(), nova.numpy(), atol=1e-6)

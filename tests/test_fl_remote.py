@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from partita.fl import ClientProfile, FedAvg, FedNova, FLServer, InProcessClient, get_task, task_evaluator
+from partita.fl import (
+    ClientProfile,
+    FedAvg,
+    FedNova,
+    FLServer,
+    InProcessClient,
+    get_task,
+    run_in_process,
+    task_evaluator,
+)
 from partita.fl.remote import clients_of
 from partita.fl.update import weights_of
 
@@ -128,6 +137,65 @@ def test_a_failing_training_job_gets_an_error_reply_and_the_worker_serves_on(clu
     assert recovered.clients == (0, 1, 2)
 
 
+def _secure_server(cluster, strategy, client_class=None):
+    from partita.fl.secagg.round import SecureAggregation
+
+    task, clients, _ = _remote_server(cluster, strategy)
+    for client in clients if client_class is not None else ():
+        client.__class__ = client_class  # a RemoteClient subclass that fails on cue
+    server = FLServer(
+        strategy, clients, profiles=PROFILES, evaluate=task_evaluator(task), parallel=3, secure=SecureAggregation()
+    )
+    return task, clients, server
+
+
+def test_secure_training_over_workers_ends_where_plain_in_process_training_does(cluster):
+    task, clients, server = _secure_server(cluster, FedNova())
+    try:
+        secure = server.run(weights_of(task.model()), 3)
+    finally:
+        for client in clients:
+            client.close()
+    plain = FLServer(
+        FedNova(), [InProcessClient(task, i) for i in range(3)], profiles=PROFILES, evaluate=task_evaluator(task)
+    ).run(weights_of(task.model()), 3)
+
+    assert [r.steps for r in secure.rounds] == [(4, 10, 16)] * 3
+    # Each round's unmasked sums are within 3 * 2^-33 of the exact ones (the fixed-point ring's rounding).
+    assert torch.allclose(secure.weights["x"], plain.weights["x"], rtol=0, atol=1e-6)
+    assert sum(c.bytes_sent + c.bytes_received for c in clients) > 0
+
+
+def test_a_worker_killed_after_masking_leaves_its_masked_update_recoverable(cluster):
+    from partita.fl.remote import RemoteClient
+
+    class DiesBeforeUnmasking(RemoteClient):
+        """Client 2's worker is SIGKILLed once it has sent its masked input, before it helps unmask."""
+
+        def secure_unmask(self, round_key, survivors, dropped):
+            if self.client_id == 2:
+                victim = cluster.processes["c"]
+                victim.send_signal(signal.SIGKILL)
+                victim.wait(timeout=5)
+            return super().secure_unmask(round_key, survivors, dropped)
+
+    task, clients, server = _secure_server(cluster, FedAvg(), DiesBeforeUnmasking)
+    initial = weights_of(task.model())
+    try:
+        weights, record = server.run_round(1, initial)
+    finally:
+        for client in clients:
+            client.close()
+        device = next(d for d in cluster.spec.devices if d.name == "c")
+        cluster.add_worker(device)  # later tests use c again
+
+    local = [InProcessClient(task, i) for i in range(3)]
+    plain = FLServer(FedAvg(), local, profiles=PROFILES).run_round(1, initial)[0]
+    # c's masked input arrived, so its update is in the sum: the other two held enough shares to unmask.
+    assert record.clients == (0, 1, 2) and "lost during secure unmasking" in record.dropped[2]
+    assert torch.allclose(weights["x"], plain["x"], rtol=0, atol=1e-6)
+
+
 def test_client_killed_mid_round_is_left_out_and_training_goes_on(cluster):
     task, clients, server = _remote_server(cluster, FedNova())
     victim = cluster.processes["c"]
@@ -196,6 +264,21 @@ def test_fl_command_prints_rounds_and_final_figures_as_json(tmp_path):
         )
     for name in ("fedavg", "fedprox", "fednova"):
         assert (tmp_path / f"w-{name}.safetensors").is_file()
+
+
+def test_fl_command_with_secure_aggregation_trains_and_reports_every_client(tmp_path):
+    cluster_file = ROOT / "examples" / "clusters" / "tiny-2.yaml"
+    args = ("--task", "quadratic", "--cluster", str(cluster_file), "--rounds", "2", "--local-steps", "2-8")
+    secure = _partita("fl", *args, "--strategy", "fednova", "--secure-aggregation", "--json", cwd=tmp_path)
+    task = get_task("quadratic", num_clients=2, seed=0)
+    profiles = {0: ClientProfile(local_steps=2, lr=0.1), 1: ClientProfile(local_steps=8, lr=0.1)}
+    plain = run_in_process(task, FedNova(), 2, profiles=profiles, seed=0)
+
+    assert secure.returncode == 0, secure.stderr
+    rows = json.loads(secure.stdout)["rounds"]
+    assert [(r["clients"], r["steps"], r["dropped"]) for r in rows] == [([0, 1], [2, 8], {})] * 2
+    ours = json.loads(secure.stdout)["final"]["fednova"]["distance_to_optimum"]
+    assert ours == pytest.approx(plain.final.metrics["distance_to_optimum"], abs=1e-6)
 
 
 def test_digits_weights_trained_by_fl_load_through_a_model_reference(tmp_path):

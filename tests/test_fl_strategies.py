@@ -69,7 +69,7 @@ def test_fednova_normalises_vanilla_sgd_by_local_steps():
     # Delta_1 = 1 after 1 step, Delta_2 = 6 after 3 steps, p = 1/2 each: tau_eff = 2,
     # D = 2 * (0.5 * 1/1 + 0.5 * 6/3) = 3  (FedAvg would move by 3.5).
     updates = [upd([-1.0], steps=1), upd([-6.0], steps=3)]
-    assert torch.allclose(FedNova().aggregate(w(0.0), updates)["w"], torch.tensor([-3.0]))
+    assert torch.allclose(FedNova.paper().aggregate(w(0.0), updates)["w"], torch.tensor([-3.0]))
     assert torch.allclose(FedAvg().aggregate(w(0.0), updates)["w"], torch.tensor([-3.5]))
 
 
@@ -77,7 +77,7 @@ def test_fednova_momentum_normaliser():
     # rho = 0.5, tau = 2: a = [1 + 0.5, 1], ||a||_1 = 2.5. With a vanilla 1-step client (Delta 1):
     # tau_eff = 0.5 * 1 + 0.5 * 2.5 = 1.75; D = 1.75 * (0.5 * 1 + 0.5 * 5 / 2.5) = 2.625.
     updates = [upd([-1.0], steps=1), upd([-5.0], steps=2, momentum=0.5)]
-    assert torch.allclose(FedNova().aggregate(w(0.0), updates)["w"], torch.tensor([-2.625]))
+    assert torch.allclose(FedNova.paper().aggregate(w(0.0), updates)["w"], torch.tensor([-2.625]))
 
 
 def test_fednova_proximal_normaliser_and_tau_eff_as_the_authors_code():
@@ -85,24 +85,41 @@ def test_fednova_proximal_normaliser_and_tau_eff_as_the_authors_code():
     # Vanilla client: lr 0.5, tau 1, Delta 1, A = 0.5. tau_eff = 0.5 * 0.5 + 0.5 * 1 = 0.75;
     # D = 0.75 * (0.5 * 1 / 0.5 + 0.5 * 1.5 / 0.75) = 1.5.
     updates = [upd([-1.0], steps=1, lr=0.5), upd([-1.5], steps=2, lr=0.5, prox_mu=1.0)]
-    assert torch.allclose(FedNova().aggregate(w(0.0), updates)["w"], torch.tensor([-1.5]))
+    assert torch.allclose(FedNova.paper().aggregate(w(0.0), updates)["w"], torch.tensor([-1.5]))
 
 
 def test_fednova_weights_a_by_learning_rate():
     # Same steps, lr 0.1 vs 0.4: A = 0.2 and 0.8. Deltas 0.2 and 1.6 are one average gradient of 1 and 2.
     # tau_eff = 0.5; D = 0.5 * (0.5 * 1 + 0.5 * 2) = 0.75.
     updates = [upd([-0.2], steps=2, lr=0.1), upd([-1.6], steps=2, lr=0.4)]
-    assert torch.allclose(FedNova().aggregate(w(0.0), updates)["w"], torch.tensor([-0.75]))
+    assert torch.allclose(FedNova.paper().aggregate(w(0.0), updates)["w"], torch.tensor([-0.75]))
 
 
 def test_a_norm_overrides_what_the_fields_imply():
     implied = [upd([-1.0], steps=1), upd([-6.0], steps=3)]
     same = [upd([-1.0], steps=1), upd([-6.0], steps=3, a_norm=3.0)]
     other = [upd([-1.0], steps=1), upd([-6.0], steps=3, a_norm=6.0)]
-    base = FedNova().aggregate(w(0.0), implied)["w"]
-    assert torch.equal(FedNova().aggregate(w(0.0), same)["w"], base)
+    base = FedNova.paper().aggregate(w(0.0), implied)["w"]
+    assert torch.equal(FedNova.paper().aggregate(w(0.0), same)["w"], base)
     # A_2 = 6: tau_eff = 3.5, D = 3.5 * (0.5 * 1 + 0.5 * 1) = 3.5
-    assert torch.allclose(FedNova().aggregate(w(0.0), other)["w"], torch.tensor([-3.5]))
+    assert torch.allclose(FedNova.paper().aggregate(w(0.0), other)["w"], torch.tensor([-3.5]))
+
+
+def test_fednova_bounds_its_step_by_fedavgs_and_keeps_its_direction():
+    # Client 1: 1 step, Delta (4, 0), d = (4, 0). Client 2: 4 steps, Delta (0, 4), d = (0, 1) (a saturated
+    # many-step client). p = 1/2 each. Paper: tau_eff = 2.5, sum p d = (2, 0.5), D = (5, 1.25), longer than
+    # FedAvg's step (2, 2) (norm 2.83). Bounded: tau_eff = 2.83 / ||(2, 0.5)|| = 1.372, D = 1.372 * (2, 0.5).
+    updates = [upd([-4.0, 0.0], steps=1), upd([0.0, -4.0], steps=4)]
+    paper = FedNova.paper().aggregate(w(0.0, 0.0), updates)["w"]
+    bounded = FedNova(server_momentum=0.0).aggregate(w(0.0, 0.0), updates)["w"]
+    assert torch.allclose(paper, torch.tensor([-5.0, -1.25]))
+    tau = math.sqrt(8.0) / math.sqrt(2.0**2 + 0.5**2)
+    assert torch.allclose(bounded, torch.tensor([-2.0 * tau, -0.5 * tau]))
+    assert math.isclose(float(bounded.norm()), math.sqrt(8.0), rel_tol=1e-6)  # FedAvg's step length
+    # Where the paper's step is the shorter one, the bound leaves it alone (the first example above).
+    short = [upd([-1.0], steps=1), upd([-6.0], steps=3)]
+    assert torch.equal(FedNova(server_momentum=0.0).aggregate(w(0.0), short)["w"],
+                       FedNova.paper().aggregate(w(0.0), short)["w"])
 
 
 def test_fednova_server_momentum_accumulates_across_rounds():
@@ -118,7 +135,7 @@ def test_fednova_server_momentum_accumulates_across_rounds():
 
 
 def test_fednova_leaves_out_clients_that_ran_no_steps():
-    out = FedNova().aggregate(w(0.0), [upd([-2.0], steps=2), upd([0.0], steps=0, n=100)])
+    out = FedNova.paper().aggregate(w(0.0), [upd([-2.0], steps=2), upd([0.0], steps=0, n=100)])
     assert torch.allclose(out["w"], torch.tensor([-2.0]))
 
 

@@ -88,6 +88,17 @@ def test_synthetic_logistic_regression_learns():
     assert history.final.loss < history.rounds[0].loss
 
 
+def test_digits_with_the_cli_defaults_visibly_learns_in_three_rounds():
+    # `partita fl --task digits --rounds 3` on the README's home-edge cluster: five clients, Dirichlet(0.5),
+    # 10 local steps at lr 0.05. With raw [0, 1] pixels the CNN sat on a plateau (0.203, 0.219, 0.225 here) and
+    # fell below chance over workers; SmallCNN now standardises its input (see partita/fl/tasks/digits.py).
+    task = get_task("digits", num_clients=5, seed=0)
+    profiles = {i: ClientProfile() for i in range(5)}
+    for strategy in (FedAvg(), FedNova()):
+        accuracy = [r.accuracy for r in run_in_process(task, strategy, 3, profiles=profiles).rounds]
+        assert accuracy[2] > 0.35 and accuracy[2] > accuracy[0] + 0.2, (strategy, accuracy)
+
+
 # Deadline-driven unequal work, as on the home-edge cluster: fast devices hit the 40-step cap, Pis fit 2 or 5.
 UNEQUAL_STEPS = [40, 40, 2, 2, 5, 40, 40, 2, 2, 5]
 
@@ -121,9 +132,9 @@ def _digits_pair(seed: int) -> tuple[float, float, tuple[int, ...], tuple[int, .
 
 @pytest.mark.slow
 def test_fednova_is_at_least_as_accurate_as_fedavg_on_non_iid_digits_with_unequal_steps():
-    # Measured on seeds 0-19 (docs/fl.md, "digits"): FedNova's final accuracy was higher on 15 of 20 and
-    # 1.8 points higher on average; a single seed's figure moves by a few points (360 test images), so the
-    # test compares the strategies over the same eight seeds and on most of them, not on one.
+    # Measured on seeds 0-19 (benchmarks/fl.py, "paired seeds"; default FedNova, standardised SmallCNN): FedNova's
+    # final accuracy was higher on 20 of 20, 0.936 against 0.888; a single seed's figure moves by a few points
+    # (360 test images), so the test compares the strategies over the same eight seeds and on most of them.
     # Seeds are independent: two processes share them (one per core of the CI machine).
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_digits_pair, DIGITS_SEEDS))
@@ -135,3 +146,55 @@ def test_fednova_is_at_least_as_accurate_as_fedavg_on_non_iid_digits_with_unequa
     assert np.mean(fednova) >= np.mean(fedavg), f"FedAvg -> FedNova accuracy: {figures}"
     assert sum(b >= a for a, b in zip(fedavg, fednova, strict=True)) > len(fedavg) / 2, figures
     assert min(fednova) > 0.5, figures  # 10 balanced classes: chance is 0.1
+
+
+# Issue 13's robustness target: local steps spread 2-30, in the order of the clients' data sizes or not, with
+# local momentum 0.9, at the default lr. The paper's rule (FedNova.paper()) diverged here (mean accuracy 0.36
+# and 0.72; docs/fl.md); the default must stay within a point of FedAvg on the mean and never diverge. Paired:
+# FedAvg and FedNova see the same partition, initial weights and minibatches. The momentum-0 rows of the same
+# table (FedNova +2.6 and +2.0 points) are measured by benchmarks/fl.py; with them this test would take over
+# two minutes of CPU on two cores.
+ROBUST_CLIENTS = 10
+ROBUST_SEEDS = range(8)
+ROBUST_SETTINGS = [(False, 0.9), (True, 0.9)]
+
+
+def spread_steps(sizes: list[int], correlated: bool, seed: int) -> list[int]:
+    """Steps 2..30 spread evenly over the clients: by data size (correlated) or in a seeded random order."""
+    steps = [round(2 + 28 * i / (len(sizes) - 1)) for i in range(len(sizes))]
+    if correlated:
+        order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    else:
+        order = [int(i) for i in np.random.default_rng([seed, 99]).permutation(len(sizes))]
+    out = [0] * len(sizes)
+    for rank, client in enumerate(order):
+        out[client] = steps[rank]
+    return out
+
+
+def _robust_pair(job: tuple[bool, float, int]) -> tuple[float, float]:
+    """FedAvg's and FedNova's final accuracy in one setting and seed (module level: runs in a worker process)."""
+    correlated, momentum, seed = job
+    torch.set_num_threads(1)
+    task = get_task("digits", num_clients=ROBUST_CLIENTS, seed=seed, alpha=0.3)
+    sizes = [task.client_data(i).num_examples for i in range(ROBUST_CLIENTS)]
+    steps = spread_steps(sizes, correlated, seed)
+    profiles = {i: ClientProfile(local_steps=s, lr=0.05, momentum=momentum) for i, s in enumerate(steps)}
+    avg = run_in_process(task, FedAvg(), 20, profiles=profiles, seed=seed).final
+    nova = run_in_process(task, FedNova(), 20, profiles=profiles, seed=seed).final
+    return avg.accuracy, nova.accuracy
+
+
+@pytest.mark.slow
+def test_fednova_stays_within_a_point_of_fedavg_and_never_diverges_under_unequal_work_and_momentum():
+    jobs = [(c, m, seed) for c, m in ROBUST_SETTINGS for seed in ROBUST_SEEDS]
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = dict(zip(jobs, pool.map(_robust_pair, jobs), strict=True))
+    for correlated, momentum in ROBUST_SETTINGS:
+        pairs = [results[(correlated, momentum, seed)] for seed in ROBUST_SEEDS]
+        fedavg, fednova = [p[0] for p in pairs], [p[1] for p in pairs]
+        figures = f"correlated={correlated} momentum={momentum}: " + ", ".join(
+            f"{a:.3f}->{b:.3f}" for a, b in pairs
+        )
+        assert np.mean(fednova) >= np.mean(fedavg) - 0.01, figures
+        assert min(fednova) > 0.5, figures  # no divergent run (chance is 0.1)

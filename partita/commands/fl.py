@@ -97,6 +97,13 @@ def fl(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Talk to --insecure workers (no encryption).")
     ] = False,
+    secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation",
+            help="Pairwise-masked aggregation: the coordinator learns only the weighted sum of the updates.",
+        ),
+    ] = False,
 ) -> None:
     """Train TASK federatedly on the cluster's devices and save the final weights."""
     from rich.console import Console
@@ -122,10 +129,12 @@ def fl(
     console.print(
         f"{task}: {len(spec.devices)} clients on {', '.join(spec.names)}; local steps {steps}; lr {rate:g}"
         + (f"; deadline {deadline:g} s" if deadline is not None else "")
+        + ("; secure aggregation" if secure_aggregation else "")
     )
     run = FLRun(
         task=task, fl_task=fl_task, options=options, cluster=cluster, strategies=tuple(names), rounds=rounds,
         deadline=deadline, profiles=profiles, mu=mu, seed=seed, secret_key=secret_key, insecure=insecure,
+        secure_aggregation=secure_aggregation,
     )
     histories = _train(run, console)
     result = _result(task, fl_task, histories)
@@ -161,6 +170,7 @@ class FLRun:
     seed: int
     secret_key: Path | None
     insecure: bool
+    secure_aggregation: bool = False  # the coordinator sees only the masked sum (partita.fl.secagg)
 
 
 def _train(run: FLRun, console) -> dict:
@@ -171,6 +181,11 @@ def _train(run: FLRun, console) -> dict:
     from partita.fl.update import weights_of
     from partita.runtime.connect import open_cluster
 
+    secure = None
+    if run.secure_aggregation:  # needs the optional `cryptography` (an FLError saying so without it)
+        from partita.fl.secagg.round import SecureAggregation
+
+        secure = SecureAggregation()
     histories = {}
     evaluate = task_evaluator(run.fl_task)
     initial = weights_of(run.fl_task.model())
@@ -198,6 +213,7 @@ def _train(run: FLRun, console) -> dict:
                     deadline_s=run.deadline,
                     parallel=len(clients),
                     seed=run.seed,
+                    secure=secure,
                 )
                 histories[name] = _rounds(
                     server, initial, run.rounds, lambda r, b=bar: progress.update(b, advance=1, status=_status(r))

@@ -72,9 +72,9 @@ def _jobs() -> dict:
 
     Composed here, in the face layer, because the runtime must not import partita.fl.
     """
-    from partita.fl.serve import TRAIN_KIND, handle_train
+    from partita.fl.serve import JOBS
 
-    return {TRAIN_KIND: handle_train}
+    return dict(JOBS)
 
 
 def _emulate_error(value: str) -> typer.BadParameter:

@@ -1,6 +1,7 @@
 """Federated learning on partita's devices: FedAvg, FedProx and FedNova with correct aggregation when clients
 do unequal work. Strategies are pure (tensors in, tensors out); the round loop (`server`) reaches clients
-through a pluggable `ClientHandle`; `local` is a client's training; `tasks` holds the built-in tasks.
+through a pluggable `ClientHandle`; `local` is a client's training; `tasks` holds the built-in tasks;
+`secagg` is secure aggregation (optional extra `secure`) and `flower` the Flower adapter (extra `flower`).
 """
 
 from partita.fl.fedavg import FedAvg
@@ -26,6 +27,7 @@ from partita.fl.server import (
 from partita.fl.strategy import Strategy
 from partita.fl.tasks import LocalData, Task, get_task
 from partita.fl.update import (
+    ClientReport,
     ClientUpdate,
     record_from_wire,
     record_to_wire,
@@ -39,6 +41,7 @@ __all__ = [
     "STRATEGIES",
     "ClientHandle",
     "ClientProfile",
+    "ClientReport",
     "ClientUpdate",
     "FLServer",
     "FedAvg",

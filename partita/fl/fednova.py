@@ -20,29 +20,41 @@ learning-rate units, A_i = eta_i ||a_i||_1 (for a per-step schedule, sum_k eta_k
 as `ClientUpdate.a_norm`). The normalised update d_i = Delta_i / A_i is then an average gradient, whatever
 eta_i and tau_i were, and the server takes
 
-    tau_eff = sum_i p_i A_i                                   (effective local work, in lr units)
     D       = tau_eff * sum_i p_i d_i = sum_i p_i (tau_eff / A_i) Delta_i
-    x^{t+1} = x^t - server_lr * D                             (server_momentum = 0)
     v <- server_momentum * v + D ;  x^{t+1} = x^t - server_lr * v      (server momentum, as the authors' `gmf`)
+
+    tau_eff = sum_i p_i A_i                                    (`FedNova.paper()`: effective local work)
+    tau_eff = min(sum_i p_i A_i, ||S_avg|| / ||sum_i p_i d_i||)  (`FedNova()`, the default: "bounded")
+
+where S_avg = sum_i p_i Delta_i is FedAvg's step (norms over all floating parameters together).
+
+The step length. The paper's tau_eff extrapolates every client's average gradient over the mean work; with
+very unequal work (2 against 30 steps) the few-step clients' changes are multiplied up (8x, and about 35x with
+local momentum 0.9, whose ||a_i||_1 grows faster than tau_i) while the many-step clients' saturated
+trajectories give small d_i, so the paper's step overshoots (docs/fl.md: it diverged with momentum 0.9 on
+non-IID digits). The default keeps the paper's direction and bounds its length by FedAvg's step, a mean of
+real client trajectories; server momentum 0.5 recovers the speed. Near the fixed point sum_i p_i d_i -> 0, so
+the bound lifts and the paper's tau_eff applies.
 
 With equal learning rates eta this is the authors' code exactly: x^{t+1} = x^t - sum_i p_i (tau_eff/||a_i||_1)
 Delta_i with tau_eff = sum_i p_i ||a_i||_1. One detail follows their code rather than the general formula: for a
 proximal client the code counts its work in tau_eff as tau_i (not ||a_i||_1), so a proximal client contributes
-p_i eta_i tau_i to tau_eff here too. tau_eff only scales the step; the fixed point, sum_i p_i grad F_i = 0, is the
-same either way. A client that ran no steps has no direction and is left out (p renormalised over the rest).
+p_i eta_i tau_i to tau_eff here too. tau_eff and server momentum only scale the step; the fixed point,
+sum_i p_i d_i = 0, is the same for every positive tau_eff. A client that ran no steps has no direction and is left out (p renormalised over the rest).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from partita.errors import FLError
-from partita.fl.strategy import Strategy, combine
-from partita.fl.update import ClientUpdate, example_weights
+from partita.fl.strategy import Strategy
+from partita.fl.update import ClientReport
 
 
 def normalizing_vector(
@@ -76,65 +88,109 @@ def a_norm_l1(local_steps: int, momentum: float = 0.0, prox_mu: float = 0.0, lr:
     return float(tau)
 
 
-def lr_weighted_norm(update: ClientUpdate) -> float:
+def lr_weighted_norm(update: ClientReport) -> float:
     """A_i = eta_i ||a_i||_1, or the client's own `a_norm` when it sent one."""
     if update.a_norm is not None:
         return float(update.a_norm)
     return update.lr * a_norm_l1(update.local_steps, update.momentum, update.prox_mu, update.lr)
 
 
-def effective_work(update: ClientUpdate) -> float:
+def effective_work(update: ClientReport) -> float:
     """Client i's contribution to tau_eff before the p_i factor (eta_i tau_i for proximal, as the authors' code)."""
     if update.a_norm is None and update.prox_mu and not update.momentum:
         return update.lr * update.local_steps
     return lr_weighted_norm(update)
 
 
+def works(report: ClientReport) -> bool:
+    """Whether a client has a direction to count (it ran a step, or says how much work it did)."""
+    return report.local_steps > 0 or report.a_norm is not None
+
+
+TAU_EFF_RULES = ("bounded", "paper")
+
+
 class FedNova(Strategy):
-    """server_lr: the server's step size on D (1.0 = the paper's plain FedNova).
-    server_momentum: beta of the server momentum buffer v (0 = none); the buffer persists across rounds
-    until `reset()`.
+    """Normalised averaging; the defaults are the stable variant (module docstring, "The step length").
+
+    server_lr:       the server's step size on D (1.0 = the paper's).
+    server_momentum: beta of the server momentum buffer v (0 = none); it persists across rounds until
+                     `reset()`. Default 0.5.
+    tau_eff:         "bounded" (default): min(sum_i p_i A_i, ||S_avg|| / ||sum_i p_i d_i||), so the step is never
+                     longer than FedAvg's would be; "paper": sum_i p_i A_i, as the paper and its code.
+    `FedNova.paper()` is the paper's plain rule (paper tau_eff, no server momentum).
     """
 
     name = "fednova"
 
-    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.0) -> None:
+    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.5, tau_eff: str = "bounded") -> None:
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise FLError(f"FedNova server_lr must be > 0, got {server_lr!r}.")
         if not 0.0 <= server_momentum < 1.0:
             raise FLError(f"FedNova server_momentum must be in [0, 1), got {server_momentum!r}.")
+        if tau_eff not in TAU_EFF_RULES:
+            raise FLError(f"FedNova tau_eff must be one of {', '.join(TAU_EFF_RULES)}, got {tau_eff!r}.")
         self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
+        self.tau_eff = tau_eff
         self._velocity: dict[str, Tensor] = {}
+
+    @classmethod
+    def paper(cls) -> FedNova:
+        """The rule of the paper and its code: tau_eff = sum_i p_i A_i, server_lr 1, no server momentum."""
+        return cls(server_lr=1.0, server_momentum=0.0, tau_eff="paper")
 
     def reset(self) -> None:
         self._velocity = {}
 
-    def _aggregate(self, global_weights, updates: list[ClientUpdate]):
-        working = [u for u in updates if u.local_steps > 0 or u.a_norm is not None]
-        if not working:
-            return {name: t.detach().clone() for name, t in global_weights.items()}
-        p = example_weights(working)
-        norms = [lr_weighted_norm(u) for u in working]
-        tau_eff = sum(pi * effective_work(u) for pi, u in zip(p, working, strict=True))
-        coefficients = [pi * tau_eff / a for pi, a in zip(p, norms, strict=True)]
-        return combine(
-            global_weights, working, lambda name, base, xs: self._step(name, base, xs, coefficients)
-        )
+    @property
+    def num_sums(self) -> int:
+        return 2 if self.tau_eff == "bounded" else 1
 
-    def _step(
-        self, name: str, base: Tensor, clients: Sequence[Tensor], coefficients: Sequence[float]
-    ) -> Tensor:
-        direction = sum(c * (base - x) for c, x in zip(coefficients, clients, strict=True))
-        if self.server_momentum:
-            previous = self._velocity.get(name)
-            if previous is not None and previous.shape != direction.shape:
-                raise FLError(
-                    f"FedNova's momentum buffer for {name} has another shape; call reset() for a new model."
-                )
-            direction = direction if previous is None else self.server_momentum * previous + direction
-            self._velocity[name] = direction
-        return base - self.server_lr * direction
+    def _raw_weights(self, report: ClientReport) -> tuple[float, ...]:
+        """(n_i / A_i) for the paper's rule; (n_i / A_i, n_i) when bounded (the second sum is FedAvg's step)."""
+        if not works(report):
+            return (0.0,) * self.num_sums
+        normalised = report.num_examples / lr_weighted_norm(report)
+        return (normalised, float(report.num_examples)) if self.tau_eff == "bounded" else (normalised,)
+
+    def step_length(self, sums: Sequence[Mapping[str, Tensor]], reports: Sequence[ClientReport]) -> float:
+        """tau_eff of this round: the paper's sum_i p_i A_i, capped by ||S_avg|| / ||sum_i p_i d_i|| when bounded."""
+        working = [r for r in reports if works(r)]
+        if not working:
+            return 0.0
+        total = sum(r.num_examples for r in working)
+        paper = sum(r.num_examples / total * effective_work(r) for r in working)
+        if self.tau_eff == "paper":
+            return paper
+        normalised = math.sqrt(sum(float((t * t).sum()) for t in sums[0].values()))
+        averaged = math.sqrt(sum(float((t * t).sum()) for t in sums[1].values()))
+        return paper if normalised == 0.0 else min(paper, averaged / normalised)
+
+    def server_step(self, global_weights, sums, reports):
+        tau_eff = self.step_length(sums, reports)
+        if tau_eff == 0.0:  # no client did any work: nothing moves, and the momentum buffer is left as it was
+            return {name: t.detach().clone() for name, t in global_weights.items()}
+        out = {}
+        for name, current in global_weights.items():
+            if not torch.is_floating_point(current):
+                out[name] = current.detach().clone()
+                continue
+            base = current.detach().to(torch.float64)
+            direction = tau_eff * sums[0][name]
+            if self.server_momentum:
+                previous = self._velocity.get(name)
+                if previous is not None and previous.shape != direction.shape:
+                    raise FLError(
+                        f"FedNova's momentum buffer for {name} has another shape; call reset() for a new model."
+                    )
+                direction = direction if previous is None else self.server_momentum * previous + direction
+                self._velocity[name] = direction
+            out[name] = (base - self.server_lr * direction).to(current.dtype)
+        return out
 
     def __repr__(self) -> str:
-        return f"FedNova(server_lr={self.server_lr}, server_momentum={self.server_momentum})"
+        return (
+            f"FedNova(server_lr={self.server_lr}, server_momentum={self.server_momentum}, "
+            f"tau_eff={self.tau_eff!r})"
+        )

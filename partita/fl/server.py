@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from torch import Tensor
@@ -27,6 +27,9 @@ from partita.fl.local import TrainConfig, evaluate_local, train_local
 from partita.fl.strategy import Strategy
 from partita.fl.tasks.base import Task
 from partita.fl.update import ClientUpdate, clone_weights, weights_of
+
+if TYPE_CHECKING:  # secure aggregation needs the optional `cryptography`; imported when used
+    from partita.fl.secagg.round import SecureAggregation
 
 # What a transport may raise for a client that is gone; anything else is a bug and propagates.
 CLIENT_LOST_ERRORS = (PartitaError, TimeoutError, ConnectionError, OSError)
@@ -153,6 +156,9 @@ class FLServer:
     deadline_s:  emulated seconds per round each client may compute (None: no deadline).
     fraction:    share of clients sampled each round (at least one).
     parallel:    clients trained at once (threads; useful when handles wait on remote workers).
+    secure:      None = plain aggregation (the server sees every update); `SecureAggregation(...)` = the
+                 server learns only the weighted sum (`partita.fl.secagg`); the clients must then be secure
+                 handles (`LocalSecureClient`, or `RemoteClient`, which is one).
     """
 
     def __init__(
@@ -166,6 +172,7 @@ class FLServer:
         fraction: float = 1.0,
         parallel: int = 1,
         seed: int = 0,
+        secure: SecureAggregation | None = None,
     ) -> None:
         if not clients:
             raise FLError("An FL server needs at least one client.")
@@ -184,6 +191,11 @@ class FLServer:
         self.fraction = fraction
         self.parallel = parallel
         self.seed = seed
+        self.secure = secure
+        if secure is not None:
+            missing = [c.client_id for c in clients if not hasattr(c, "secure_train")]
+            if missing:
+                raise FLError(f"Secure aggregation needs secure client handles; clients {missing} are not.")
 
     def sample(self, round_number: int) -> list[ClientHandle]:
         """The clients asked to train in `round_number` (all of them when fraction == 1)."""
@@ -211,6 +223,16 @@ class FLServer:
         began = time.perf_counter()
         sampled = self.sample(round_number)
         configs = [self.configure(c, round_number) for c in sampled]
+        if self.secure is not None:
+            from partita.fl.secagg.round import secure_round
+
+            result = secure_round(
+                self.strategy, sampled, configs, weights, settings=self.secure, parallel=self.parallel,
+                lost_errors=CLIENT_LOST_ERRORS,
+            )
+            weights = result.weights
+            reports = [(cid, report) for cid, report in result.answered]
+            return weights, self._record(round_number, weights, sampled, reports, result.dropped, began)
         if self.parallel > 1:
             with ThreadPoolExecutor(max_workers=self.parallel) as pool:
                 results = list(
@@ -224,9 +246,12 @@ class FLServer:
         dropped = {c.client_id: why for c, (_, why) in zip(sampled, results, strict=True) if why is not None}
         if answered:
             weights = self.strategy.aggregate(weights, [u for _, u in answered])
+        return weights, self._record(round_number, weights, sampled, answered, dropped, began)
+
+    def _record(self, round_number, weights, sampled, answered, dropped, began) -> RoundRecord:
         scores = dict(self._evaluate(weights, sampled))
         loss, accuracy = scores.pop("loss", None), scores.pop("accuracy", None)
-        record = RoundRecord(
+        return RoundRecord(
             round=round_number,
             strategy=self.strategy.name,
             loss=loss,
@@ -237,7 +262,6 @@ class FLServer:
             metrics={k: float(v) for k, v in scores.items()},
             duration_s=time.perf_counter() - began,
         )
-        return weights, record
 
     def _evaluate(self, weights, sampled: Sequence[ClientHandle]) -> Mapping[str, float]:
         if self.evaluate_fn is not None:
@@ -297,10 +321,18 @@ def run_in_process(
     fraction: float = 1.0,
     seed: int = 0,
     on_round: Callable[[RoundRecord], None] | None = None,
+    secure: SecureAggregation | None = None,
 ) -> History:
-    """Federated training of `task` with every client in this process; evaluation on the task's test set."""
+    """Federated training of `task` with every client in this process; evaluation on the task's test set.
+
+    secure: run every round under secure aggregation (`partita.fl.secagg`) instead of plain aggregation.
+    """
+    from partita.fl.secagg.participant import LocalSecureClient
+
     strategy.reset()
-    clients = [InProcessClient(task, i) for i in range(task.num_clients)]
+    clients: list[Any] = [InProcessClient(task, i) for i in range(task.num_clients)]
+    if secure is not None:
+        clients = [LocalSecureClient(c) for c in clients]
     server = FLServer(
         strategy,
         clients,
@@ -309,6 +341,7 @@ def run_in_process(
         deadline_s=deadline_s,
         fraction=fraction,
         seed=seed,
+        secure=secure,
     )
     return server.run(weights_of(task.model()), rounds, on_round=on_round)
 

@@ -40,6 +40,57 @@ _UPDATE_KEYS = ("num-examples", "local-steps", "lr", "momentum", "prox-mu", "a-n
 
 
 @dataclass(frozen=True)
+class ClientReport:
+    """The scalars of one client's round that a strategy weighs it by (a `ClientUpdate` without weights).
+
+    Under secure aggregation this is all the server learns about one client: n_i, tau_i, its solver and
+    a_norm (see `ClientUpdate` for the fields' meaning).
+    """
+
+    num_examples: int
+    local_steps: int
+    lr: float
+    momentum: float = 0.0
+    prox_mu: float = 0.0
+    a_norm: float | None = None
+
+    def to_metrics(self) -> dict:
+        return {
+            "num-examples": int(self.num_examples),
+            "local-steps": int(self.local_steps),
+            "lr": float(self.lr),
+            "momentum": float(self.momentum),
+            "prox-mu": float(self.prox_mu),
+            "a-norm": None if self.a_norm is None else float(self.a_norm),
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping) -> ClientReport:
+        """From a record's metrics; FLError naming a missing or malformed field."""
+        for key in ("num-examples", "local-steps", "lr"):
+            if not isinstance(metrics.get(key), int | float):
+                raise FLError(f"A client record's metrics lack a numeric {key!r}.")
+        a_norm = metrics.get("a-norm")
+        if a_norm is not None and not isinstance(a_norm, int | float):
+            raise FLError("A client record's 'a-norm' must be a number or None.")
+        report = cls(
+            num_examples=int(metrics["num-examples"]),
+            local_steps=int(metrics["local-steps"]),
+            lr=float(metrics["lr"]),
+            momentum=float(metrics.get("momentum", 0.0)),
+            prox_mu=float(metrics.get("prox-mu", 0.0)),
+            a_norm=None if a_norm is None else float(a_norm),
+        )
+        if report.num_examples <= 0 or report.local_steps < 0 or not (math.isfinite(report.lr) and report.lr > 0):
+            raise FLError(f"A client record's metrics are out of range: {report}.")
+        if not 0.0 <= report.momentum < 1.0 or report.prox_mu < 0:
+            raise FLError(f"A client record's solver is out of range: {report}.")
+        if report.a_norm is not None and not (math.isfinite(report.a_norm) and report.a_norm > 0):
+            raise FLError(f"A client record's a-norm must be positive, got {report.a_norm!r}.")
+        return report
+
+
+@dataclass(frozen=True)
 class ClientUpdate:
     """One client's result of one round.
 
@@ -85,6 +136,14 @@ class ClientUpdate:
             )
 
 
+    @property
+    def report(self) -> ClientReport:
+        """The update's scalars, without the weights."""
+        return ClientReport(
+            self.num_examples, self.local_steps, self.lr, self.momentum, self.prox_mu, self.a_norm
+        )
+
+
 def check_compatible(global_weights: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> None:
     """Raise FLError unless every update has exactly the global weights' names and shapes."""
     if not updates:
@@ -112,14 +171,7 @@ def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
 
 def update_to_record(update: ClientUpdate) -> dict:
     """The update as a Flower-named record: {"arrays": {...}, "metrics": {"num-examples": ..., ...}}."""
-    metrics = {
-        "num-examples": int(update.num_examples),
-        "local-steps": int(update.local_steps),
-        "lr": float(update.lr),
-        "momentum": float(update.momentum),
-        "prox-mu": float(update.prox_mu),
-        "a-norm": None if update.a_norm is None else float(update.a_norm),
-    }
+    metrics = update.report.to_metrics()
     for key, value in update.metrics.items():
         if key in metrics:
             raise FLError(f"Client metric {key!r} clashes with a reserved record key; rename it.")

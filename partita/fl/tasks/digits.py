@@ -39,8 +39,19 @@ def dirichlet_partition(
     raise FLError(f"No Dirichlet({alpha}) partition gave every client {min_examples} examples; raise alpha.")
 
 
+# The pixel mean and standard deviation of the 8x8 digits scaled to [0, 1] (all 1,797 images). Inputs in
+# [0, 1] are almost all positive and far from unit scale; at lr 0.05 the raw-input CNN sat on a plateau for
+# ~100 SGD steps and a 3-round `partita fl` run fell below chance. Standardising inside the model fixes the
+# cause and keeps the model's input what a user feeds it (pixels / 16).
+PIXEL_MEAN = 0.3053
+PIXEL_STD = 0.3761
+
+
 class SmallCNN(nn.Module):
-    """conv(1->8) - pool - conv(8->16) - pool - linear(64->10): ~2.5k parameters."""
+    """standardise - conv(1->8) - pool - conv(8->16) - pool - linear(64->10): ~2.5k parameters.
+
+    Input: (N, 1, 8, 8) pixels in [0, 1]; output: (N, 10) logits.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,7 +66,8 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(16 * 2 * 2, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1))
+        standard = (x - PIXEL_MEAN) / PIXEL_STD
+        return self.head(self.features(standard).flatten(1))
 
 
 class Digits(Task):
