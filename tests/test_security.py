@@ -41,7 +41,7 @@ from partita.runtime.keys import (
 from partita.runtime.wire import blob_tensor, decode, encode
 from partita.runtime.worker import CONTROL_KINDS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # workers run one thread
 
 MAX_FRAME_BYTES = 2**20
 MAX_TENSORS = 8

@@ -36,7 +36,7 @@ from partita.runtime.keys import (
 )
 from partita.runtime.wire import blob_tensor, decode, encode
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # workers run one thread
 
 MAX_FRAME_BYTES = 2**20
 

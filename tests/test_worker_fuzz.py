@@ -26,7 +26,7 @@ from test_security import WorkerProcess, act, next_result, tiny_program
 
 from partita.runtime.wire import blob_tensor, decode, encode
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # workers run one thread
 
 EXAMPLES = int(os.environ.get("PARTITA_FUZZ_EXAMPLES", "2000"))
 LIVENESS_EVERY = 250  # messages between pings that must be answered

@@ -143,6 +143,9 @@ class StageExecutor:
         # When the emulated device finishes its latest job on its own schedule (perf_counter
         # seconds): the device is a FIFO server, so the next job cannot finish before this + its time.
         self._free_at = 0.0
+        # torch's intra-op thread count is per OS thread (OpenMP): a new thread starts at the
+        # default, whatever the worker set. The compute thread takes its creator's count.
+        self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="partita-compute", daemon=True)
 
     # -- stages -----------------------------------------------------------------------------
@@ -249,6 +252,7 @@ class StageExecutor:
         self._thread.join(timeout_s)
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
         while True:
             item = self._queue.get()
             if item is _STOP:

@@ -300,6 +300,8 @@ class Worker:
             return reply.KIND, reply.header(), reply.tensors()
 
         def run() -> None:
+            if self.config.threads:  # per OS thread: a job (profiling, training) runs as stages do
+                torch.set_num_threads(self.config.threads)
             try:
                 kind, header, tensors = handler()
             except Exception as exc:  # noqa: BLE001 - a failing job must answer, never take the worker down
