@@ -8,12 +8,15 @@ import pytest
 import torch
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_torch_thread():
-    """Compute the test's reference outputs on one torch thread, as the workers under test do.
+    """Run a test module on one torch thread (use with `pytest.mark.usefixtures`).
 
-    Bit-identity holds per kernel configuration: a CPU matmul split over two threads may sum in
-    another order. Restores the thread count after the test, so no test depends on another's.
+    Workers under test run one thread, and bit-identity holds per kernel configuration: a CPU
+    matmul split over two threads may sum in another order, so reference outputs are computed the
+    same way. Tiny models gain nothing from more threads anyway. Module-scoped, so the module's own
+    fixtures run on one thread too; the count is restored afterwards, so no module depends on
+    another's setting.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -15,18 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from partita.fl import ClientProfile, FedAvg, FedNova, FedProx, get_task, run_in_process
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads oversubscribe.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 EXAMPLES = [10, 20, 30, 40]  # p = 0.1, 0.2, 0.3, 0.4

@@ -28,14 +28,8 @@ from partita.fl import (
     update_to_record,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads oversubscribe.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def w(*values: float) -> dict[str, torch.Tensor]:

@@ -14,14 +14,8 @@ from partita.fl import ClientProfile, FedAvg, FedNova, get_task, run_in_process
 from partita.fl.tasks.digits import dirichlet_partition
 from partita.fl.tasks.quadratic import Quadratic
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads oversubscribe.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_registry_resolves_builtins_and_module_references():
