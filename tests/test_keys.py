@@ -179,3 +179,23 @@ def test_keys_new_command_writes_the_pair_and_refuses_to_overwrite(tmp_path):
     assert first.exit_code == 0, first.output
     assert (tmp_path / "coordinator.key").is_file() and (tmp_path / "coordinator.key_secret").is_file()
     assert isinstance(again.exception, AuthError)
+
+
+def test_insecure_sockets_are_reported_once_per_process(caplog):
+    import zmq
+
+    from partita.runtime import keys
+    from partita.runtime.keys import apply_client
+
+    keys._insecure_said.clear()  # noqa: SLF001 - the once-per-process latch, reset for this test
+    ctx = zmq.Context.instance()
+    sockets = [ctx.socket(zmq.DEALER) for _ in range(3)]
+    try:
+        with caplog.at_level("WARNING", logger="partita.runtime.keys"):
+            for sock in sockets:
+                apply_client(sock, None, None, insecure=True)
+    finally:
+        for sock in sockets:
+            sock.close(linger=0)
+    warnings = [r for r in caplog.records if "insecure" in r.getMessage()]
+    assert len(warnings) == 1

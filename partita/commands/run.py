@@ -49,12 +49,14 @@ def run(
     from rich.console import Console
 
     from partita.model import load_ref
+    from partita.runtime import keys
     from partita.runtime.connect import open_cluster
     from partita.runtime.supervisor import Supervision
 
     console = Console(stderr=as_json)
     if insecure:
         console.print("[yellow]warning:[/] --insecure: no encryption and no authentication on any socket")
+        keys.insecure_already_reported()  # one warning, not one per socket
     if not detection > 0:
         raise typer.BadParameter(f"--detection must be > 0 seconds, got {detection!r}", param_hint="--detection")
     supervise = Supervision(detection_s=detection) if replan else False

@@ -50,6 +50,7 @@ def serve(
 
     from partita.commands.inspect import parse_input_shapes
     from partita.model import load_ref
+    from partita.runtime import keys
     from partita.runtime.connect import open_cluster
     from partita.runtime.supervisor import Supervision
     from partita.serve.server import InferenceServer, ServeOptions, Service, check_bind, deploy_for_serving
@@ -63,6 +64,7 @@ def serve(
                            window_s=batch_window_ms / 1e3, api_key=api_key, max_body_bytes=max_body_bytes)
     if insecure:
         console.print("[yellow]warning:[/] --insecure: no encryption and no authentication on any worker socket")
+        keys.insecure_already_reported()  # one warning, not one per socket
     if no_auth:
         console.print(f"[yellow]warning:[/] --no-auth: anyone who reaches {host} can send requests")
     shapes = parse_input_shapes(input_shape)

@@ -43,6 +43,8 @@ Authorized = str | os.PathLike | Iterable[bytes]
 _domain_ids = itertools.count(1)
 _gates: dict[int, _Gate] = {}
 _gates_lock = threading.Lock()
+# An insecure run opens many sockets; the user chose it once, so it is said once per process.
+_insecure_said = threading.Event()
 
 
 def new_keypair(dir: str | os.PathLike, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -221,11 +223,18 @@ def _domain_of(socket: zmq.Socket) -> str:
     return domain
 
 
+def insecure_already_reported() -> None:
+    """Say that the user was told about insecure sockets (the CLI prints its own warning line)."""
+    _insecure_said.set()
+
+
 def _insecure_choice(secret_file: SecretKey | None, insecure: bool, role: str) -> bool:
     if insecure:
         if secret_file is not None:
             raise AuthError(f"both a secret key and insecure=True given for a {role} socket; choose one")
-        log.warning("insecure %s socket: no encryption, no authentication (chosen explicitly)", role)
+        if not _insecure_said.is_set():
+            _insecure_said.set()
+            log.warning("insecure sockets: no encryption, no authentication (chosen explicitly; said once)")
         return True
     if secret_file is None:
         raise AuthError(
