@@ -80,6 +80,9 @@ def _register() -> None:
     from partita.commands import simulate as simulate_cmd
 
     app.command("simulate")(simulate_cmd.simulate)
+    from partita.commands import status as status_cmd
+
+    app.command("status")(status_cmd.status)
     from partita.commands import fl as fl_cmd
 
     app.command("fl")(fl_cmd.fl)

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import zmq
 
 from partita.cluster import ClusterSpec, LinkSpec
-from partita.errors import AuthError, ClusterSpecError
+from partita.errors import AuthError, ClusterSpecError, WorkerError
 from partita.runtime.control import ControlClient
 from partita.runtime.handle import Deployments, Keypair, WorkerEndpoint
 from partita.runtime.keys import load_public_keys, load_secret, stop_auth
@@ -123,6 +123,43 @@ def connect(
     if check:
         connected.ping(timeout_s)
     return connected
+
+
+def worker_status(
+    cluster: str | os.PathLike | ClusterSpec,
+    *,
+    secret_key: str | os.PathLike | None = None,
+    insecure: bool = False,
+    timeout_s: float = 2.0,
+) -> dict[str, dict[str, Any]]:
+    """What each device of a cluster file is doing now, without deploying anything.
+
+    A device with an address is `up` (its worker's `hello`: device, memory, threads, version, the
+    stages it holds) or `down` (`error` says why: no answer within `timeout_s`, a refused key). A
+    device without one is `emulated`: `partita run` would start it on this machine.
+    """
+    spec, origin = _spec(cluster)
+    keys = _coordinator_keys(secret_key, insecure)
+    endpoints = remote_endpoints(spec, origin, insecure=insecure)
+    out: dict[str, dict[str, Any]] = {}
+    context = zmq.Context()
+    try:
+        for device in spec.devices:
+            endpoint = endpoints.get(device.name)
+            if endpoint is None:
+                out[device.name] = {"state": "emulated"}
+                continue
+            client = ControlClient(context, endpoint, keys, timeout_s=timeout_s)
+            try:
+                out[device.name] = {"state": "up", "address": device.address, **client.call("hello").header}
+            except WorkerError as exc:
+                out[device.name] = {"state": "down", "address": device.address, "error": str(exc)}
+            finally:
+                client.close()
+    finally:
+        stop_auth(context)
+        context.term()
+    return out
 
 
 def remote_endpoints(spec: ClusterSpec, origin: str, *, insecure: bool) -> dict[str, WorkerEndpoint]:

@@ -145,7 +145,7 @@ class StageExecutor:
         self._free_at = 0.0
         # torch's intra-op thread count is per OS thread (OpenMP): a new thread starts at the
         # default, whatever the worker set. The compute thread takes its creator's count.
-        self._threads = torch.get_num_threads()
+        self.threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="partita-compute", daemon=True)
 
     # -- stages -----------------------------------------------------------------------------
@@ -252,7 +252,7 @@ class StageExecutor:
         self._thread.join(timeout_s)
 
     def _loop(self) -> None:
-        torch.set_num_threads(self._threads)
+        torch.set_num_threads(self.threads)
         while True:
             item = self._queue.get()
             if item is _STOP:

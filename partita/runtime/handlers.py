@@ -109,6 +109,9 @@ class ControlHandlers:
             "dilation": self._executor.dilation,
             "pid": os.getpid(),
             "torch": torch.__version__,
+            "version": _partita_version(),
+            "threads": self._executor.threads,
+            "stages": self._executor.stage_indices(),
             "secure": self.identity.secret is not None,
             "max_frame_bytes": self.identity.limits.max_frame_bytes,
         })
@@ -214,3 +217,13 @@ class ControlHandlers:
     def drain(self, command: Drain) -> Ok:
         self._stop()
         return Ok()
+
+
+def _partita_version() -> str:
+    """The installed partita's version, for `hello` (0+unknown when run from an uninstalled tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("partita")
+    except PackageNotFoundError:  # a source tree that was never pip-installed
+        return "0+unknown"
