@@ -155,3 +155,25 @@ def test_closing_the_cluster_leaves_no_worker_process(setup):
     cluster.close()
     assert not any(psutil.pid_exists(pid) for pid in pids)
     assert not [c for c in psutil.Process().children(recursive=True) if c.pid in pids]
+
+
+def test_a_worker_that_died_before_deploy_is_reported_at_once_not_after_a_timeout():
+    """A dead emulated worker is named with its exit code; the old message waited 20 s and blamed keys."""
+    from zoo import mlp
+
+    from partita.errors import PartitaError
+
+    two = ClusterSpec.from_dict({
+        "source": "client",
+        "devices": [{"name": n, "flops_per_s": 1e9, "memory_bytes": 2**30, "speed": 0.5} for n in ("a", "b")],
+        "links": {"default": {"bandwidth": "50MB/s", "latency": "1ms"}},
+    })
+    with partita.LocalCluster(two) as cluster:
+        victim = cluster.processes["b"]
+        victim.kill()
+        victim.wait()
+        with pytest.raises(PartitaError) as info:
+            deploy(mlp(), (torch.randn(4, 64),), cluster, supervise=False)
+    message = str(info.value)
+    assert "worker b's process exited (code -9)" in message
+    assert "public key" not in message

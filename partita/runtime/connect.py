@@ -70,6 +70,10 @@ class ConnectedCluster:
         """Real devices run in real time: the dilation stays 1."""
         return self.dilation
 
+    def worker_exit(self, name: str) -> int | None:
+        """None: a worker on another machine is seen only through its heartbeats."""
+        return None
+
     def ping(self, timeout_s: float = 5.0) -> dict[str, dict]:
         """Every worker's hello reply; WorkerError naming the first that does not answer."""
         context = zmq.Context()
@@ -209,6 +213,10 @@ class MixedCluster:
     def fit_dilation(self, plan: Any, host_segment_s: tuple[float, ...] | None) -> float:
         """Real devices take part: the dilation the emulated part started with stays."""
         return self.dilation
+
+    def worker_exit(self, name: str) -> int | None:
+        """An emulated worker's exit code once it ended; None for a running or a real worker."""
+        return self.local.worker_exit(name) if self.local is not None and name not in self._remote else None
 
     def close(self) -> None:
         self.pipelines.close_all()

@@ -79,6 +79,10 @@ class ClusterHandle(Protocol):
 
     def fit_dilation(self, plan: Plan, host_segment_s: tuple[float, ...] | None) -> float: ...
 
+    def worker_exit(self, name: str) -> int | None:
+        """The exit code of device `name`'s worker process if this machine started it and it ended, else None."""
+        ...
+
 
 class Deployments:
     """The pipelines deployed on one cluster, so that closing the cluster closes them (and `set_link` reaches them).

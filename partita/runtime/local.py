@@ -324,6 +324,11 @@ class LocalCluster:
             raise EmulationError(f"no emulated device {name!r}; devices: {sorted(self._clients)}")
         return client
 
+    def worker_exit(self, name: str) -> int | None:
+        """The exit code of device `name`'s worker process once it has ended; None while it runs."""
+        proc = self.processes.get(name)
+        return proc.poll() if proc is not None else None
+
     def worker_pids(self) -> Mapping[str, int]:
         return {name: proc.pid for name, proc in self.processes.items()}
 

@@ -8,7 +8,7 @@ other threads may be iterating over it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,7 +48,8 @@ class Session:
             self.context.term()
             raise DeployError(f"no running worker for device(s) {missing}; start them or emulate them in a LocalCluster")
         self.clients: dict[str, ControlClient] = {
-            name: ControlClient(self.context, ep, self.keys) for name, ep in cluster.endpoints.items()
+            name: ControlClient(self.context, ep, self.keys, exited=self._exit_of(name))
+            for name, ep in cluster.endpoints.items()
         }
         self.infos: dict[str, Mapping[str, Any]] = {}
         self._closed = False
@@ -64,13 +65,19 @@ class Session:
                 self.infos = {name: routable(info, self.cluster.endpoints[name].control) for name, info in replies}
         return self.infos
 
+    def _exit_of(self, name: str) -> Callable[[], int | None]:
+        """How a client learns that worker `name`'s process ended (when this machine started it)."""
+        cluster = self.cluster
+        return lambda: cluster.worker_exit(name)
+
     def public_keys(self) -> dict[str, str | None]:
         return public_keys(self.cluster.endpoints)
 
     def connect(self, name: str, endpoint: WorkerEndpoint) -> ControlClient:
         """A (new) client for worker `name`, which says hello; the old client, if any, is closed."""
         old = self.clients.get(name)
-        client = ControlClient(self.context, endpoint, self.keys, timeout_s=HELLO_TIMEOUT_S)
+        client = ControlClient(self.context, endpoint, self.keys, timeout_s=HELLO_TIMEOUT_S,
+                               exited=self._exit_of(name))
         self.clients = {**self.clients, name: client}  # a new dict: other threads may iterate the old one
         if old is not None:
             old.close()
