@@ -91,11 +91,7 @@ def handle_train(message) -> tuple[str, dict, tuple]:
     config = record.get(CONFIG)
     if not isinstance(config, Mapping):
         raise FLError(f"An {TRAIN_KIND} request needs a {CONFIG!r} section.")
-    speed = emulation.get("speed")
-    dilation = float(emulation.get("dilation") or 1.0)
-    config = {**config, "speed": float(speed) if speed is not None else 1.0}
-    pace = worker_pace(speed, dilation, config.get("step_time_s"))
-    reply = serve_train_request({**record, CONFIG: config}, get_task=cached_task, pace=pace)
+    reply = _train_here(record, config, emulation)
     reply_header, tensors = record_to_wire(reply)
     return UPDATE_KIND, reply_header, tensors
 
@@ -139,11 +135,7 @@ def handle_secure(message) -> tuple[str, dict, tuple]:
         config = record.get(CONFIG)
         if not isinstance(config, Mapping) or not isinstance(config.get("client-id"), int):
             raise FLError(f"An {SECURE_KIND} train step needs a {CONFIG!r} section with a client-id.")
-        speed = emulation.get("speed")
-        dilation = float(emulation.get("dilation") or 1.0)
-        config = {**config, "speed": float(speed) if speed is not None else 1.0}
-        pace = worker_pace(speed, dilation, config.get("step_time_s"))
-        reply = serve_train_request({**record, CONFIG: config}, get_task=cached_task, pace=pace)
+        reply = _train_here(record, config, emulation)
         update = update_from_reply(reply)
         if update is None:
             return SECURE_REPLY_KIND, {"missed-deadline": 1}, ()
@@ -196,4 +188,13 @@ def _pairs(header: Mapping, key: str) -> list[tuple[int, bytes]]:
 
 
 # The control kinds a worker serves for federated learning (`partita worker` registers them as jobs).
+def _train_here(record: Mapping[str, Any], config: Mapping[str, Any], emulation: Mapping[str, Any]) -> Any:
+    """Run one local training request on this worker, paced as its emulated device (plain and secure rounds)."""
+    speed = emulation.get("speed")
+    dilation = float(emulation.get("dilation") or 1.0)
+    config = {**config, "speed": float(speed) if speed is not None else 1.0}
+    pace = worker_pace(speed, dilation, config.get("step_time_s"))
+    return serve_train_request({**record, CONFIG: config}, get_task=cached_task, pace=pace)
+
+
 JOBS = {TRAIN_KIND: handle_train, SECURE_KIND: handle_secure}
