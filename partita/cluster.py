@@ -8,6 +8,12 @@ which `deploy` and `partita run` use).
 
 Links are symmetric. A node has unlimited bandwidth and no latency to itself. The source is a node
 with its own links; when it is also a device, a stage on that device reaches it for free.
+
+Every figure has a basis: `declared` (written in the file), `catalog` (taken from a device type or
+a link preset) or `measured` (by a probe: `partita cluster probe`, deploy). A device that has an
+`address` may leave its compute, memory and links unknown (None); they are measured before
+anything is planned with them, and planning a cluster with unknown figures is refused
+(`ClusterSpec.check_known`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -25,6 +31,7 @@ from partita.catalog import DEVICE_TYPES, LINK_PRESET_VALUES, DeviceType, LinkPr
 from partita.errors import ClusterSpecError
 
 __all__ = [
+    "BASES",
     "CATALOG",
     "LINK_PRESETS",
     "ClusterSpec",
@@ -35,11 +42,18 @@ __all__ = [
 ]
 
 
+BASES = ("declared", "catalog", "measured")
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """One device that can run stages.
 
-    `flops_per_s` is sustained fp32 FLOP/s; `memory_bytes` is what weights plus activations may use.
+    `flops_per_s` is sustained fp32 FLOP/s; `memory_bytes` is what weights plus activations may use;
+    either is None only for a device with an `address`: not known yet, measured at deploy or by
+    `partita cluster probe`. `basis` says where each figure came from ({"flops_per_s": "measured",
+    ...}, one of `BASES`; a figure it does not name is `declared`); `spread` gives a measured
+    figure's relative spread (0.05: the repeats agreed within ±5%).
     `address` is "tcp://host:port" of a running worker, or None to emulate the device locally.
     `type` is the catalog key it came from, if any. `public_key` is the path of the worker's ZeroMQ
     public key file when `address` is set. `speed` is an emulation speed factor relative to this host
@@ -47,31 +61,61 @@ class DeviceSpec:
     """
 
     name: str
-    flops_per_s: float
-    memory_bytes: float
+    flops_per_s: float | None
+    memory_bytes: float | None
     address: str | None = None
     type: str | None = None
     public_key: str | None = None
     speed: float | None = None
+    basis: Mapping[str, str] = field(default_factory=dict, compare=False)
+    spread: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ClusterSpecError(f"device name must be a non-empty string, got {self.name!r}")
         for label, value in (("flops_per_s", self.flops_per_s), ("memory_bytes", self.memory_bytes)):
+            if value is None and self.address:
+                continue  # measured before it is used
+            if value is None:
+                raise ClusterSpecError(
+                    f"device {self.name!r}: {label} is not given and the device has no address to measure it at; "
+                    "give it, a catalog type, or the address of its worker"
+                )
             if not positive_finite(value):
                 raise ClusterSpecError(f"device {self.name!r}: {label} must be a finite number > 0, got {value!r}")
         if self.speed is not None and not positive_finite(self.speed):
             raise ClusterSpecError(f"device {self.name!r}: speed must be a finite number > 0, got {self.speed!r}")
+        object.__setattr__(self, "basis", MappingProxyType(dict(self.basis)))
+        object.__setattr__(self, "spread", MappingProxyType(dict(self.spread)))
+        for label, basis in self.basis.items():
+            if basis not in BASES:
+                raise ClusterSpecError(f"device {self.name!r}: basis of {label} must be one of {BASES}, got {basis!r}")
+
+    def basis_of(self, figure: str) -> str:
+        """Where `figure` ("flops_per_s", "memory_bytes") came from: declared, catalog or measured."""
+        return self.basis.get(figure, "declared")
 
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """A symmetric link: achieved bandwidth (bytes/s; math.inf within a device) and one-way latency (s)."""
+    """A symmetric link: achieved bandwidth (bytes/s; math.inf within a device) and one-way latency (s).
+
+    `basis` is declared, catalog (a preset) or measured. `measured` holds what a probe found, for a
+    measured link: each direction's bandwidth (`bandwidth_a_to_b`, `bandwidth_b_to_a`, a and b in
+    name order; `bandwidth_bytes_per_s` is the slower of the two, because the cost model's links
+    are symmetric), `rtt_s`, the relative spreads of the repeats (`bandwidth_spread`,
+    `latency_spread`), their count (`samples`) and whether they agreed within the target (`stable`).
+    """
 
     bandwidth_bytes_per_s: float
     latency_s: float
+    basis: str = field(default="declared", compare=False)
+    measured: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if self.basis not in BASES:
+            raise ClusterSpecError(f"link basis must be one of {BASES}, got {self.basis!r}")
+        object.__setattr__(self, "measured", MappingProxyType(dict(self.measured)))
         bw = self.bandwidth_bytes_per_s
         if isinstance(bw, bool) or not isinstance(bw, int | float) or math.isnan(bw) or bw <= 0:
             raise ClusterSpecError(f"link bandwidth_bytes_per_s must be > 0 (math.inf allowed), got {bw!r}")
@@ -84,7 +128,7 @@ SELF_LINK = LinkSpec(math.inf, 0.0)
 
 CATALOG: Mapping[str, DeviceType] = DEVICE_TYPES
 LINK_PRESETS: Mapping[str, LinkSpec] = MappingProxyType(
-    {name: LinkSpec(p.bandwidth_bytes_per_s, p.latency_s) for name, p in LINK_PRESET_VALUES.items()}
+    {name: LinkSpec(p.bandwidth_bytes_per_s, p.latency_s, "catalog") for name, p in LINK_PRESET_VALUES.items()}
 )
 
 
@@ -132,11 +176,12 @@ class ClusterSpec:
 
     `pair_links` maps frozenset({a, b}) to the link between nodes a and b (symmetric); every other
     pair of distinct nodes uses `default_link`. Nodes are the devices plus the source.
+    `default_link` None: there is none; a pair not in `pair_links` is unknown until measured.
     """
 
     devices: tuple[DeviceSpec, ...]
     source: str
-    default_link: LinkSpec
+    default_link: LinkSpec | None
     pair_links: Mapping[frozenset[str], LinkSpec] = field(default_factory=_FrozenLinks)
     _index: Mapping[str, DeviceSpec] = field(init=False, repr=False, compare=False, hash=False)
 
@@ -155,8 +200,8 @@ class ClusterSpec:
         object.__setattr__(self, "_index", MappingProxyType(index))
         if not isinstance(self.source, str) or not self.source:
             raise ClusterSpecError(f"source must be a non-empty node name, got {self.source!r}")
-        if not isinstance(self.default_link, LinkSpec):
-            raise ClusterSpecError("default_link must be a LinkSpec")
+        if self.default_link is not None and not isinstance(self.default_link, LinkSpec):
+            raise ClusterSpecError("default_link must be a LinkSpec or None")
         links = _FrozenLinks(self.pair_links)
         nodes = set(index) | {self.source}
         for pair, link in links.items():
@@ -198,7 +243,39 @@ class ClusterSpec:
         """The link between nodes a and b (symmetric); a node to itself: infinite bandwidth, no latency."""
         if a == b:
             return SELF_LINK
-        return self.pair_links.get(frozenset((a, b)), self.default_link)
+        link = self.pair_links.get(frozenset((a, b)), self.default_link)
+        if link is None:
+            raise ClusterSpecError(
+                f"the link {a}-{b} is not known: the cluster file declares no default link and no pair {a}-{b}; "
+                "measure it (`partita cluster probe`, or deploy) or declare it"
+            )
+        return link
+
+    def knows_link(self, a: str, b: str) -> bool:
+        """True when the link a-b has a figure (declared, catalog or measured)."""
+        return a == b or self.default_link is not None or frozenset((a, b)) in self.pair_links
+
+    def unknown_figures(self, timed: Collection[str] = ()) -> list[str]:
+        """What must still be measured before planning: "pi-a: flops_per_s", "link pi-a-client", ...
+
+        `timed`: devices whose compute is known another way (measured segment times).
+        """
+        out = [f"{d.name}: {label}" for d in self.devices for label in ("flops_per_s", "memory_bytes")
+               if getattr(d, label) is None and not (label == "flops_per_s" and d.name in timed)]
+        nodes = self.nodes
+        for i, a in enumerate(nodes):
+            out.extend(f"link {a}-{b}" for b in nodes[i + 1:] if not self.knows_link(a, b))
+        return out
+
+    def check_known(self, timed: Collection[str] = ()) -> None:
+        """ClusterSpecError naming what is still unknown (an address-only device not yet measured)."""
+        unknown = self.unknown_figures(timed)
+        if unknown:
+            shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+            raise ClusterSpecError(
+                f"the cluster leaves {shown} to be measured; measure it first: `partita cluster probe CLUSTER "
+                "--out MEASURED.yaml` (then plan with MEASURED.yaml), or `partita plan --measure`"
+            )
 
     # --- derived clusters -------------------------------------------------------------------------
 
@@ -249,21 +326,24 @@ class ClusterSpec:
         """The file format in base SI units; `from_dict(spec.to_dict()) == spec`."""
         devices = []
         for d in self.devices:
-            entry: dict[str, Any] = {"name": d.name, "flops_per_s": d.flops_per_s, "memory_bytes": d.memory_bytes}
-            for key in ("type", "address", "public_key", "speed"):
+            entry: dict[str, Any] = {"name": d.name}
+            for key in ("flops_per_s", "memory_bytes", "type", "address", "public_key", "speed"):
                 if getattr(d, key) is not None:
                     entry[key] = getattr(d, key)
+            if d.basis:
+                entry["basis"] = dict(d.basis)
+            if d.spread:
+                entry["spread"] = dict(d.spread)
             devices.append(entry)
         pairs = []
         for pair, link in self.pair_links.items():
             a, b = sorted(pair)
             pairs.append({"a": a, "b": b, **_link_dict(link)})
         pairs.sort(key=lambda p: (p["a"], p["b"]))
-        return {
-            "source": self.source,
-            "devices": devices,
-            "links": {"default": _link_dict(self.default_link), "pairs": pairs},
-        }
+        links: dict[str, Any] = {"pairs": pairs}
+        if self.default_link is not None:
+            links = {"default": _link_dict(self.default_link), **links}
+        return {"source": self.source, "devices": devices, "links": links}
 
     def to_yaml(self, path: str | Path) -> None:
         """Write the cluster as a YAML file that `from_yaml` reads back equal."""
@@ -272,5 +352,10 @@ class ClusterSpec:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-def _link_dict(link: LinkSpec) -> dict[str, float]:
-    return {"bandwidth_bytes_per_s": link.bandwidth_bytes_per_s, "latency_s": link.latency_s}
+def _link_dict(link: LinkSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"bandwidth_bytes_per_s": link.bandwidth_bytes_per_s, "latency_s": link.latency_s}
+    if link.basis != "declared":
+        out["basis"] = link.basis
+    if link.measured:
+        out["measured"] = dict(link.measured)
+    return out

@@ -13,13 +13,19 @@ units or friendly spellings (see `partita.units`)::
       pairs:
         - {a: jetson, b: client, bandwidth_bytes_per_s: 1.25e8, latency_s: 0.0005}
         - {a: pi-a, b: jetson, preset: ethernet-1G}
+
+A device with an `address` (a running `partita worker`) may leave out its compute and memory, and
+the file may leave out its links (all of `links:` when every device has an address): deploy and
+`partita cluster probe` measure them. A file written by `partita cluster probe` says which figures
+were measured: `basis: {flops_per_s: measured, ...}` and `spread:` on a device, `basis: measured`
+and `measured: {...}` (both directions, RTT, spreads) on a link.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
 
@@ -78,6 +84,9 @@ def _pick(model: BaseModel, base: str, friendly: str) -> float | None:
     return base_value if base_value is not None else friendly_value
 
 
+_Basis = Literal["declared", "catalog", "measured"]
+
+
 class _LinkModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -86,6 +95,8 @@ class _LinkModel(BaseModel):
     bandwidth: _Bandwidth | None = None
     latency_s: _Latency | None = None
     latency: _Latency | None = None
+    basis: _Basis | None = None
+    measured: dict[str, float | int | bool] | None = None
 
     @field_validator("preset")
     @classmethod
@@ -109,11 +120,14 @@ class _LinkModel(BaseModel):
     def spec(self) -> LinkSpec:
         bandwidth = _pick(self, "bandwidth_bytes_per_s", "bandwidth")
         latency = _pick(self, "latency_s", "latency")
+        basis = self.basis or "declared"
         if bandwidth is None or latency is None:  # `_complete` made sure a preset fills in what is missing
             preset = LINK_PRESETS[str(self.preset)]
+            if self.basis is None and bandwidth is None and latency is None:
+                basis = "catalog"
             bandwidth = preset.bandwidth_bytes_per_s if bandwidth is None else bandwidth
             latency = preset.latency_s if latency is None else latency
-        return LinkSpec(bandwidth, latency)
+        return LinkSpec(bandwidth, latency, basis, self.measured or {})
 
 
 def _preset_name(value: object) -> object:
@@ -129,7 +143,7 @@ class _PairModel(_LinkModel):
 class _LinksModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    default: Annotated[_LinkModel, BeforeValidator(_preset_name)]
+    default: Annotated[_LinkModel | None, BeforeValidator(_preset_name)] = None
     pairs: list[_PairModel] = []
 
 
@@ -145,6 +159,8 @@ class _DeviceModel(BaseModel):
     address: str | None = None
     public_key: str | None = None
     speed: float | None = None
+    basis: dict[Literal["flops_per_s", "memory_bytes"], _Basis] | None = None
+    spread: dict[Literal["flops_per_s", "memory_bytes"], float] | None = None
 
     @field_validator("type")
     @classmethod
@@ -164,16 +180,23 @@ class _DeviceModel(BaseModel):
     def _complete(self) -> _DeviceModel:
         flops = _pick(self, "flops_per_s", "compute")
         memory = _pick(self, "memory_bytes", "memory")
-        if self.type is None and (flops is None or memory is None):
+        if self.type is None and self.address is None and (flops is None or memory is None):
             missing = "compute (flops_per_s)" if flops is None else "memory (memory_bytes)"
-            raise ValueError(f"missing {missing}; give it, or a catalog type such as raspberry-pi-4")
+            raise ValueError(
+                f"missing {missing}; give it, a catalog type such as raspberry-pi-4, "
+                "or the address of the device's worker (then it is measured)"
+            )
         return self
 
     def spec(self) -> DeviceSpec:
         flops = _pick(self, "flops_per_s", "compute")
         memory = _pick(self, "memory_bytes", "memory")
-        if flops is None or memory is None:  # `_complete` made sure a catalog type fills in what is missing
+        basis = dict(self.basis or {})
+        if self.type is not None and (flops is None or memory is None):  # the catalog fills in what is missing
             catalog = CATALOG[str(self.type)]
+            for label, value in (("flops_per_s", flops), ("memory_bytes", memory)):
+                if value is None:
+                    basis.setdefault(label, "catalog")
             flops = catalog.flops_per_s if flops is None else flops
             memory = catalog.memory_bytes if memory is None else memory
         return DeviceSpec(
@@ -184,6 +207,8 @@ class _DeviceModel(BaseModel):
             type=self.type,
             public_key=self.public_key,
             speed=self.speed,
+            basis={k: v for k, v in basis.items() if v != "declared"},
+            spread=dict(self.spread or {}),
         )
 
 
@@ -192,7 +217,7 @@ class _ClusterModel(BaseModel):
 
     source: Annotated[str, BeforeValidator(lambda v: v if not isinstance(v, int | float) else str(v))]
     devices: list[_DeviceModel]
-    links: _LinksModel
+    links: _LinksModel | None = None
 
     @field_validator("devices")
     @classmethod
@@ -209,8 +234,9 @@ class _ClusterModel(BaseModel):
     def build(self) -> ClusterSpec:
         devices = tuple(d.spec() for d in self.devices)
         nodes = {d.name for d in devices} | {self.source}
+        links = self.links or _LinksModel()
         pairs: dict[frozenset[str], LinkSpec] = {}
-        for i, pair in enumerate(self.links.pairs):
+        for i, pair in enumerate(links.pairs):
             for end in ("a", "b"):
                 name = getattr(pair, end)
                 if name not in nodes:
@@ -224,7 +250,25 @@ class _ClusterModel(BaseModel):
             if key in pairs:
                 raise ClusterSpecError(f"links.pairs[{i}]: the link {pair.a}-{pair.b} is given twice")
             pairs[key] = pair.spec()
-        return ClusterSpec(devices, self.source, self.links.default.spec(), pairs)
+        default = links.default.spec() if links.default is not None else None
+        if default is None:
+            _check_measurable(devices, self.source, pairs, given=self.links is not None)
+        return ClusterSpec(devices, self.source, default, pairs)
+
+
+def _check_measurable(devices: tuple, source: str, pairs: dict, *, given: bool) -> None:
+    """Without a default link, every link with no address at either end must be in `pairs`."""
+    where = "links.default" if given else "links"
+    reachable = {d.name for d in devices if d.address}
+    nodes = [d.name for d in devices] + ([] if source in {d.name for d in devices} else [source])
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            if a in reachable or b in reachable or frozenset((a, b)) in pairs:
+                continue
+            raise ClusterSpecError(
+                f"{where}: missing (required): the link {a}-{b} has no worker address at either end, so it "
+                "cannot be measured; declare links.default (e.g. {bandwidth: 100Mbit/s, latency: 2ms}) or that pair"
+            )
 
 
 def _describe(exc: ValidationError) -> str:

@@ -36,6 +36,12 @@ __all__ = ["CostTables", "check_segment_times", "hop_terms", "link_matrices", "p
 
 
 def check_segment_times(profile: Profile, cluster: ClusterSpec, times: Mapping[str, Sequence[float]] | None):
+    """The measured segment times, checked; and the cluster checked to have every figure a plan needs.
+
+    ClusterSpecError when a device or link of `cluster` is still unknown (an address-only device
+    not yet measured); PlanError when `times` does not fit the profile.
+    """
+    cluster.check_known(times or ())
     if not times:
         return {}
     checked = {}
@@ -87,8 +93,9 @@ def link_matrices(cluster: ClusterSpec, nodes: Sequence[str]) -> tuple[np.ndarra
     for k, name in enumerate(nodes):
         index.setdefault(name, []).append(k)
     n = len(nodes)
-    bandwidth = np.full((n, n), cluster.default_link.bandwidth_bytes_per_s, dtype=np.float64)
-    latency = np.full((n, n), cluster.default_link.latency_s, dtype=np.float64)
+    default = cluster.default_link  # None: every pair is in pair_links (`check_known` made sure)
+    bandwidth = np.full((n, n), default.bandwidth_bytes_per_s if default else math.nan, dtype=np.float64)
+    latency = np.full((n, n), default.latency_s if default else math.nan, dtype=np.float64)
     for pair, link in cluster.pair_links.items():
         a, b = tuple(pair)
         for i in index.get(a, ()):

@@ -34,12 +34,12 @@ from partita.runtime.executor import Done, Job, StageExecutor
 from partita.runtime.flow import Outlink, socket_sender
 from partita.runtime.keys import apply_client, set_authorized
 from partita.runtime.protocol import Destination, LinkChange, Route
-from partita.runtime.wire import Limits, decode, encode
+from partita.runtime.wire import Limits, blob_tensor, decode, encode
 
 DATA_KINDS = frozenset({"act", "fail", "echo"})
 OUTLINK_KINDS = frozenset({"credit", "error", "echo"})
 
-Reply = Callable[[zmq.Socket, bytes, str, dict], None]
+Reply = Callable[..., None]  # (socket, to, kind, header[, tensors])
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class DataPlane:
                 self._reply(self._data, sender, "error", {"reason": str(exc)})
                 continue
             if msg.kind == "echo":
-                self._reply(self._data, sender, "echo", {"nbytes": sum(t.numel() for t in msg.tensors)})
+                self._on_echo(sender, msg.header, msg.tensors)
             elif msg.kind == "act":
                 self._on_act(sender, msg.header, msg.tensors)
             else:
@@ -173,6 +173,17 @@ class DataPlane:
         for sock, outlink in list(self._outlinks.values()):
             if sock in ready:
                 self._on_outlink(sock, outlink)
+
+    def _on_echo(self, sender: bytes, header: Mapping[str, Any], tensors: tuple) -> None:
+        """Answer a link probe: `reply_bytes` (at most one frame's limit) asks for a payload back."""
+        reply_bytes = header.get("reply_bytes", 0)
+        if type(reply_bytes) is not int or not 0 <= reply_bytes <= self.settings.limits.max_frame_bytes:
+            self._counters["malformed"] += 1
+            self._reply(self._data, sender, "error",
+                        {"reason": f"echo's reply_bytes must be a whole number in 0..{self.settings.limits.max_frame_bytes}"})
+            return
+        payload = (blob_tensor(bytes(reply_bytes)),) if reply_bytes else ()
+        self._reply(self._data, sender, "echo", {"nbytes": sum(t.numel() for t in tensors)}, payload)
 
     def on_taken(self, job: Job) -> None:
         """The executor took `job` off its queue: its sender gets the credit back."""

@@ -61,6 +61,7 @@ class WorkerIdentity:
     secret: tuple[bytes, bytes] | None  # None: insecure
     limits: Limits
     flops_per_s: float
+    flops_spread: float = 0.0  # relative spread of the repeated matmul windows behind flops_per_s
 
 
 class ControlHandlers:
@@ -104,7 +105,10 @@ class ControlHandlers:
             "device_name": device_name,
             "memory_bytes": self._executor.capacity_bytes,
             "used_bytes": self._executor.used_bytes(),
-            "flops_per_s": self.identity.flops_per_s,
+            # In device time: an emulated worker (--emulate) runs `speed` times as fast as this host.
+            "flops_per_s": self.identity.flops_per_s * (self._executor.speed or 1.0),
+            "flops_spread": self.identity.flops_spread,
+            "dtype": str(torch.get_default_dtype()).removeprefix("torch."),
             "speed": self._executor.speed,
             "dilation": self._executor.dilation,
             "pid": os.getpid(),

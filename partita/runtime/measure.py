@@ -8,7 +8,7 @@ does not declare (or all of them, on request) are probed: a worker probes its pe
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,11 +45,60 @@ class Measurements:
     links: Mapping[tuple[str, str], LinkSpec] = field(default_factory=dict)
 
     def cluster_spec(self, declared: ClusterSpec) -> ClusterSpec:
-        """`declared` with the probed links in place of what it says (what deploy plans with)."""
+        """`declared` with the probed links in place of what it says, and what it leaves unknown filled in.
+
+        A device given by address alone gets the compute and memory its worker reported in `hello`
+        (a matmul benchmark with its spread; the memory it may use), marked `measured`; figures the
+        file declares are kept. This is what deploy plans with (its compute comes from the measured
+        segment times where it has them).
+        """
         spec = declared
+        for device in declared.devices:
+            info = self.device_info.get(device.name, {})
+            changes = measured_device_figures(device, info)
+            if changes:
+                spec = spec.replace_device(device.name, **changes)
         for (a, b), link in self.links.items():
             spec = spec.with_link(a, b, link)
         return spec
+
+
+def measured_device_figures(device: Any, info: Mapping[str, Any]) -> dict[str, Any]:
+    """The `replace_device` changes that fill a device's unknown compute and memory from its `hello`."""
+    changes: dict[str, Any] = {}
+    basis, spread = dict(device.basis), dict(device.spread)
+    if device.flops_per_s is None and float(info.get("flops_per_s") or 0) > 0:
+        changes["flops_per_s"] = float(info["flops_per_s"])
+        basis["flops_per_s"], spread["flops_per_s"] = "measured", float(info.get("flops_spread") or 0.0)
+    if device.memory_bytes is None and float(info.get("memory_bytes") or 0) > 0:
+        changes["memory_bytes"] = float(info["memory_bytes"])
+        basis["memory_bytes"], spread["memory_bytes"] = "measured", 0.0
+    if changes:
+        changes.update(basis=basis, spread=spread)
+    return changes
+
+
+def probed_link(prober: str, probed: str, figures: Mapping[str, Any]) -> LinkSpec:
+    """The measured LinkSpec of a probe's figures (`measure_link`'s dict) from `prober` to `probed`.
+
+    Its bandwidth is the slower direction's (the cost model's links are symmetric); `measured`
+    keeps both directions, named by the ends in name order, with the RTT and the spreads.
+    """
+    forward = float(figures["bandwidth_bytes_per_s"])
+    backward = float(figures.get("bandwidth_back_bytes_per_s") or forward)
+    a, b = sorted((prober, probed))
+    ab, ba = (forward, backward) if a == prober else (backward, forward)
+    spreads = [float(figures.get(k) or 0.0) for k in ("bandwidth_spread", "bandwidth_back_spread")]
+    measured = {
+        "bandwidth_a_to_b": ab,
+        "bandwidth_b_to_a": ba,
+        "rtt_s": float(figures.get("rtt_s") or 2 * float(figures["latency_s"])),
+        "bandwidth_spread": max(spreads),
+        "latency_spread": float(figures.get("latency_spread") or 0.0),
+        "samples": int(figures.get("samples") or 1),
+        "stable": bool(figures.get("stable", True)),
+    }
+    return LinkSpec(min(forward, backward), float(figures["latency_s"]), "measured", measured)
 
 
 def measure(
@@ -124,8 +173,13 @@ def links_to_probe(cluster: ClusterHandle, probe_links: bool | None) -> list[tup
     return out
 
 
-def probe(session: Session, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], LinkSpec]:
-    """Measure each (prober, probed) link; the source's from this process, the others by the prober's worker."""
+def probe(session: Session, pairs: Sequence[tuple[str, str]], *,
+          on_link: Callable[[tuple[str, str], LinkSpec], None] | None = None) -> dict[tuple[str, str], LinkSpec]:
+    """Measure each (prober, probed) link; the source's from this process, the others by the prober's worker.
+
+    One link at a time: probes that overlapped would share a device's access link and halve each
+    other's figures. `on_link` is called after each (for a progress display).
+    """
     from partita.runtime.profile import measure_link
 
     if not pairs:
@@ -155,7 +209,9 @@ def probe(session: Session, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str,
                                       dilation=cluster.dilation)
             finally:
                 sock.close(linger=0)
-            links[(a, b)] = LinkSpec(float(result["bandwidth_bytes_per_s"]), float(result["latency_s"]))
+            links[(a, b)] = probed_link(a, b, result)
+            if on_link is not None:
+                on_link((a, b), links[(a, b)])
             continue
         command = Probe(str(infos[b]["data"]), key, setting.bandwidth_bytes_per_s, setting.latency_s)
         try:
@@ -164,7 +220,10 @@ def probe(session: Session, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str,
             raise DeployError(f"could not probe the link {a}-{b}: {exc}") from None
         if not isinstance(reply, Probed):
             raise DeployError(f"worker {a} answered probe with {reply.KIND!r}")
-        links[(a, b)] = LinkSpec(reply.bandwidth_bytes_per_s, reply.latency_s)
+        links[(a, b)] = probed_link(a, b, {**reply.fields, "bandwidth_bytes_per_s": reply.bandwidth_bytes_per_s,
+                                           "latency_s": reply.latency_s})
+        if on_link is not None:
+            on_link((a, b), links[(a, b)])
     return links
 
 

@@ -28,10 +28,28 @@ from partita.runtime.wire import blob_tensor, decode, encode
 
 def matmul_flops_per_s(device: torch.device | str = "cpu", *, size: int = 384, min_time_s: float = 0.15) -> float:
     """Sustained fp32 FLOP/s of `device` on square matmuls of `size` (2 * size**3 FLOPs each)."""
+    return _matmul_window(torch.device(device), size, min_time_s, warm=True)
+
+
+def matmul_flops(device: torch.device | str = "cpu", *, size: int = 384, window_s: float = 0.05,
+                 min_samples: int = 3, max_samples: int = 9) -> tuple[float, float]:
+    """(median FLOP/s, relative spread) of repeated windows of `matmul_flops_per_s`.
+
+    Windows repeat, `min_samples` at least, until they agree within ±10% (see `spread`) or
+    `max_samples` were taken: what a worker reports in `hello` as `flops_per_s` and `flops_spread`.
+    """
     device = torch.device(device)
+    samples = [_matmul_window(device, size, window_s, warm=True)]
+    while len(samples) < min_samples or (spread(samples) > STABLE_SPREAD and len(samples) < max_samples):
+        samples.append(_matmul_window(device, size, window_s, warm=False))
+    return statistics.median(samples), spread(samples)
+
+
+def _matmul_window(device: torch.device, size: int, min_time_s: float, *, warm: bool) -> float:
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    torch.mm(a, b)  # warm-up: kernel selection and allocation
+    if warm:
+        torch.mm(a, b)  # warm-up: kernel selection and allocation
     _sync(device)
     reps = 0
     started = time.perf_counter()
@@ -69,6 +87,25 @@ def time_programs(
     return [statistics.median(s) for s in samples]
 
 
+STABLE_SPREAD = 0.10  # a figure is stable when its repeats agree within ±10% of their median
+LATENCY_FLOOR_S = 0.0005  # RTT jitter below half a millisecond is stable whatever its relative size
+
+
+def spread(samples: Sequence[float]) -> float:
+    """Relative spread of repeated measurements: half their range around the median, over the median.
+
+    With five samples or more the lowest and the highest are left out first, so one outlier (a
+    scheduler hiccup on a busy host) does not make a good estimate look unstable.
+    """
+    values = sorted(samples)
+    if len(values) >= 5:
+        values = values[1:-1]
+    middle = statistics.median(samples)
+    if middle <= 0:
+        return math.inf
+    return (values[-1] - values[0]) / 2 / middle
+
+
 def measure_link(
     socket: zmq.Socket,
     *,
@@ -78,37 +115,95 @@ def measure_link(
     target_s: float = 0.1,
     emulate: tuple[float | None, float | None] | None = None,
     dilation: float = 1.0,
-) -> dict[str, float]:
-    """RTT, one-way latency (s) and bandwidth (bytes/s) to the peer at the other end of a connected DEALER `socket`.
+    min_samples: int = 3,
+    max_samples: int = 7,
+) -> dict[str, Any]:
+    """RTT, one-way latency (s) and bandwidth (bytes/s) each way to the peer of a connected DEALER `socket`.
 
     RTT is the median of `reps` empty echoes; `latency_s` is half of it (the cost model's one-way
-    latency). Bandwidth divides a payload by the time its echo took beyond one RTT (the reply
-    carries no payload), best of a few. The payload is sized so one transfer takes about
-    `target_s` (estimated from a 64 KiB echo), at most `payload_bytes`: a slow link is not held
-    for seconds, a fast one still moves enough bytes to be timed.
+    latency). Bandwidth is measured with trains: several payloads sent back to back, so the pipe
+    is full, timed by the spacing of their echoes (the first one's arrival is left out, which
+    takes the TCP ramp-up and the shaper's burst allowance out of the figure). Forward, the
+    payloads go to the peer and tiny echoes come back (`bandwidth_bytes_per_s`); backward, tiny
+    requests ask for payload-sized replies (`bandwidth_back_bytes_per_s`). A train lasts about
+    `target_s` (the payloads are sized from the previous estimate, each at most `payload_bytes`),
+    and trains repeat, `min_samples` at least, until the samples agree within ±10% (`spread`)
+    or `max_samples` were taken; the figures are medians. `stable` says whether they agreed.
 
     `emulate` = (bandwidth_bytes_per_s, latency_s) shapes the probe as the runtime shapes
     activations on an emulated link (None in either place: not shaped), in both directions,
     with the world `dilation` times slower than real time; the figures returned are then in
-    device time (real / dilation). Without it the probe measures the real transport, in real
-    seconds (`dilation` is ignored: a real link is not slowed down).
+    device time (real / dilation), and the same both ways (the emulation is symmetric). Without
+    it the probe measures the real transport, in real seconds (`dilation` is ignored).
     """
     shape = _probe_shaper(emulate, dilation)
     k = dilation if shape is not None else 1.0
     rtts = [_echo(socket, None, timeout_s, shape) for _ in range(reps + 1)][1:]
     rtt_s = statistics.median(rtts)
+    latency_spread = spread(rtts) if statistics.median(rtts) / 2 > LATENCY_FLOOR_S else 0.0
+    if shape is not None:
+        forward = _emulated_samples(socket, rtt_s, payload_bytes, timeout_s, target_s, shape, min_samples)
+        backward = forward
+    else:
+        forward = _train_samples(socket, "forward", payload_bytes, timeout_s, target_s, min_samples, max_samples)
+        backward = _train_samples(socket, "backward", payload_bytes, timeout_s, target_s, min_samples, max_samples)
+    bandwidth, back = statistics.median(forward), statistics.median(backward)
+    spreads = (spread(forward), spread(backward))
+    return {
+        "rtt_s": rtt_s / k,
+        "latency_s": rtt_s / 2 / k,
+        "bandwidth_bytes_per_s": bandwidth * k,
+        "bandwidth_back_bytes_per_s": back * k,
+        "bandwidth_spread": spreads[0],
+        "bandwidth_back_spread": spreads[1],
+        "latency_spread": latency_spread,
+        "samples": min(len(forward), len(backward)),
+        "stable": max(spreads) <= STABLE_SPREAD and latency_spread <= STABLE_SPREAD,
+        "payload_bytes": payload_bytes,
+    }
+
+
+TRAIN_LENGTH = 6  # payloads per train: five spacings are timed
+
+
+def _train_samples(socket: zmq.Socket, direction: str, payload_bytes: int, timeout_s: float, target_s: float,
+                   min_samples: int, max_samples: int) -> list[float]:
+    """Bandwidth samples (bytes/s) of trains in one direction, until they agree or `max_samples` were taken."""
+    chunk = min(64 * 2**10, payload_bytes)
+    _train(socket, direction, chunk, 2, timeout_s)  # warm-up: connection, buffers, a first estimate
+    estimate = _train(socket, direction, chunk, TRAIN_LENGTH, timeout_s)
+    samples: list[float] = []
+    while len(samples) < min_samples or (spread(samples) > STABLE_SPREAD and len(samples) < max_samples):
+        chunk = int(min(max(estimate * target_s / TRAIN_LENGTH, 16 * 2**10), payload_bytes))
+        estimate = _train(socket, direction, chunk, TRAIN_LENGTH, timeout_s)
+        samples.append(estimate)
+    return samples
+
+
+def _train(socket: zmq.Socket, direction: str, chunk: int, length: int, timeout_s: float) -> float:
+    """Bytes/s of one train of `length` payloads of `chunk` bytes, from the spacing of their arrivals."""
+    if direction == "forward":
+        blob = blob_tensor(bytes(chunk))
+        for _ in range(length):
+            socket.send_multipart(encode("echo", {}, (blob,)), copy=False)
+    else:
+        for _ in range(length):
+            socket.send_multipart(encode("echo", {"reply_bytes": chunk}, ()), copy=False)
+    arrivals = []
+    for _ in range(length):
+        _receive_echo(socket, timeout_s)
+        arrivals.append(time.perf_counter())
+    return chunk * (length - 1) / max(arrivals[-1] - arrivals[0], 1e-9)
+
+
+def _emulated_samples(socket: zmq.Socket, rtt_s: float, payload_bytes: int, timeout_s: float, target_s: float,
+                      shape: Any, count: int) -> list[float]:
+    """Bandwidth samples through the runtime's own shaper: one payload's echo beyond one RTT."""
     small = min(64 * 2**10, payload_bytes)
     estimate = small / max(_echo(socket, blob_tensor(bytes(small)), timeout_s, shape) - rtt_s, 1e-9)
     size = int(min(max(estimate * target_s, small), payload_bytes))
     blob = blob_tensor(bytes(size))
-    best_s = min(_echo(socket, blob, timeout_s, shape) for _ in range(max(2, reps // 2)))
-    transfer_s = max(best_s - rtt_s, 1e-9)
-    return {
-        "rtt_s": rtt_s / k,
-        "latency_s": rtt_s / 2 / k,
-        "bandwidth_bytes_per_s": size / transfer_s * k,
-        "payload_bytes": size,
-    }
+    return [size / max(_echo(socket, blob, timeout_s, shape) - rtt_s, 1e-9) for _ in range(count)]
 
 
 def _probe_shaper(emulate: tuple[float | None, float | None] | None, dilation: float) -> Any:
@@ -129,14 +224,18 @@ def _echo(socket: zmq.Socket, blob: torch.Tensor | None, timeout_s: float, shape
     if shape is not None:
         time.sleep(shape[0].delay_for(0 if blob is None else blob.numel()))
     socket.send_multipart(encode("echo", {}, () if blob is None else (blob,)), copy=False)
+    _receive_echo(socket, timeout_s)
+    if shape is not None:
+        time.sleep(shape[1].delay_for(0))
+    return time.perf_counter() - started
+
+
+def _receive_echo(socket: zmq.Socket, timeout_s: float) -> None:
     if not socket.poll(math.ceil(timeout_s * 1000)):
         raise ProfileError(f"no echo from the probed peer within {timeout_s} s; is it running and does it allow this key?")
     reply = decode(socket.recv_multipart(copy=False), kinds={"echo", "error"})
     if reply.kind == "error":
         raise ProfileError(f"the probed peer refused the probe: {reply.header.get('reason')}")
-    if shape is not None:
-        time.sleep(shape[1].delay_for(0))
-    return time.perf_counter() - started
 
 
 def _sync(device: torch.device) -> None:

@@ -119,6 +119,7 @@ class Worker:
         self._stop = threading.Event()
         self._draining_since: float | None = None
         self.flops_per_s = 0.0
+        self.flops_spread = 0.0
         self._secret = (config.keys.public, config.keys.secret) if config.keys is not None else None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -128,9 +129,9 @@ class Worker:
 
     def serve(self) -> None:
         """Bind, announce readiness, and run the I/O loop until stopped and drained."""
-        from partita.runtime.profile import matmul_flops_per_s
+        from partita.runtime.profile import matmul_flops
 
-        self.flops_per_s = matmul_flops_per_s(self.device)
+        self.flops_per_s, self.flops_spread = matmul_flops(self.device)
         ctx = zmq.Context()
         self._ctx = ctx
         try:
@@ -141,7 +142,7 @@ class Worker:
                 ctx, self._data, self.executor, self._reply, self.counters,
             )
             identity = WorkerIdentity(self.config.name, self.data_address, self._secret, self.config.limits,
-                                      self.flops_per_s)
+                                      self.flops_per_s, self.flops_spread)
             self.handlers = ControlHandlers(identity, self.executor, self.data_plane, ctx,
                                             counters=self._figures_counters, stop=self.request_stop)
             self._announce()
