@@ -80,6 +80,9 @@ def _register() -> None:
     from partita.commands import simulate as simulate_cmd
 
     app.command("simulate")(simulate_cmd.simulate)
+    from partita.commands import cluster as cluster_cmd
+
+    app.add_typer(cluster_cmd.app, name="cluster")
     from partita.commands import status as status_cmd
 
     app.command("status")(status_cmd.status)

@@ -37,6 +37,12 @@ def load_model_profile(model: str | None, input_shape: list[str] | None, profile
         raise ProfileError("give either MODEL (with --input-shape) or --profile FILE, not both and not neither")
     if profile is not None or model is None:  # (the check above leaves model set here)
         return load_profile(profile)
+    graph, _ = capture_model(model, input_shape)
+    return load_profile(graph.to_profile())
+
+
+def capture_model(model: str, input_shape: list[str] | None) -> tuple[Any, tuple]:
+    """(graph, example inputs) of MODEL, captured with torch.export on seeded random inputs."""
     import torch  # only the MODEL form needs torch
 
     from partita.commands.inspect import parse_input_shapes
@@ -45,7 +51,28 @@ def load_model_profile(model: str | None, input_shape: list[str] | None, profile
     module = load_ref(model)
     torch.manual_seed(0)
     inputs = tuple(torch.randn(shape) for shape in parse_input_shapes(input_shape))
-    return load_profile(capture(module, inputs, name=model).to_profile())
+    return capture(module, inputs, name=model), inputs
+
+
+def measured_basis(model: str | None, input_shape: list[str] | None, cluster: str, secret_key: str | None,
+                   insecure: bool) -> tuple[Any, Any, dict[str, tuple[float, ...]]]:
+    """(profile, cluster, segment times) with the basis `partita run` plans on: MODEL timed on the devices.
+
+    Devices with an address are timed by their workers (their unknown memory and compute taken
+    from `hello`, their undeclared links probed); the others by workers started on this machine,
+    emulating their declared speed, exactly as `partita run` measures before it plans.
+    """
+    from partita.plan import load_profile
+    from partita.runtime.connect import open_cluster
+    from partita.runtime.measure import measure
+
+    if model is None:
+        raise ProfileError("--measure times MODEL on the devices; give MODEL (with --input-shape), not --profile")
+    graph, inputs = capture_model(model, input_shape)
+    with open_cluster(cluster, secret_key=secret_key, insecure=insecure) as handle:
+        measurements = measure(graph, inputs, handle)
+        spec = measurements.cluster_spec(handle.spec)
+    return load_profile(graph.to_profile()), spec, dict(measurements.segment_times_s)
 
 
 def plan(
@@ -61,22 +88,39 @@ def plan(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (a list with --planner all).")] = False,
     plot: Annotated[str | None, typer.Option("--plot", help="Draw devices, links and a Gantt chart to FILE.png.")] = None,
+    measure: Annotated[
+        bool, typer.Option("--measure", help="Time MODEL on the cluster's devices first, as `partita run` does, and "
+                           "plan on those times (basis: measured). Starts workers here for devices without an address.")
+    ] = False,
+    secret_key: Annotated[
+        str | None, typer.Option("--secret-key", help="With --measure: the coordinator's NAME.key_secret.")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="With --measure: talk to --insecure workers.")] = False,
 ) -> None:
-    """Choose which devices run which stages of MODEL so the cluster is as fast as it can be."""
+    """Choose which devices run which stages of MODEL so the cluster is as fast as it can be.
+
+    Every prediction names its basis: compute, memory and links each `declared` (the cluster
+    file), `catalog` (a device type or link preset) or `measured` (a file from `partita cluster
+    probe`, or --measure).
+    """
     from rich.console import Console
 
     from partita.cluster import ClusterSpec
     from partita.plan import PLANNERS
     from partita.plan import plan as make_plan
 
-    spec = ClusterSpec.from_yaml(cluster)
-    prof = load_model_profile(model, input_shape, profile)
+    times: dict[str, tuple[float, ...]] | None = None
+    if measure:
+        prof, spec, times = measured_basis(model, input_shape, cluster, secret_key, insecure)
+    else:
+        spec = ClusterSpec.from_yaml(cluster)
+        prof = load_model_profile(model, input_shape, profile)
     names = list(PLANNERS) if planner == "all" else [planner]
     results: list[tuple[str, Any]] = []
     for name in names:
         try:
             results.append((name, make_plan(prof, spec, objective=objective, planner=name, max_stages=max_stages,
-                                            replicate=not no_replicate)))
+                                            replicate=not no_replicate, segment_times_s=times)))
         except PartitaError as exc:
             if planner != "all":
                 raise
@@ -89,6 +133,8 @@ def plan(
         typer.echo(json.dumps(payload if planner == "all" else payload[0], indent=2))
     elif planner == "all":
         console.print(comparison_table(results, objective))
+        first = next(result for _, result in results if not isinstance(result, Exception))
+        console.print(basis_line(first))
     else:
         console.print(stage_table(results[0][1], spec, prof))
         console.print(summary_line(results[0][1]))
@@ -146,7 +192,21 @@ def summary_line(plan_value) -> str:
                  f"(gap {plan_value.gap:.1%})")
     else:
         line += " · exact optimum" if plan_value.planner == "optimal" else ""
-    return line
+    return line + "\n" + basis_line(plan_value)
+
+
+def basis_line(plan_value) -> str:
+    """What the prediction rests on, in words."""
+    from partita.plan import describe_basis
+
+    words = {"declared": "declared in the cluster file", "catalog": "from the device catalog",
+             "measured": "measured", "mixed": "partly declared, partly measured", "none": "none used"}
+    basis = plan_value.basis or {}
+    parts = [f"{kind} {words.get(value, value)}" for kind, value in basis.items()]
+    hint = ""
+    if basis.get("compute") in ("declared", "catalog"):
+        hint = " (`partita run` plans on times measured on the devices; `partita plan --measure` does too)"
+    return ("prediction basis: " + "; ".join(parts) + hint) if parts else describe_basis(None)
 
 
 def comparison_table(results, objective: str):

@@ -302,6 +302,10 @@ def print_report(console: Any, result: dict[str, Any]) -> None:
         total.add_row("outputs vs unsplit model", "", check_verdict(result), "")
     for table in (stages, links, total):
         console.print(table)
+    basis = result["plan"].get("basis")
+    if basis:
+        console.print("prediction basis: " + "; ".join(f"{kind} {value}" for kind, value in basis.items()),
+                      highlight=False)
     if result.get("dilation", 1.0) != 1.0:
         console.print(f"emulated world dilated {result['dilation']:.2f}x; all figures in device time", style="dim")
 

@@ -9,19 +9,21 @@ beyond `load_profile` reading a JSON file when given a path.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from partita.cluster import ClusterSpec
 from partita.errors import PlanError
 from partita.plan.baselines import BASELINES, plan_baseline
+from partita.plan.basis import describe_basis, prediction_basis
 from partita.plan.cost import check_segment_times, predict
 from partita.plan.optimal import plan_optimal
 from partita.plan.profile import Profile, SegmentCost, load_profile
 from partita.plan.types import Plan, StagePlan
 
-__all__ = ["OBJECTIVES", "PLANNERS", "Plan", "Profile", "SegmentCost", "StagePlan", "load_profile", "plan",
-           "predict"]
+__all__ = ["OBJECTIVES", "PLANNERS", "Plan", "Profile", "SegmentCost", "StagePlan", "describe_basis",
+           "load_profile", "plan", "predict", "prediction_basis"]
 
 OBJECTIVES = ("throughput", "latency")
 PLANNERS = ("optimal", *BASELINES)
@@ -49,7 +51,9 @@ def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throu
     profile = load_profile(graph_or_profile)
     times = check_segment_times(profile, cluster, segment_times_s) or None
     if planner == "optimal":
-        return plan_optimal(profile, cluster, objective=objective, max_stages=max_stages, replicate=replicate,
-                            segment_times_s=times)
-    return plan_baseline(planner, profile, cluster, objective=objective, max_stages=max_stages,
-                         segment_times_s=times)
+        chosen = plan_optimal(profile, cluster, objective=objective, max_stages=max_stages, replicate=replicate,
+                              segment_times_s=times)
+    else:
+        chosen = plan_baseline(planner, profile, cluster, objective=objective, max_stages=max_stages,
+                               segment_times_s=times)
+    return dataclasses.replace(chosen, basis=prediction_basis(chosen, cluster, times or ()))

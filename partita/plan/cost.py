@@ -21,6 +21,7 @@ planners build) this latency is every request's latency; with unequal replicas i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 
 from partita.cluster import ClusterSpec, DeviceSpec
 from partita.errors import PlanError
+from partita.plan.basis import prediction_basis
 from partita.plan.profile import Profile, load_profile
 from partita.plan.types import Plan, StagePlan
 
@@ -148,8 +150,9 @@ def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], 
         period = max(period, occupancy)
         latency += transfer
     throughput = math.inf if period == 0 else 1.0 / period
-    return Plan(tuple(plans), period, throughput, latency, objective, planner, lower_bound_period_s,
-                cluster.source, profile.model, lower_bound_latency_s)
+    chosen = Plan(tuple(plans), period, throughput, latency, objective, planner, lower_bound_period_s,
+                  cluster.source, profile.model, lower_bound_latency_s)
+    return dataclasses.replace(chosen, basis=prediction_basis(chosen, cluster, times))
 
 
 def _parse_stage(stage: Any) -> tuple[tuple[str, ...], int, int]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from partita.errors import PlanError
@@ -60,6 +61,9 @@ class Plan:
     when the planner is not exact (None when it is exact, or for baselines).
     `lower_bound_latency_s` is the same for the latency objective: a latency no plan can beat.
     `source` is the node where requests enter and results return; `model` names the profile.
+    `basis` names where the figures behind the prediction came from, per kind: {"compute": ...,
+    "memory": ..., "links": ...}, each `declared`, `catalog`, `measured` or `mixed` (see
+    `partita.plan.basis`); None when not known (a plan built without a cluster's provenance).
     """
 
     stages: tuple[StagePlan, ...]
@@ -72,6 +76,7 @@ class Plan:
     source: str = ""
     model: str = ""
     lower_bound_latency_s: float | None = None
+    basis: Mapping[str, str] | None = field(default=None, compare=False)
 
     def cuts(self) -> list[int]:
         """Indices of the segments after which a new stage starts (what `partita.model.split` takes).
@@ -112,6 +117,7 @@ class Plan:
             "stages": [stage.to_dict() for stage in self.stages],
             "source": self.source,
             "model": self.model,
+            "basis": dict(self.basis) if self.basis is not None else None,
         }
 
     def to_json(self, *, indent: int | None = None) -> str:
@@ -145,6 +151,7 @@ class Plan:
                 source=str(data.get("source", "")),
                 model=str(data.get("model", "")),
                 lower_bound_latency_s=None if latency_bound is None else float(latency_bound),
+                basis=_basis(data.get("basis")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             # Any of these means the JSON is not a plan; say which key is wrong rather than a bare KeyError.
@@ -167,6 +174,8 @@ class Plan:
         )
         if self.gap is not None:
             head += f", within {self.gap:.1%} of the lower bound"
+        if self.basis is not None:
+            head += " (basis: " + " · ".join(f"{k} {v}" for k, v in self.basis.items()) + ")"
         lines = [head]
         for k, stage in enumerate(self.stages):
             lines.append(
@@ -175,6 +184,14 @@ class Plan:
                 f"in {stage.in_bytes} B  out {stage.out_bytes} B"
             )
         return "\n".join(lines)
+
+
+def _basis(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise TypeError(f"basis must map kinds to words, got {value!r}")
+    return dict(value)
 
 
 def _ms(seconds: float) -> str:

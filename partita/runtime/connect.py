@@ -115,14 +115,14 @@ def connect(
     `insecure=True` talks to `--insecure` workers. `check` says hello to every worker now, so a
     wrong address or key fails here rather than at deploy.
     """
-    spec, origin = _spec(cluster)
+    spec, origin = spec_and_origin(cluster)
     missing = [d.name for d in spec.devices if not d.address]
     if missing:
         raise ClusterSpecError(
             f"{origin}: device(s) {missing} have no address; start `partita worker` there and add "
             "`address: tcp://HOST:PORT`, or run them emulated with LocalCluster / `partita run`"
         )
-    keys = _coordinator_keys(secret_key, insecure)
+    keys = coordinator_keypair(secret_key, insecure)
     connected = ConnectedCluster(spec, remote_endpoints(spec, origin, insecure=insecure), keys)
     if check:
         connected.ping(timeout_s)
@@ -142,8 +142,8 @@ def worker_status(
     stages it holds) or `down` (`error` says why: no answer within `timeout_s`, a refused key). A
     device without one is `emulated`: `partita run` would start it on this machine.
     """
-    spec, origin = _spec(cluster)
-    keys = _coordinator_keys(secret_key, insecure)
+    spec, origin = spec_and_origin(cluster)
+    keys = coordinator_keypair(secret_key, insecure)
     endpoints = remote_endpoints(spec, origin, insecure=insecure)
     out: dict[str, dict[str, Any]] = {}
     context = zmq.Context()
@@ -241,13 +241,15 @@ class MixedCluster:
         self.close()
 
 
-def _spec(cluster: str | os.PathLike | ClusterSpec) -> tuple[ClusterSpec, str]:
+def spec_and_origin(cluster: str | os.PathLike | ClusterSpec) -> tuple[ClusterSpec, str]:
+    """The cluster of a file (or a spec as it is) and where it came from, for messages and relative key paths."""
     if isinstance(cluster, ClusterSpec):
         return cluster, "<cluster>"
     return ClusterSpec.from_yaml(cluster), str(cluster)
 
 
-def _coordinator_keys(secret_key: str | os.PathLike | None, insecure: bool) -> Keypair | None:
+def coordinator_keypair(secret_key: str | os.PathLike | None, insecure: bool) -> Keypair | None:
+    """The coordinator's key pair from its secret key file; None with `insecure`; AuthError when neither or both."""
     if insecure:
         if secret_key is not None:
             raise AuthError("both a secret key and insecure=True were given; choose one")
@@ -290,11 +292,11 @@ def open_cluster(
     """
     from partita.runtime.local import LocalCluster
 
-    spec, origin = _spec(path)
+    spec, origin = spec_and_origin(path)
     remote_names = [d.name for d in spec.devices if d.address]
     if not remote_names:
         return LocalCluster(spec, dilation=dilation, secure=not insecure)
-    keys = _coordinator_keys(secret_key, insecure)
+    keys = coordinator_keypair(secret_key, insecure)
     remote = remote_endpoints(spec, origin, insecure=insecure)
     local_names = [d.name for d in spec.devices if not d.address]
     local = None

@@ -1,0 +1,92 @@
+"""Probing a cluster of real workers: every figure a plan needs, each with its spread.
+
+`probe_cluster` is what `partita cluster probe` runs: it says hello to every worker of a cluster
+file that has an address (compute: its matmul benchmark, repeated until stable; memory: what it
+may use), then measures every link with a worker at either end, both ways (bandwidth and RTT,
+trains repeated until they agree within ±10%; see `partita.runtime.profile.measure_link`), one
+link at a time. The result is a `ClusterSpec` with those figures marked `measured` (declared
+figures are kept) that `to_yaml` writes as a normal cluster file, so that `partita plan` and
+`partita simulate` repeat plans of the real hardware offline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from partita.cluster import ClusterSpec, LinkSpec
+from partita.errors import ClusterSpecError
+from partita.runtime.profile import STABLE_SPREAD
+
+__all__ = ["ProbeResult", "probe_cluster"]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The measured cluster, each worker's hello, and the links probed keyed (prober, probed)."""
+
+    cluster: ClusterSpec
+    device_info: dict[str, dict[str, Any]]
+    links: dict[tuple[str, str], LinkSpec]
+
+    @property
+    def unstable(self) -> list[str]:
+        """The figures whose repeats did not agree within ±10%: "a-b bandwidth ±23%", ..."""
+        out = []
+        for d in self.cluster.devices:
+            for label, value in d.spread.items():
+                if d.basis_of(label) == "measured" and value > STABLE_SPREAD:
+                    out.append(f"{d.name} {label} ±{value:.0%}")
+        for (a, b), link in self.links.items():
+            if not link.measured.get("stable", True):
+                out.append(f"{a}-{b} bandwidth ±{link.measured['bandwidth_spread']:.0%}, "
+                           f"latency ±{link.measured['latency_spread']:.0%}")
+        return out
+
+
+def probe_cluster(
+    cluster: str | os.PathLike | ClusterSpec,
+    *,
+    secret_key: str | os.PathLike | None = None,
+    insecure: bool = False,
+    on_link: Callable[[tuple[str, str], LinkSpec | None], None] | None = None,
+) -> ProbeResult:
+    """Measure the devices with addresses of `cluster` and every link with one of them at an end.
+
+    `on_link((prober, probed), link)` is called with None before each link is probed and with
+    its figures after (for a progress display). Devices without an address (emulated by
+    `partita run`) and the links among them and the source keep their declared figures.
+    """
+    from partita.runtime.connect import (
+        ConnectedCluster,
+        coordinator_keypair,
+        remote_endpoints,
+        spec_and_origin,
+    )
+    from partita.runtime.measure import Measurements, probe
+    from partita.runtime.session import Session
+
+    declared, origin = spec_and_origin(cluster)
+    local = [d.name for d in declared.devices if not d.address]
+    if len(local) == len(declared.devices):
+        raise ClusterSpecError(f"{origin}: no device has an address, so there is nothing real to probe; "
+                               "start `partita worker` on the devices and add `address: tcp://HOST:PORT`")
+    remote_spec = declared.without(*local)
+    keys = coordinator_keypair(secret_key, insecure)
+    connected = ConnectedCluster(remote_spec, remote_endpoints(declared, origin, insecure=insecure), keys)
+    session = Session(connected)
+    try:
+        infos = {name: dict(info) for name, info in session.hello().items()}
+        nodes = [*remote_spec.names, *([] if declared.source in remote_spec.names else [declared.source])]
+        pairs = [(b, a) if b == declared.source else (a, b) for i, a in enumerate(nodes) for b in nodes[i + 1:]]
+        links: dict[tuple[str, str], LinkSpec] = {}
+        for pair in pairs:
+            if on_link is not None:
+                on_link(pair, None)
+            links.update(probe(session, [pair], on_link=on_link))
+    finally:
+        session.close()
+    measured = Measurements({}, None, infos, links).cluster_spec(declared)
+    return ProbeResult(measured, infos, links)
