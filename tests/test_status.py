@@ -66,6 +66,7 @@ def test_status_reports_each_device_up_down_or_emulated_and_exits_1_when_one_is_
     assert devices["a"]["state"] == "up"
     assert devices["a"]["version"] == partita_version() and devices["a"]["threads"] == 1
     assert devices["a"]["stages"] == [] and devices["a"]["device"] == "cpu" and devices["a"]["secure"] is True
+    assert devices["a"]["dtype"] == "float32"  # what its stages compute in, beside device and threads
     assert devices["b"]["state"] == "down" and "did not" in devices["b"]["error"]
     assert devices["c"] == {"state": "emulated"}
 

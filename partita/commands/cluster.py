@@ -43,7 +43,8 @@ def probe(
         keys.insecure_already_reported()
     console = Console(stderr=True)
     with _LinkProgress(console, enabled=not as_json) as progress:
-        result = probe_cluster(cluster_file, secret_key=secret_key, insecure=insecure, on_link=progress.update)
+        result = probe_cluster(cluster_file, secret_key=secret_key, insecure=insecure, on_link=progress.update,
+                               on_device=progress.device)
     measured = _relative_keys(result.cluster, cluster_file, out)
     measured.to_yaml(out)
     unstable = result.unstable
@@ -70,6 +71,10 @@ class _LinkProgress:
             self._bar.__enter__()
             self._task = self._bar.add_task("saying hello", total=None)
         return self
+
+    def device(self, name: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"measuring {name}'s compute")
 
     def update(self, pair: tuple[str, str], link: Any) -> None:
         if self._bar is None:

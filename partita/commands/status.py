@@ -58,7 +58,8 @@ def print_status(console: Any, cluster: Path, devices: dict[str, dict[str, Any]]
         used, total = float(d.get("used_bytes") or 0), float(d.get("memory_bytes") or 0)
         memory = f"{format_quantity(used, 'B', binary=True)} of {format_quantity(total, 'B', binary=True)}"
         stages = ", ".join(str(s) for s in d.get("stages", [])) or "none"
-        table.add_row(name, "[green]up[/]", d["address"], str(d.get("device_name", d.get("device", "?"))),
+        runs_on = " ".join(str(v) for v in (d.get("device_name", d.get("device", "?")), d.get("dtype")) if v)
+        table.add_row(name, "[green]up[/]", d["address"], runs_on,
                       str(d.get("threads", "?")), memory, stages, str(d.get("version", "?")),
                       "yes" if d.get("secure") else "[yellow]no[/]")
     console.print(table)

@@ -27,6 +27,8 @@ from partita.runtime.executor import StageExecutor
 from partita.runtime.keys import apply_client
 from partita.runtime.protocol import (
     Allow,
+    Benchmark,
+    Benchmarked,
     Command,
     Drain,
     Emulate,
@@ -86,6 +88,7 @@ class ControlHandlers:
             Emulate: self.emulate,
             Profile: self.profile,
             Probe: self.probe,
+            Benchmark: self.benchmark,
             Stats: self.stats,
             Drain: self.drain,
         }
@@ -205,6 +208,13 @@ class ControlHandlers:
             sock.close(linger=0)
         return Probed(float(result["bandwidth_bytes_per_s"]), float(result["latency_s"]),
                       {k: v for k, v in result.items() if k not in ("bandwidth_bytes_per_s", "latency_s")})
+
+    def benchmark(self, command: Benchmark) -> Benchmarked:
+        """This device's fp32 matmul FLOP/s again (device time), repeated until stable; for `cluster probe`."""
+        from partita.runtime.profile import matmul_flops
+
+        flops, spread, samples = matmul_flops(self._executor.device, window_s=command.window_s, with_count=True)
+        return Benchmarked(flops * (self._executor.speed or 1.0), spread, samples)
 
     def stats(self, command: Stats) -> Figures:
         links = self._data.figures()

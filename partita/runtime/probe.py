@@ -1,8 +1,8 @@
 """Probing a cluster of real workers: every figure a plan needs, each with its spread.
 
 `probe_cluster` is what `partita cluster probe` runs: it says hello to every worker of a cluster
-file that has an address (compute: its matmul benchmark, repeated until stable; memory: what it
-may use), then measures every link with a worker at either end, both ways (bandwidth and RTT,
+file that has an address (memory: what it may use), has each measure its compute again, one
+worker at a time (fp32 matmul windows repeated until they agree within ±10%), then measures every link with a worker at either end, both ways (bandwidth and RTT,
 trains repeated until they agree within ±10%; see `partita.runtime.profile.measure_link`), one
 link at a time. The result is a `ClusterSpec` with those figures marked `measured` (declared
 figures are kept) that `to_yaml` writes as a normal cluster file, so that `partita plan` and
@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from partita.cluster import ClusterSpec, LinkSpec
-from partita.errors import ClusterSpecError
+from partita.errors import ClusterSpecError, DeployError
 from partita.runtime.profile import STABLE_SPREAD
+from partita.runtime.protocol import Benchmark, Benchmarked
+
+BENCHMARK_TIMEOUT_S = 60.0
 
 __all__ = ["ProbeResult", "probe_cluster"]
 
@@ -52,11 +55,13 @@ def probe_cluster(
     secret_key: str | os.PathLike | None = None,
     insecure: bool = False,
     on_link: Callable[[tuple[str, str], LinkSpec | None], None] | None = None,
+    on_device: Callable[[str], None] | None = None,
 ) -> ProbeResult:
     """Measure the devices with addresses of `cluster` and every link with one of them at an end.
 
     `on_link((prober, probed), link)` is called with None before each link is probed and with
-    its figures after (for a progress display). Devices without an address (emulated by
+    its figures after, `on_device(name)` before a device's compute is measured (for a progress
+    display). Devices without an address (emulated by
     `partita run`) and the links among them and the source keep their declared figures.
     """
     from partita.runtime.connect import (
@@ -79,6 +84,13 @@ def probe_cluster(
     session = Session(connected)
     try:
         infos = {name: dict(info) for name, info in session.hello().items()}
+        for name in remote_spec.names:  # one at a time: workers that share a host must not share its cores
+            if on_device is not None:
+                on_device(name)
+            reply = session.clients[name].send(Benchmark(), timeout_s=BENCHMARK_TIMEOUT_S)
+            if not isinstance(reply, Benchmarked):
+                raise DeployError(f"worker {name} answered benchmark with {reply.KIND!r}")
+            infos[name].update(flops_per_s=reply.flops_per_s, flops_spread=reply.spread, flops_samples=reply.samples)
         nodes = [*remote_spec.names, *([] if declared.source in remote_spec.names else [declared.source])]
         pairs = [(b, a) if b == declared.source else (a, b) for i, a in enumerate(nodes) for b in nodes[i + 1:]]
         links: dict[tuple[str, str], LinkSpec] = {}

@@ -32,8 +32,8 @@ def matmul_flops_per_s(device: torch.device | str = "cpu", *, size: int = 384, m
 
 
 def matmul_flops(device: torch.device | str = "cpu", *, size: int = 384, window_s: float = 0.05,
-                 min_samples: int = 3, max_samples: int = 9) -> tuple[float, float]:
-    """(median FLOP/s, relative spread) of repeated windows of `matmul_flops_per_s`.
+                 min_samples: int = 3, max_samples: int = 9, with_count: bool = False) -> tuple:
+    """(median FLOP/s, relative spread[, windows taken]) of repeated windows of `matmul_flops_per_s`.
 
     Windows repeat, `min_samples` at least, until they agree within ±10% (see `spread`) or
     `max_samples` were taken: what a worker reports in `hello` as `flops_per_s` and `flops_spread`.
@@ -42,7 +42,8 @@ def matmul_flops(device: torch.device | str = "cpu", *, size: int = 384, window_
     samples = [_matmul_window(device, size, window_s, warm=True)]
     while len(samples) < min_samples or (spread(samples) > STABLE_SPREAD and len(samples) < max_samples):
         samples.append(_matmul_window(device, size, window_s, warm=False))
-    return statistics.median(samples), spread(samples)
+    figures = (statistics.median(samples), spread(samples))
+    return (*figures, len(samples)) if with_count else figures
 
 
 def _matmul_window(device: torch.device, size: int, min_time_s: float, *, warm: bool) -> float:
@@ -112,7 +113,7 @@ def measure_link(
     payload_bytes: int = 4 * 2**20,
     reps: int = 5,
     timeout_s: float = 10.0,
-    target_s: float = 0.1,
+    target_s: float = 0.06,
     emulate: tuple[float | None, float | None] | None = None,
     dilation: float = 1.0,
     min_samples: int = 3,
@@ -170,8 +171,7 @@ def _train_samples(socket: zmq.Socket, direction: str, payload_bytes: int, timeo
                    min_samples: int, max_samples: int) -> list[float]:
     """Bandwidth samples (bytes/s) of trains in one direction, until they agree or `max_samples` were taken."""
     chunk = min(64 * 2**10, payload_bytes)
-    _train(socket, direction, chunk, 2, timeout_s)  # warm-up: connection, buffers, a first estimate
-    estimate = _train(socket, direction, chunk, TRAIN_LENGTH, timeout_s)
+    estimate = _train(socket, direction, chunk, TRAIN_LENGTH, timeout_s)  # warm-up and a first estimate
     samples: list[float] = []
     while len(samples) < min_samples or (spread(samples) > STABLE_SPREAD and len(samples) < max_samples):
         chunk = int(min(max(estimate * target_s / TRAIN_LENGTH, 16 * 2**10), payload_bytes))

@@ -43,8 +43,8 @@ __all__ = [
     "COMMANDS", "COMMAND_KINDS", "REPLIES", "REPLY_KINDS", "FL_TRAIN", "FL_UPDATE",
     "Command", "Reply", "command_from", "reply_from",
     "Hello", "Ping", "Load", "Unload", "Renumber", "Allow", "Destination", "StageRoute", "Route",
-    "Profile", "Probe", "LinkChange", "Emulate", "Stats", "Drain", "FlTrain",
-    "Info", "Pong", "Ok", "Error", "Profiled", "Probed", "Figures", "FlUpdate",
+    "Profile", "Probe", "LinkChange", "Emulate", "Stats", "Drain", "FlTrain", "Benchmark",
+    "Info", "Pong", "Ok", "Error", "Profiled", "Probed", "Figures", "FlUpdate", "Benchmarked",
 ]
 
 FL_TRAIN = "fl-train"
@@ -362,6 +362,24 @@ class Probe(Command):
 
 
 @dataclass(frozen=True)
+class Benchmark(Command):
+    """Measure this worker's compute again: fp32 matmul windows of `window_s`, repeated until they agree."""
+
+    KIND: ClassVar[str] = "benchmark"
+    window_s: float = 0.1
+
+    def header(self) -> dict[str, Any]:
+        return {"window_s": self.window_s}
+
+    @classmethod
+    def parse(cls, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...]) -> Benchmark:
+        window = header.get("window_s", 0.1)
+        if isinstance(window, bool) or not isinstance(window, int | float) or not 0.001 <= window <= 5.0:
+            raise WorkerError("benchmark's 'window_s' must be a number of seconds in 0.001..5")
+        return cls(float(window))
+
+
+@dataclass(frozen=True)
 class LinkChange:
     """A change to one emulated outgoing link: None keeps that part as it is."""
 
@@ -557,6 +575,25 @@ class Probed(Reply):
 
 
 @dataclass(frozen=True)
+class Benchmarked(Reply):
+    """A worker's compute in device time: median FLOP/s of the windows, their relative spread and count."""
+
+    KIND: ClassVar[str] = "benchmarked"
+    flops_per_s: float
+    spread: float
+    samples: int
+
+    def header(self) -> dict[str, Any]:
+        return {"flops_per_s": self.flops_per_s, "spread": self.spread, "samples": self.samples}
+
+    @classmethod
+    def parse(cls, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...]) -> Benchmarked:
+        return cls(float(_number("benchmarked", "flops_per_s", header.get("flops_per_s")) or 0.0),
+                   float(_number("benchmarked", "spread", header.get("spread")) or 0.0),
+                   _int("benchmarked", "samples", header.get("samples", 1), low=1))
+
+
+@dataclass(frozen=True)
 class Figures(Reply):
     """A worker's running figures (the `stats` reply); stage keys are stage indices as strings."""
 
@@ -608,10 +645,10 @@ class FlUpdate(Reply):
 
 COMMANDS: dict[str, type[Command]] = {
     c.KIND: c for c in (Hello, Ping, Load, Unload, Renumber, Allow, Route, Profile, Probe, Emulate, Stats, Drain,
-                        FlTrain)
+                        FlTrain, Benchmark)
 }
 REPLIES: dict[str, type[Reply]] = {
-    r.KIND: r for r in (Info, Pong, Ok, Error, Profiled, Probed, Figures, FlUpdate)
+    r.KIND: r for r in (Info, Pong, Ok, Error, Profiled, Probed, Figures, FlUpdate, Benchmarked)
 }
 COMMAND_KINDS = frozenset(COMMANDS)
 REPLY_KINDS = frozenset(REPLIES)
