@@ -4,7 +4,8 @@ Three hosts, each behind its own access link shaped with `tc ... tbf` (200, 20 a
 each way), run real workers; the coordinator runs in this machine's namespace and reaches them
 over a bridge (`partita.testbed`). What the emulated tests cannot check, these do: that probes
 measure what the kernel enforces, that a plan made from probes is the same run to run, and that
-streams over real queues lose nothing when a link is cut or a worker is killed.
+streams over real queues lose nothing when a link is cut or a worker is killed. The devices are
+given by address alone: deploy and `partita cluster probe` measure their compute, memory and links.
 
 Skipped with the reason where network namespaces cannot be made (not root, no iproute2). Every
 namespace and process is removed at the end, also when a test fails.
@@ -12,10 +13,19 @@ namespace and process is removed at the end, also when a test fails.
 
 from __future__ import annotations
 
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from torch import nn
 
+from partita.cluster import ClusterSpec
+from partita.plan import plan
 from partita.runtime.coordinator import deploy
 from partita.runtime.supervisor import Supervision
 from partita.testbed import Host, WorkerTestbed, unavailable_reason
@@ -40,10 +50,9 @@ def example() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
+    """Devices by address alone (name, address, public_key): compute, memory and links are all measured."""
     hosts = [Host(name, mbit) for name, mbit in MBIT.items()]
-    # `default` is only the planner's prior: every link is probed at deploy.
-    with WorkerTestbed(hosts, tmp_path_factory.mktemp("realnet"), device_fields="compute: 10GFLOPS, memory: 1GiB",
-                       links="  default: {bandwidth: 1MB/s, latency: 1ms}\n") as cluster:
+    with WorkerTestbed(hosts, tmp_path_factory.mktemp("realnet")) as cluster:
         yield cluster
 
 
@@ -79,14 +88,24 @@ def three_deploys(real, graph):
     return runs
 
 
-def test_probes_measure_every_shaped_link_within_20_percent(three_deploys):
+ALL_LINKS = {frozenset(p) for p in [("client", "a"), ("client", "b"), ("client", "c"), ("a", "b"), ("a", "c"),
+                                    ("b", "c")]}
+
+
+def test_the_cluster_file_gives_devices_by_address_alone(real):
+    for device in yaml.safe_load(real.file.read_text())["devices"]:
+        assert set(device) == {"name", "address", "public_key"}
+
+
+def test_probes_measure_every_shaped_link_both_ways_within_20_percent(three_deploys):
     for links, _ in three_deploys:
-        assert {frozenset(pair) for pair in links} == {
-            frozenset(p) for p in [("client", "a"), ("client", "b"), ("client", "c"), ("a", "b"), ("a", "c"), ("b", "c")]
-        }
+        assert {frozenset(pair) for pair in links} == ALL_LINKS
         for (sender, receiver), link in links.items():
-            mbit = link.bandwidth_bytes_per_s * 8 / 1e6
-            assert 0.8 <= mbit / shaped_mbit(sender, receiver) <= 1.2, (sender, receiver, mbit)
+            a, b = sorted((sender, receiver))
+            for direction in ("bandwidth_a_to_b", "bandwidth_b_to_a"):
+                mbit = link.measured[direction] * 8 / 1e6
+                assert 0.8 <= mbit / shaped_mbit(a, b) <= 1.2, (a, b, direction, mbit)
+            assert link.basis == "measured"
             assert link.latency_s < 0.01  # no delay is added: the veth's own, well under a millisecond
 
 
@@ -94,6 +113,62 @@ def test_three_deploys_in_a_row_make_the_same_plan(three_deploys):
     placements = [placement for _, placement in three_deploys]
     assert placements[0] == placements[1] == placements[2]
     assert all("b" not in devices for devices, _, _ in placements[0])  # the 20 Mbit/s host is avoided
+
+
+def probe_cli(real, out: Path) -> dict:
+    done = subprocess.run([sys.executable, "-m", "partita.cli", "cluster", "probe", str(real.file), "--out", str(out),
+                           "--secret-key", str(real.coordinator_secret), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 1), done.stderr  # 1: written, but a figure was not stable within ±10%
+    return json.loads(done.stdout)
+
+
+def probe_here(real, out: Path) -> dict:
+    """What `probe_cli` does, in this process (no interpreter and torch to start): the JSON it prints."""
+    from partita.commands.cluster import probe_json
+    from partita.runtime.probe import probe_cluster
+
+    result = probe_cluster(real.file, secret_key=real.coordinator_secret)
+    result.cluster.to_yaml(out)
+    return probe_json(result, result.cluster, out, result.unstable)
+
+
+def test_cluster_probe_writes_a_measured_cluster_that_plans_the_same_three_times(real, graph, tmp_path):
+    """Three probes in a row: every link within 20% of its shaping both ways, and the same offline plan each time.
+
+    The first is the command (`partita cluster probe --json`), the other two its function.
+    """
+    placements = []
+    for run in range(3):
+        result = (probe_cli if run == 0 else probe_here)(real, tmp_path / f"measured-{run}.yaml")
+        assert {frozenset((r["from"], r["to"])) for r in result["links"]} == ALL_LINKS
+        for r in result["links"]:
+            for figure in ("bandwidth_bytes_per_s", "bandwidth_back_bytes_per_s"):
+                mbit = r[figure] * 8 / 1e6
+                assert 0.8 <= mbit / shaped_mbit(r["from"], r["to"]) <= 1.2, (r, figure)
+        print("probe", run, [(r["from"], r["to"], round(r["bandwidth_bytes_per_s"] * 8e-6, 1),
+                              round(r["bandwidth_back_bytes_per_s"] * 8e-6, 1), r["samples"]) for r in result["links"]],
+              "unstable:", result["unstable"])
+        measured = ClusterSpec.from_yaml(tmp_path / f"measured-{run}.yaml")  # a normal cluster file
+        assert all(d.basis_of("flops_per_s") == d.basis_of("memory_bytes") == "measured" for d in measured.devices)
+        chosen = plan(graph, measured)
+        assert chosen.basis == {"compute": "measured", "memory": "measured", "links": "measured"}
+        placements.append([(s.devices, s.start, s.end) for s in chosen.stages])
+    assert placements[0] == placements[1] == placements[2]
+    assert all("b" not in devices for devices, _, _ in placements[0])  # the 20 Mbit/s host is avoided
+
+
+def test_run_check_on_address_only_devices_is_close_and_exits_0(real, tmp_path):
+    source = tmp_path / "wide.py"
+    source.write_text(inspect.getsource(model).replace("def model()", "import torch\nfrom torch import nn\n\n\n"
+                                                       "def model()", 1))
+    done = subprocess.run([sys.executable, "-m", "partita.cli", "run", f"{source}:model", "--input-shape", "64,512",
+                           "--cluster", str(real.file), "--secret-key", str(real.coordinator_secret),
+                           "--requests", "10", "--check", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["delivered"] == 10 and result["outputs_close"] is True
+    assert result["plan"]["basis"] == {"compute": "measured", "memory": "measured", "links": "measured"}
 
 
 def stream(pipe, m: nn.Module, requests: int, *, at: int | None = None, change=None):

@@ -49,7 +49,7 @@ def probe(
     measured.to_yaml(out)
     unstable = result.unstable
     if as_json:
-        typer.echo(json.dumps(_json(result, measured, out, unstable), indent=2, default=str))
+        typer.echo(json.dumps(probe_json(result, measured, out, unstable), indent=2, default=str))
     else:
         _print(Console(), result, out, unstable)
     if unstable:
@@ -113,7 +113,8 @@ def _link_rows(result: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _json(result: Any, measured: Any, out: Path, unstable: list[str]) -> dict[str, Any]:
+def probe_json(result: Any, measured: Any, out: Path, unstable: list[str]) -> dict[str, Any]:
+    """What `--json` prints: each device's figures with basis and spread, each link both ways, what was unstable."""
     devices = {}
     for d in measured.devices:
         info = result.device_info.get(d.name, {})

@@ -124,7 +124,9 @@ def measure_link(
     RTT is the median of `reps` empty echoes; `latency_s` is half of it (the cost model's one-way
     latency). Bandwidth is measured with trains: several payloads sent back to back, so the pipe
     is full, timed by the spacing of their echoes (the first one's arrival is left out, which
-    takes the TCP ramp-up and the shaper's burst allowance out of the figure). Forward, the
+    takes the TCP ramp-up and the shaper's burst allowance out of the figure), or by the whole
+    train from its first send, whichever is slower (a late first timestamp on a busy host
+    squeezes the spacing). Forward, the
     payloads go to the peer and tiny echoes come back (`bandwidth_bytes_per_s`); backward, tiny
     requests ask for payload-sized replies (`bandwidth_back_bytes_per_s`). A train lasts about
     `target_s` (the payloads are sized from the previous estimate, each at most `payload_bytes`),
@@ -146,8 +148,10 @@ def measure_link(
         forward = _emulated_samples(socket, rtt_s, payload_bytes, timeout_s, target_s, shape, min_samples)
         backward = forward
     else:
-        forward = _train_samples(socket, "forward", payload_bytes, timeout_s, target_s, min_samples, max_samples)
-        backward = _train_samples(socket, "backward", payload_bytes, timeout_s, target_s, min_samples, max_samples)
+        forward = _train_samples(socket, "forward", payload_bytes, timeout_s, target_s, min_samples, max_samples,
+                                 rtt_s)
+        backward = _train_samples(socket, "backward", payload_bytes, timeout_s, target_s, min_samples, max_samples,
+                                  rtt_s)
     bandwidth, back = statistics.median(forward), statistics.median(backward)
     spreads = (spread(forward), spread(backward))
     return {
@@ -165,23 +169,25 @@ def measure_link(
 
 
 TRAIN_LENGTH = 6  # payloads per train: five spacings are timed
+MIN_CHUNK_BYTES = 32 * 2**10  # a train carries at least 192 KiB, several times a shaper's burst
 
 
 def _train_samples(socket: zmq.Socket, direction: str, payload_bytes: int, timeout_s: float, target_s: float,
-                   min_samples: int, max_samples: int) -> list[float]:
+                   min_samples: int, max_samples: int, rtt_s: float) -> list[float]:
     """Bandwidth samples (bytes/s) of trains in one direction, until they agree or `max_samples` were taken."""
-    chunk = min(64 * 2**10, payload_bytes)
-    estimate = _train(socket, direction, chunk, TRAIN_LENGTH, timeout_s)  # warm-up and a first estimate
+    chunk = min(16 * 2**10, payload_bytes)
+    estimate = _train(socket, direction, chunk, TRAIN_LENGTH, timeout_s, rtt_s)  # warm-up and a first estimate
     samples: list[float] = []
     while len(samples) < min_samples or (spread(samples) > STABLE_SPREAD and len(samples) < max_samples):
-        chunk = int(min(max(estimate * target_s / TRAIN_LENGTH, 16 * 2**10), payload_bytes))
-        estimate = _train(socket, direction, chunk, TRAIN_LENGTH, timeout_s)
+        chunk = int(min(max(estimate * target_s / TRAIN_LENGTH, MIN_CHUNK_BYTES), payload_bytes))
+        estimate = _train(socket, direction, chunk, TRAIN_LENGTH, timeout_s, rtt_s)
         samples.append(estimate)
     return samples
 
 
-def _train(socket: zmq.Socket, direction: str, chunk: int, length: int, timeout_s: float) -> float:
+def _train(socket: zmq.Socket, direction: str, chunk: int, length: int, timeout_s: float, rtt_s: float) -> float:
     """Bytes/s of one train of `length` payloads of `chunk` bytes, from the spacing of their arrivals."""
+    sent = time.perf_counter()
     if direction == "forward":
         blob = blob_tensor(bytes(chunk))
         for _ in range(length):
@@ -193,7 +199,12 @@ def _train(socket: zmq.Socket, direction: str, chunk: int, length: int, timeout_
     for _ in range(length):
         _receive_echo(socket, timeout_s)
         arrivals.append(time.perf_counter())
-    return chunk * (length - 1) / max(arrivals[-1] - arrivals[0], 1e-9)
+    # The spacing of the arrivals leaves out the ramp-up and the shaper's burst, but on a busy host
+    # a late first timestamp squeezes it; the whole train from its first send (one RTT and the
+    # burst in it) is not squeezed. The lower of the two is the figure.
+    spacing = chunk * (length - 1) / max(arrivals[-1] - arrivals[0], 1e-9)
+    whole = chunk * length / max(arrivals[-1] - sent - rtt_s, 1e-9)
+    return min(spacing, whole)
 
 
 def _emulated_samples(socket: zmq.Socket, rtt_s: float, payload_bytes: int, timeout_s: float, target_s: float,
