@@ -3,10 +3,12 @@
 The same testbed as tests/test_realnet.py (partita.testbed): hosts behind access links shaped with
 `tc ... tbf`, the coordinator in this machine's namespace. It prints:
 
-1. probe accuracy: every link probed `--probes` times; median against the kernel's shaping, and
-   the spread (max - min) / median of the probes;
-2. the plan those probes give (and whether every probe gave the same one), its predicted
-   throughput and latency against what a stream and single requests measure;
+1. probe accuracy: `partita cluster probe` run `--probes` times on devices given by address
+   alone; every link both ways against the kernel's shaping, the spread within a probe and run
+   to run; whether every measured file gives the same plan offline, and every deploy in a row
+   (each measuring for itself) the same plan;
+2. a plan from deploy's own probes: its predicted throughput and latency against what a stream
+   and single requests measure;
 3. a link cut mid-stream (the busiest used host's link to 1/10): every re-plan with its cause,
    and the measured switch time; requests lost and outputs checked;
 4. a worker killed mid-stream: time to detect and to resume (first result after the switch),
@@ -34,7 +36,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from partita.model import capture  # noqa: E402
-from partita.runtime.coordinator import deploy, measure  # noqa: E402
+from partita.plan import plan  # noqa: E402
+from partita.runtime.coordinator import deploy  # noqa: E402
+from partita.runtime.probe import probe_cluster  # noqa: E402
 from partita.runtime.supervisor import Supervision  # noqa: E402
 from partita.testbed import Host, WorkerTestbed, unavailable_reason  # noqa: E402
 
@@ -53,21 +57,47 @@ def shaped(sender: str, receiver: str) -> float:
 
 
 def probe_accuracy(bed: WorkerTestbed, graph, x, probes: int) -> dict:
-    samples: dict[tuple[str, str], list[float]] = {}
+    """`partita cluster probe` `probes` times on devices given by address alone; each measured file planned offline."""
+    samples: dict[tuple[str, str], dict[str, list[float]]] = {}
+    placements, unstable = [], []
+    for _ in range(probes):
+        result = probe_cluster(bed.file, secret_key=bed.coordinator_secret)
+        unstable.append(result.unstable)
+        for (prober, probed), link in result.links.items():
+            a, _ = sorted((prober, probed))
+            m = link.measured
+            forward, backward = (m["bandwidth_a_to_b"], m["bandwidth_b_to_a"]) if a == prober else \
+                (m["bandwidth_b_to_a"], m["bandwidth_a_to_b"])
+            entry = samples.setdefault((prober, probed), {"forward": [], "backward": [], "spread": [], "rtt": []})
+            entry["forward"].append(forward * 8 / 1e6)
+            entry["backward"].append(backward * 8 / 1e6)
+            entry["spread"].append(m["bandwidth_spread"])
+            entry["rtt"].append(m["rtt_s"])
+        chosen = plan(graph, result.cluster)
+        placements.append([(list(s.devices), s.start, s.end) for s in chosen.stages])
+    rows = []
+    for (sender, receiver), entry in sorted(samples.items()):
+        shaped_mbit = shaped(sender, receiver)
+        forward, backward = statistics.median(entry["forward"]), statistics.median(entry["backward"])
+        every = entry["forward"] + entry["backward"]
+        rows.append({"from": sender, "to": receiver, "shaped_mbit": shaped_mbit, "probed_mbit": forward,
+                     "probed_back_mbit": backward, "ratio": forward / shaped_mbit, "ratio_back": backward / shaped_mbit,
+                     "worst_ratio": max(every, key=lambda v: abs(v / shaped_mbit - 1)) / shaped_mbit,
+                     "spread": max(entry["spread"]), "rtt_ms": statistics.median(entry["rtt"]) * 1e3,
+                     "run_to_run": (max(every) - min(every)) / statistics.median(every)})
+    return {"links": rows, "placements": placements, "same_plan": all(p == placements[0] for p in placements),
+            "unstable": unstable}
+
+
+def deploy_stability(bed: WorkerTestbed, graph, x, deploys: int) -> dict:
+    """The plan of `deploys` deploys in a row, each measuring compute, memory and links itself."""
     placements = []
     with bed.connect() as cluster:
-        for _ in range(probes):
-            measured = measure(graph, (x,), cluster, probe_links=True)
-            for pair, link in measured.links.items():
-                samples.setdefault(pair, []).append(link.bandwidth_bytes_per_s * 8 / 1e6)
-            with deploy(model(), (x,), cluster, graph=graph, measurements=measured, supervise=False) as pipe:
+        for _ in range(deploys):
+            with deploy(model(), (x,), cluster, graph=graph, supervise=False) as pipe:
                 placements.append([(list(s.devices), s.start, s.end) for s in pipe.plan.stages])
-    rows = []
-    for (sender, receiver), mbits in sorted(samples.items()):
-        median = statistics.median(mbits)
-        rows.append({"from": sender, "to": receiver, "shaped_mbit": shaped(sender, receiver), "probed_mbit": median,
-                     "ratio": median / shaped(sender, receiver), "spread": (max(mbits) - min(mbits)) / median})
-    return {"links": rows, "placements": placements, "same_plan": all(p == placements[0] for p in placements)}
+                basis = dict(pipe.plan.basis or {})
+    return {"placements": placements, "same_plan": all(p == placements[0] for p in placements), "basis": basis}
 
 
 def stream(pipe, m, requests: int, actions: dict[int, callable]) -> dict:
@@ -157,12 +187,11 @@ def main() -> None:
     torch.set_num_threads(1)
     x = torch.randn(64, 512)
     graph = capture(model(), (x,))
-    with tempfile.TemporaryDirectory() as root, WorkerTestbed(
-        [Host(n, mbit) for n, mbit in MBIT.items()], Path(root),
-        device_fields="compute: 10GFLOPS, memory: 1GiB", links="  default: {bandwidth: 1MB/s, latency: 1ms}\n",
-    ) as bed:
+    # Devices by address alone: compute, memory and every link are measured.
+    with tempfile.TemporaryDirectory() as root, WorkerTestbed([Host(n, mbit) for n, mbit in MBIT.items()], Path(root)) as bed:
         result = {
             "probes": probe_accuracy(bed, graph, x, args.probes),
+            "deploys": deploy_stability(bed, graph, x, args.probes),
             "plan": predicted_vs_measured(bed, graph, x, args.requests),
             "link_cut": link_cut(bed, graph, x, args.requests),
             "kill": kill(bed, graph, x, args.requests // 2),
@@ -173,14 +202,22 @@ def main() -> None:
 
 
 def report(result: dict, args) -> None:
-    links = Table(title=f"probe accuracy ({args.probes} probes per link; shaping by tc tbf)")
-    for column in ("from", "to", "shaped Mbit/s", "probed Mbit/s", "probed / shaped", "spread"):
+    links = Table(title=f"probe accuracy (`partita cluster probe` {args.probes} times; shaping by tc tbf; "
+                        "medians of the probes)")
+    for column in ("from", "to", "shaped Mbit/s", "probed →", "probed ←", "→ / shaped", "← / shaped",
+                   "worst probe / shaped", "spread in a probe", "run to run", "RTT ms"):
         links.add_column(column, justify="left" if column in ("from", "to") else "right")
     for r in result["probes"]["links"]:
         links.add_row(r["from"], r["to"], f"{r['shaped_mbit']:.0f}", f"{r['probed_mbit']:.1f}",
-                      f"{r['ratio']:.2f}", f"{r['spread']:.1%}")
+                      f"{r['probed_back_mbit']:.1f}", f"{r['ratio']:.2f}", f"{r['ratio_back']:.2f}",
+                      f"{r['worst_ratio']:.2f}", f"±{r['spread']:.1%}", f"{r['run_to_run']:.1%}", f"{r['rtt_ms']:.2f}")
     console.print(links)
-    console.print(f"same plan on every probe: {result['probes']['same_plan']}")
+    unstable = [u for run in result["probes"]["unstable"] for u in run]
+    console.print(f"same offline plan from every probe: {result['probes']['same_plan']} "
+                  f"({result['probes']['placements'][0]}); not stable within ±10%: {unstable or 'nothing'}")
+    d = result["deploys"]
+    console.print(f"same plan on {len(d['placements'])} deploys in a row: {d['same_plan']} ({d['placements'][0]}; "
+                  f"basis {d['basis']})")
     p = result["plan"]
     plan = Table(title="the plan from the probes: predicted against measured")
     for column in ("figure", "predicted", "measured", "measured / predicted"):

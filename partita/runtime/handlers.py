@@ -13,6 +13,7 @@ the `DataPlane` (routes, allowed peers, emulated links). They never touch a sock
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ class ControlHandlers:
             "speed": self._executor.speed,
             "dilation": self._executor.dilation,
             "pid": os.getpid(),
+            "host": socket.gethostname(),  # workers on one machine share its cores: measure them one at a time
             "torch": torch.__version__,
             "version": _partita_version(),
             "threads": self._executor.threads,

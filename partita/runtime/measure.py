@@ -1,7 +1,8 @@
 """measure: time every segment of a captured model on every device of a cluster, then probe links.
 
 Workers on this host (a `LocalCluster`) share one host profile scaled by each device's emulated
-speed; a worker elsewhere times the segments itself (the `profile` command). Links the cluster
+speed; a worker elsewhere times the segments itself (the `profile` command): workers on different
+machines at once, workers that report the same machine (`host` in hello) one after another. Links the cluster
 does not declare (or all of them, on request) are probed: a worker probes its peers' data sockets
 (`probe`), the coordinator probes the source's links. Everything is in device time.
 """
@@ -144,8 +145,15 @@ def measure(
                 raise DeployError(f"worker {name} answered profile with {reply.KIND!r}")
             return name, reply.device_s
 
-        with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
-            times.update(dict(pool.map(profile, remote)))
+        def profile_machine(names: list[str]) -> list[tuple[str, tuple[float, ...]]]:
+            return [profile(name) for name in names]  # one at a time: they share the machine's cores
+
+        machines: dict[str, list[str]] = {}
+        for name in remote:
+            machines.setdefault(str(infos[name].get("host", name)), []).append(name)
+        with ThreadPoolExecutor(max_workers=max(1, len(machines))) as pool:
+            for timed in pool.map(profile_machine, machines.values()):
+                times.update(dict(timed))
         # After the profiles, one at a time: probes that overlap would share (and halve) the network.
         links = probe(session, links_to_probe(cluster, probe_links))
         return Measurements(times, host_s, infos, links)
