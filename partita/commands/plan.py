@@ -200,7 +200,7 @@ def basis_line(plan_value) -> str:
     from partita.plan import describe_basis
 
     words = {"declared": "declared in the cluster file", "catalog": "from the device catalog",
-             "measured": "measured", "mixed": "partly declared, partly measured", "none": "none used"}
+             "measured": "measured", "mixed": "mixed (figures of more than one basis)", "none": "none used"}
     basis = plan_value.basis or {}
     parts = [f"{kind} {words.get(value, value)}" for kind, value in basis.items()]
     hint = ""
