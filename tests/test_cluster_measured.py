@@ -162,3 +162,14 @@ def test_plan_json_and_text_name_the_basis(tmp_path, capsys):
 def test_spread_is_half_the_range_over_the_median_and_ignores_one_outlier_among_five():
     assert spread([9.0, 10.0, 11.0]) == pytest.approx(0.1)
     assert spread([10.0, 10.1, 9.9, 10.0, 30.0]) == pytest.approx(0.005)  # 9.9 and 30 left out
+
+
+def test_workers_on_the_same_hardware_share_the_median_of_their_times():
+    from partita.runtime.measure import pool_same_hardware
+
+    same = {"host": "box", "device_name": "cpu", "threads": 1, "speed": None}
+    infos = {"a": same, "b": same, "c": same, "gpu": {**same, "device_name": "cuda:0"}, "far": {**same, "host": "pi"}}
+    times = {"a": (1.0, 2.0), "b": (1.4, 2.6), "c": (0.9, 2.1), "gpu": (0.1, 0.1), "far": (5.0, 5.0)}
+    pooled = pool_same_hardware(times, infos)
+    assert pooled["a"] == pooled["b"] == pooled["c"] == (1.0, 2.1)  # per-segment medians: noise cannot rank them
+    assert pooled["gpu"] == (0.1, 0.1) and pooled["far"] == (5.0, 5.0)  # other hardware keeps its own figures

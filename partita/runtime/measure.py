@@ -2,13 +2,15 @@
 
 Workers on this host (a `LocalCluster`) share one host profile scaled by each device's emulated
 speed; a worker elsewhere times the segments itself (the `profile` command): workers on different
-machines at once, workers that report the same machine (`host` in hello) one after another. Links the cluster
+machines at once, workers that report the same machine (`host` in hello) one after another, and
+workers on the same hardware (machine, device, threads) get the median of their times. Links the cluster
 does not declare (or all of them, on request) are probed: a worker probes its peers' data sockets
 (`probe`), the coordinator probes the source's links. Everything is in device time.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -154,12 +156,42 @@ def measure(
         with ThreadPoolExecutor(max_workers=max(1, len(machines))) as pool:
             for timed in pool.map(profile_machine, machines.values()):
                 times.update(dict(timed))
+        times.update(pool_same_hardware({name: times[name] for name in remote}, infos))
         # After the profiles, one at a time: probes that overlap would share (and halve) the network.
         links = probe(session, links_to_probe(cluster, probe_links))
         return Measurements(times, host_s, infos, links)
     finally:
         if own:
             session.close()
+
+
+def same_hardware(infos: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """Groups of workers that run on the same hardware: one machine (`host`), device, threads and speed.
+
+    Their compute is the same, so what tells them apart in a measurement is only noise (on a busy
+    machine, a lot of it); groups of one are left out.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, info in infos.items():
+        if info.get("host") is None:
+            continue  # a worker that does not say where it runs is its own hardware
+        key = (info["host"], info.get("device_name"), info.get("threads"), info.get("speed"))
+        groups.setdefault(key, []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def pool_same_hardware(times: Mapping[str, tuple[float, ...]],
+                       infos: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[float, ...]]:
+    """Segment times of workers on the same hardware replaced by their per-segment median.
+
+    Without it, noise decides which of two equal devices looks faster, and a plan flips between
+    them from one deploy to the next.
+    """
+    out = dict(times)
+    for names in same_hardware({n: infos[n] for n in times}):
+        pooled = tuple(statistics.median(times[n][k] for n in names) for k in range(len(times[names[0]])))
+        out.update({n: pooled for n in names})
+    return out
 
 
 def links_to_probe(cluster: ClusterHandle, probe_links: bool | None) -> list[tuple[str, str]]:

@@ -2,7 +2,8 @@
 
 `probe_cluster` is what `partita cluster probe` runs: it says hello to every worker of a cluster
 file that has an address (memory: what it may use), has each measure its compute again, one
-worker at a time (fp32 matmul windows repeated until they agree within ±10%), then measures every link with a worker at either end, both ways (bandwidth and RTT,
+worker at a time (fp32 matmul windows repeated until they agree within ±10%; workers on the same
+hardware, one machine with the same device and threads, get the median of their figures), then measures every link with a worker at either end, both ways (bandwidth and RTT,
 trains repeated until they agree within ±10%; see `partita.runtime.profile.measure_link`), one
 link at a time. The result is a `ClusterSpec` with those figures marked `measured` (declared
 figures are kept) that `to_yaml` writes as a normal cluster file, so that `partita plan` and
@@ -12,6 +13,7 @@ figures are kept) that `to_yaml` writes as a normal cluster file, so that `parti
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +72,7 @@ def probe_cluster(
         remote_endpoints,
         spec_and_origin,
     )
-    from partita.runtime.measure import Measurements, probe
+    from partita.runtime.measure import Measurements, probe, same_hardware
     from partita.runtime.session import Session
 
     declared, origin = spec_and_origin(cluster)
@@ -91,6 +93,11 @@ def probe_cluster(
             if not isinstance(reply, Benchmarked):
                 raise DeployError(f"worker {name} answered benchmark with {reply.KIND!r}")
             infos[name].update(flops_per_s=reply.flops_per_s, flops_spread=reply.spread, flops_samples=reply.samples)
+        for names in same_hardware(infos):  # equal hardware: only noise tells their figures apart
+            flops = statistics.median(infos[n]["flops_per_s"] for n in names)
+            worst = max(infos[n]["flops_spread"] for n in names)
+            for n in names:
+                infos[n].update(flops_per_s=flops, flops_spread=worst, same_hardware_as=[m for m in names if m != n])
         nodes = [*remote_spec.names, *([] if declared.source in remote_spec.names else [declared.source])]
         pairs = [(b, a) if b == declared.source else (a, b) for i, a in enumerate(nodes) for b in nodes[i + 1:]]
         links: dict[tuple[str, str], LinkSpec] = {}
