@@ -169,6 +169,31 @@ def test_a_stage_that_only_moves_down_the_pipeline_is_renumbered_not_shipped(hea
         assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
 
 
+def test_a_stage_moved_back_to_a_device_that_held_it_ships_nothing(healthy, prepared):
+    """Workers cache archives by sha256: swapping two stages ships both, swapping them back ships 0 bytes."""
+    from types import SimpleNamespace
+
+    from partita.plan import predict
+
+    model, _, graph, measured = prepared
+    batches = [torch.randn(4, 64) for _ in range(10)]
+    spec = measured.cluster_spec(healthy.spec)
+    first = [("a", 0, 3), ("b", 3, 7)]
+    with start(healthy, prepared, stages=first) as pipe:
+        switcher = pipe.supervisor.switcher
+        swapped = predict(graph, spec, [("b", 0, 3), ("a", 3, 7)], segment_times_s=measured.segment_times_s)
+        switcher.switch(SimpleNamespace(plan=swapped))
+        assert switcher.last_shipped == (("a", 1), ("b", 0)) and switcher.last_shipped_bytes > 0
+        back = predict(graph, spec, first, segment_times_s=measured.segment_times_s)
+        after = switcher.switch(SimpleNamespace(plan=back))
+        assert switcher.last_shipped == (("a", 0), ("b", 1))  # both load a stage again ...
+        assert switcher.last_shipped_bytes == 0  # ... from their own caches: only digests travelled
+        assert held(after) == held(pipe.deployment) and after.programs[0].sha256 == switcher.library[(0, 3)].sha256
+        outputs = list(pipe.map(batches))
+    with torch.no_grad():
+        assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
+
+
 def test_a_worker_that_comes_back_joins_and_the_pipeline_replans_onto_it(healthy, prepared):
     model = prepared[0]
     with start(healthy, prepared) as pipe:
