@@ -20,6 +20,7 @@ every request sent until a device joins, fails with the planner's `PlanError`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
@@ -33,6 +34,7 @@ from partita.cluster import DeviceSpec
 from partita.errors import DeployError, PartitaError, PlanError, WorkerError
 from partita.plan.drift import DeltaMeans, DriftRule
 from partita.plan.replan import ReplanPolicy
+from partita.plan.switchcost import SwitchCost
 from partita.runtime.heartbeat import Heartbeat
 from partita.runtime.pipeline import Pipeline
 from partita.runtime.session import Session
@@ -50,7 +52,11 @@ class Supervision:
     stats_interval_s: how often workers' figures are read for drift (seconds). drift / joins: whether
     drift, and devices joining, may trigger re-plans (failures always do). min_gain, cooldown_s,
     rule: the policy's hysteresis (`ReplanPolicy`). link_floor_s: real seconds below which a link's
-    measured transfer time is noise (loopback scheduling), read as "as planned".
+    measured transfer time is noise (loopback scheduling), read as "as planned". switch_cost: how a
+    switch's cost is predicted and the horizon its gain must pay for it within (its `load_s` is
+    replaced by what loads measured, from the first deploy on). standby: pre-ship the archives the
+    failure plans would need onto the devices that would take them over
+    (`partita.runtime.standby`), so that a failover ships nothing.
     """
 
     detection_s: float = 2.0
@@ -61,6 +67,8 @@ class Supervision:
     cooldown_s: float = 10.0
     rule: DriftRule = field(default_factory=DriftRule)
     link_floor_s: float = 0.003
+    switch_cost: SwitchCost = field(default_factory=SwitchCost)
+    standby: bool = False
 
 
 class Supervisor:
@@ -76,7 +84,9 @@ class Supervisor:
         self.policy = ReplanPolicy(pipe.graph, pipe.measurements.cluster_spec(session.cluster.spec), pipe.plan,
                                    segment_times_s=pipe.measurements.segment_times_s, objective=objective,
                                    planner=planner, max_stages=max_stages, replicate=replicate, rule=config.rule,
-                                   min_gain=config.min_gain, cooldown_s=config.cooldown_s)
+                                   min_gain=config.min_gain, cooldown_s=config.cooldown_s,
+                                   switch_cost=config.switch_cost)
+        self._engine = engine
         self.events: list[dict[str, Any]] = []  # failures, joins, switches, halts (time.monotonic seconds)
         self._events_lock = threading.Lock()
         self._requests: queue.Queue[tuple[Any, Future]] = queue.Queue()
@@ -182,6 +192,7 @@ class Supervisor:
     def _decide(self, now: float) -> dict[str, Any] | None:
         """Ask the policy; carry out what it decides. Returns the completed re-plan record, if any."""
         while True:
+            self._tell_costs()
             try:
                 decision = self.policy.decide(now)
             except PlanError as exc:
@@ -194,16 +205,31 @@ class Supervisor:
                 self.switcher.switch(decision)
             except (WorkerError, DeployError) as exc:
                 if self._wait_for_failure(exc):
-                    self.policy.completed(decision, time.perf_counter() - started)
+                    self.policy.completed(decision, time.perf_counter() - started,
+                                          sum(self._engine.shipped_bytes.values()))
                     now = time.monotonic()
                     continue  # a device died during the switch: on_failure was called, decide again
                 self._halt(DeployError(f"the {decision.cause} re-plan could not be carried out: {exc}"))
                 return None
-            record = self.policy.completed(decision, time.perf_counter() - started)
+            record = self.policy.completed(decision, time.perf_counter() - started, self.switcher.last_shipped_bytes)
             self._log("switched", cause=decision.cause, epoch=self._pipe.deployment.epoch,
-                      switch_s=record.switch_s, shipped=list(self.switcher.last_shipped),
+                      switch_s=record.switch_s, predicted_switch_s=record.predicted_switch_s,
+                      shipped=list(self.switcher.last_shipped), shipped_bytes=record.shipped_bytes,
                       renumbered=list(self.switcher.last_renumbered))
             return record.to_dict()
+
+    def _tell_costs(self) -> None:
+        """Give the policy what switch costs depend on: measured load times, and what each device's cache holds."""
+        loads = self._engine.load_seconds
+        if loads:
+            load_s = sorted(loads)[len(loads) // 2]
+            if load_s != self.policy.switch_cost.load_s:
+                self.policy.switch_cost = dataclasses.replace(self.policy.switch_cost, load_s=load_s)
+        library = self.switcher.library
+        self.policy.note_cached({
+            device: [segments for segments, program in library.items() if program.sha256 in held]
+            for device, held in self._engine.archives.items()
+        })
 
     def _wait_for_failure(self, error: Exception) -> bool:
         """After a switch went wrong: True once the heartbeat names a failed device (at most ~1.5 detection times)."""

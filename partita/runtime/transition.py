@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -366,6 +367,7 @@ class TransitionEngine:
         # What each worker's archive cache holds, as far as this engine knows (a miss falls back to the bytes).
         self.archives: dict[str, set[str]] = {}
         self.shipped_bytes: dict[str, int] = {}  # archive bytes sent to each device by the last `apply`
+        self.load_seconds: list[float] = []  # recent loads: seconds besides moving the bytes (switch costs)
         self._host_s = tuple(host_segment_s) if host_segment_s is not None else None
         self._busy = busy or (lambda device: nullcontext())
         self._sink_socket: zmq.Socket | None = None
@@ -484,15 +486,25 @@ class TransitionEngine:
         sha = action.program.sha256
         stage_id = self._stage_id(action.stage)
         if action.cached:
+            started = time.perf_counter()
             reply = client.send(protocol.Load(stage_id, sha, None, memory_bytes=action.memory_bytes,
                                               reference_host_s=action.reference_host_s), timeout_s=SHIP_TIMEOUT_S)
             if not (isinstance(reply, protocol.Ok) and reply.fields.get("missing")):
+                self._loaded_in(time.perf_counter() - started)
                 return
         data = action.program.to_bytes()
+        started = time.perf_counter()
         client.send(protocol.Load(stage_id, sha, blob_tensor(data), memory_bytes=action.memory_bytes,
                                   reference_host_s=action.reference_host_s), timeout_s=SHIP_TIMEOUT_S)
+        elapsed = time.perf_counter() - started
         self.shipped_bytes[device] = self.shipped_bytes.get(device, 0) + len(data)
         self.archives.setdefault(device, set()).add(sha)
+        link = self.planned.link(self.planned.source, device) if device in self.planned.names else None
+        moving = 0.0 if link is None or math.isinf(link.bandwidth_bytes_per_s) else len(data) / link.bandwidth_bytes_per_s
+        self._loaded_in(elapsed - moving)
+
+    def _loaded_in(self, seconds: float) -> None:
+        self.load_seconds = [*self.load_seconds[-7:], max(0.0, seconds)]
 
     def stash(self, device: str, program: Any) -> int:
         """Put `program`'s archive into `device`'s cache ahead of need (standby); returns the bytes sent.
