@@ -120,7 +120,12 @@ def test_a_stream_with_nothing_changed_makes_no_switch(real, graph):
     assert [r for r in replans if r["switch_s"] is not None] == [], replans
 
 
-def test_a_link_cut_mid_stream_loses_nothing(real, graph):
+def blamed_links(replan: dict) -> list[set[str]]:
+    """The links a drift record blames, as sets of their two ends ("a-client bandwidth" -> {"a", "client"})."""
+    return [set(what.split()[0].split("-")) for what in replan["blamed"] if what.split()[1] in ("bandwidth", "latency")]
+
+
+def test_a_link_cut_mid_stream_loses_nothing_and_only_the_cut_link_is_blamed(real, graph):
     m = model()
     with real.connect() as cluster:
         with deploy(m, (example(),), cluster, graph=graph, probe_links=True,
@@ -133,9 +138,17 @@ def test_a_link_cut_mid_stream_loses_nothing(real, graph):
             finally:
                 real.testbed.shape(victim, uplink_mbit=MBIT[victim])
             replans = pipe.stats()["replans"]
-    print("link cut:", victim, [(r["cause"], r["switch_s"]) for r in replans])
+    print("link cut:", victim, [(r["cause"], r["switch_s"], r["predicted_switch_s"], r["blamed"]) for r in replans])
     assert delivered == 600 and exact
-    assert len([r for r in replans if r["switch_s"] is not None]) <= 2, replans
+    made = [r for r in replans if r["switch_s"] is not None]
+    assert len(made) <= 2, replans
+    for replan in made:
+        assert replan["cause"] == "drift" and replan["blamed"], replan
+        assert all(victim in ends for ends in blamed_links(replan)), replan  # no unchanged link is blamed
+        assert 0 < replan["predicted_switch_s"] < replan["gain_s"], replan  # it paid for itself, as predicted
+        # What it shipped is what it predicted: the weights, plus each archive's few KiB of graph.
+        predicted = replan["predicted_ship_bytes"]
+        assert predicted <= replan["shipped_bytes"] <= 1.1 * predicted + 2**16, replan
 
 
 def test_a_killed_worker_mid_stream_loses_nothing(real, graph):

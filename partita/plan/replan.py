@@ -257,6 +257,26 @@ class ReplanPolicy:
         self._joined_pending.append(spec.name)
         self._cluster = self._build_cluster()
 
+    def failure_plans(self) -> dict[str, Plan]:
+        """Per device of the running plan: the plan a failure of that device alone would switch to, on today's figures.
+
+        What `decide` returns after `on_failure([device])` if nothing else changes first, so a
+        runtime can ship those plans' stages ahead (standby). Devices whose loss leaves no plan
+        that fits are left out; {} while no plan runs.
+        """
+        if self._plan is None:
+            return {}
+        cluster, times = self._figures()
+        out = {}
+        for device in self._plan.devices:
+            if len(cluster.devices) < 2:
+                continue
+            try:
+                out[device] = self._plan_on(cluster.without(device), {k: v for k, v in times.items() if k != device})
+            except PlanError:
+                continue  # nothing to stand by for: that failure halts until a device joins
+        return out
+
     def note_cached(self, cached: Mapping[str, Iterable[tuple[int, int]]]) -> None:
         """The segment ranges [start, end) whose archives each device's cache holds (replaces what was noted)."""
         self._cached = {device: frozenset((int(a), int(b)) for a, b in ranges) for device, ranges in cached.items()}

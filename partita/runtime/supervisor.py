@@ -38,6 +38,7 @@ from partita.plan.switchcost import SwitchCost
 from partita.runtime.heartbeat import Heartbeat
 from partita.runtime.pipeline import Pipeline
 from partita.runtime.session import Session
+from partita.runtime.standby import Standby
 from partita.runtime.switch import Switcher
 from partita.runtime.transition import TransitionEngine
 
@@ -100,6 +101,10 @@ class Supervisor:
         self.heartbeat = Heartbeat(session.cluster.endpoints, session.keys, detection_s=config.detection_s).start()
         engine.watch_busy(self.heartbeat.busy)
         self.switcher = Switcher(pipe, engine)
+        self.standby: Standby | None = Standby(self.switcher, engine) if config.standby else None
+        self._standby_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partita-standby")
+        self._standby_round = 0
+        self._refresh_standby()
         self._thread = threading.Thread(target=self._run, name="partita-supervisor", daemon=True)
         self._thread.start()
 
@@ -122,6 +127,8 @@ class Supervisor:
             self._thread.join(30.0)
         self.heartbeat.stop()
         self._collector.shutdown(wait=True)
+        self._standby_round += 1  # a copy still travelling stops after it (Standby.ship checks)
+        self._standby_pool.shutdown(wait=True, cancel_futures=True)
 
     def _log(self, event: str, **fields: Any) -> None:
         with self._events_lock:
@@ -216,7 +223,27 @@ class Supervisor:
                       switch_s=record.switch_s, predicted_switch_s=record.predicted_switch_s,
                       shipped=list(self.switcher.last_shipped), shipped_bytes=record.shipped_bytes,
                       renumbered=list(self.switcher.last_renumbered))
+            self._refresh_standby()
             return record.to_dict()
+
+    def _refresh_standby(self) -> None:
+        """Ship the standby copies of the running plan's failure plans, in the standby thread (if standby is on)."""
+        if self.standby is None:
+            return
+        self._standby_round += 1
+        current = self._standby_round
+        standby = self.standby
+        copies = standby.prepare(self.policy.plan, self.policy.failure_plans())
+
+        def is_current() -> bool:
+            return current == self._standby_round and not self._stop.is_set()
+
+        def ship() -> None:
+            standby.ship(copies, is_current)
+            if is_current():
+                self._log("standby", **standby.state())
+
+        self._standby_pool.submit(ship)
 
     def _tell_costs(self) -> None:
         """Give the policy what switch costs depend on: measured load times, and what each device's cache holds."""

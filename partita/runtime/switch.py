@@ -24,6 +24,7 @@ pending request, and every later one until the next switch, with `error` (no pla
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Protocol
 
 from partita.errors import PartitaError
@@ -70,24 +71,31 @@ class Switcher:
         self.last_renumbered: tuple[tuple[str, int], ...] = ()  # (device, new stage) only renumbered
         self.last_shipped_bytes = 0  # archive bytes the last switch sent (0: everything came from caches)
         self.library: dict[tuple[int, int], Any] = {}  # every stage program made so far, by segments
+        self._library_lock = threading.Lock()
+        self._splitting = threading.Lock()  # one split at a time: the standby thread splits too
         self.remember(pipe.deployment.programs)
 
     def remember(self, programs: tuple[Any, ...]) -> None:
         """Keep these programs for later switches (the first of the same segments wins)."""
-        for program in programs:
-            self.library.setdefault((program.start, program.end), program)
+        with self._library_lock:
+            library = dict(self.library)
+            for program in programs:
+                library.setdefault((program.start, program.end), program)
+            self.library = library  # replaced, not edited: readers in other threads see a whole dict
 
     def programs_for(self, plan: Plan) -> tuple[Any, ...]:
         """The stage programs of `plan`: from the library where it has the segments, split otherwise."""
         from partita.model import split
 
         ranges = [(stage.start, stage.end) for stage in plan.stages]
-        if all(r in self.library for r in ranges):
-            known = [self.library[r] for r in ranges]
-            programs = tuple(p if p.index == i else p.renumbered(i) for i, p in enumerate(known))
-        else:
-            programs = reuse_programs(tuple(split(self.pipe.graph, plan.cuts())), self.library)
-        self.remember(programs)
+        with self._splitting:
+            library = self.library
+            if all(r in library for r in ranges):
+                known = [library[r] for r in ranges]
+                programs = tuple(p if p.index == i else p.renumbered(i) for i, p in enumerate(known))
+            else:
+                programs = reuse_programs(tuple(split(self.pipe.graph, plan.cuts())), library)
+            self.remember(programs)
         return programs
 
     def forget(self, device: str) -> None:

@@ -364,8 +364,10 @@ class TransitionEngine:
         self.sink = sink
         self.planned = planned
         self.held: dict[str, Holding] = {}
-        # What each worker's archive cache holds, as far as this engine knows (a miss falls back to the bytes).
-        self.archives: dict[str, set[str]] = {}
+        # What each worker's archive cache holds, as far as this engine knows (a miss falls back to the
+        # bytes). Replaced, never edited: the standby thread adds while the supervisor reads.
+        self.archives: dict[str, frozenset[str]] = {}
+        self._archives_lock = threading.Lock()
         self.shipped_bytes: dict[str, int] = {}  # archive bytes sent to each device by the last `apply`
         self.load_seconds: list[float] = []  # recent loads: seconds besides moving the bytes (switch costs)
         self._host_s = tuple(host_segment_s) if host_segment_s is not None else None
@@ -383,7 +385,8 @@ class TransitionEngine:
     def forget(self, device: str) -> None:
         """`device` restarted (or joined): it holds nothing."""
         self.held.pop(device, None)
-        self.archives.pop(device, None)
+        with self._archives_lock:
+            self.archives = {d: held for d, held in self.archives.items() if d != device}
 
     def network(self) -> Network:
         session, cluster = self.session, self.session.cluster
@@ -498,7 +501,7 @@ class TransitionEngine:
                                   reference_host_s=action.reference_host_s), timeout_s=SHIP_TIMEOUT_S)
         elapsed = time.perf_counter() - started
         self.shipped_bytes[device] = self.shipped_bytes.get(device, 0) + len(data)
-        self.archives.setdefault(device, set()).add(sha)
+        self._cached(device, sha)
         link = self.planned.link(self.planned.source, device) if device in self.planned.names else None
         moving = 0.0 if link is None or math.isinf(link.bandwidth_bytes_per_s) else len(data) / link.bandwidth_bytes_per_s
         self._loaded_in(elapsed - moving)
@@ -523,8 +526,12 @@ class TransitionEngine:
         except (WorkerError, KeyError) as exc:
             raise DeployError(f"could not stash an archive on {device}: {exc}") from None
         if isinstance(reply, protocol.Ok) and reply.fields.get("cached"):
-            self.archives.setdefault(device, set()).add(sha)
+            self._cached(device, sha)
         return len(data)
+
+    def _cached(self, device: str, sha: str) -> None:
+        with self._archives_lock:
+            self.archives = {**self.archives, device: self.archives.get(device, frozenset()) | {sha}}
 
     def release(self, *, timeout_s: float = 2.0) -> None:
         """Unload this deployment's stages and routes from every live worker (its pipeline closed).

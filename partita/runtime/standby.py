@@ -1,0 +1,98 @@
+"""Standby copies for fast failover: what each failure plan would ship, shipped ahead into the workers' caches.
+
+With `Supervision(standby=True)` (`partita run --standby`, `partita serve --standby`), after the
+first deploy and after every switch the supervisor asks its policy for the *failure plans*: for
+each device of the running plan, the plan a failure of that device alone would switch to
+(`ReplanPolicy.failure_plans`). `Standby.prepare` lists what those plans would load on each
+surviving device; `Standby.ship` (in a helper thread, so failures are still handled meanwhile)
+splits their stage programs into the switcher's library, so that a failover deploys the very
+same archives, and stashes each on the device that would take it over (`Stash`: into its archive
+cache, not loaded). When a device then fails and the figures have not moved, the failover's
+transition finds every archive in place: it ships digests only, no bytes, and splits nothing.
+
+The caches are bounded by the workers' memory (`partita.runtime.archives`): a device whose memory
+is spoken for keeps fewer copies, and a failover that misses ships what is missing, as without
+standby. Standby costs bytes on the links once per plan, and memory on the workers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from partita.errors import DeployError
+from partita.plan import Plan
+from partita.plan.diff import diff_plans
+
+
+@dataclass(frozen=True)
+class StandbyCopy:
+    """One archive to keep on `device`: the segments [start, end) of `plan` (the plan after `failed` fails)."""
+
+    failed: str
+    device: str
+    segments: tuple[int, int]
+    plan: Plan
+
+
+def copies_for(current: Plan, failure_plans: Mapping[str, Plan]) -> list[StandbyCopy]:
+    """What each failure plan would load on a surviving device (one copy per device and segments)."""
+    out: dict[tuple[str, tuple[int, int]], StandbyCopy] = {}
+    for failed, plan in sorted(failure_plans.items()):
+        for change in diff_plans(current, plan, gone=(failed,)).changes:
+            if change.action == "load" and change.new_segments is not None:
+                out.setdefault((change.device, change.new_segments),
+                               StandbyCopy(failed, change.device, change.new_segments, plan))
+    return list(out.values())
+
+
+class Standby:
+    """Ships the standby copies of one pipeline (see the module docstring). `state()` says what is in place."""
+
+    def __init__(self, switcher: Any, engine: Any) -> None:
+        self._switcher = switcher
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._state: dict[str, Any] = {"ready": False, "copies": [], "bytes": 0, "seconds": None, "error": None}
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the copies for the running plan are in place (or failed to be); True if so."""
+        return self._ready.wait(timeout_s)
+
+    def state(self) -> dict[str, Any]:
+        """ready, copies ([{"device", "segments", "for"}]), bytes sent, seconds taken, error (None: none)."""
+        with self._lock:
+            return {**self._state, "copies": list(self._state["copies"])}
+
+    def prepare(self, current: Plan | None, failure_plans: Mapping[str, Plan]) -> list[StandbyCopy]:
+        """The copies for `current`'s failure plans; marks the standby not ready until `ship` has run."""
+        self._ready.clear()
+        with self._lock:
+            self._state = {"ready": False, "copies": [], "bytes": 0, "seconds": None, "error": None}
+        return [] if current is None else copies_for(current, failure_plans)
+
+    def ship(self, copies: list[StandbyCopy], is_current: Any = lambda: True) -> None:
+        """Split and stash `copies`; stops early once `is_current()` is False (a newer plan took over)."""
+        started = time.perf_counter()
+        sent, placed, error = 0, [], None
+        try:
+            for copy in copies:
+                if not is_current():
+                    return  # the plan changed: its own standby follows
+                programs = self._switcher.programs_for(copy.plan)
+                program = next(p for p in programs if (p.start, p.end) == copy.segments)
+                sent += self._engine.stash(copy.device, program)
+                if program.sha256 in self._engine.archives.get(copy.device, ()):
+                    placed.append({"device": copy.device, "segments": list(copy.segments), "for": copy.failed})
+        except DeployError as exc:
+            error = str(exc)  # a device that cannot take its copy: the failover ships it then, as without standby
+        if not is_current():
+            return
+        with self._lock:
+            self._state = {"ready": error is None, "copies": placed, "bytes": sent,
+                           "seconds": time.perf_counter() - started, "error": error}
+        self._ready.set()
