@@ -151,12 +151,13 @@ def test_a_link_cut_mid_stream_loses_nothing_and_only_the_cut_link_is_blamed(rea
         assert predicted <= replan["shipped_bytes"] <= 1.1 * predicted + 2**16, replan
 
 
-def test_a_killed_worker_mid_stream_loses_nothing(real, graph):
+def test_a_killed_worker_mid_stream_loses_nothing_and_with_standby_ships_nothing(real, graph):
     m = model()
     try:
         with real.connect() as cluster:
             with deploy(m, (example(),), cluster, graph=graph, probe_links=True,
-                        supervise=Supervision(detection_s=1.0)) as pipe:
+                        supervise=Supervision(detection_s=1.0, standby=True)) as pipe:
+                assert pipe.supervisor.standby.wait(60.0), "the standby copies never arrived"
                 victim = pipe.plan.stages[0].devices[0]
                 exact, delivered = stream(pipe, m, 300, at=50, change=lambda: real.kill(victim))
                 replans = pipe.stats()["replans"]
@@ -165,4 +166,6 @@ def test_a_killed_worker_mid_stream_loses_nothing(real, graph):
         real.start(victim)  # later tests find the cluster whole again
         real.wait_ready(victim)
     assert delivered == 300 and exact
-    assert any(r["cause"] == "failure" for r in replans), replans
+    failures = [r for r in replans if r["cause"] == "failure"]
+    assert failures, replans
+    assert failures[0]["shipped_bytes"] == 0 and failures[0]["predicted_ship_bytes"] == 0, failures
