@@ -525,3 +525,12 @@ def test_a_kept_stage_that_moves_down_the_pipeline_is_reindexed_not_shipped():
     diff = diff_plans(old, new)
     assert diff.keep == ("b",) and diff.reindexed == ("b",) and diff.load == ("a", "c")
     assert diff.shipped_stages == (0, 1)
+
+
+def test_failure_plans_are_the_plans_a_failure_of_each_device_switches_to(cluster):
+    foreseen = ReplanPolicy(PROFILE, cluster, plan(PROFILE, cluster)).failure_plans()
+    assert set(foreseen) == set(plan(PROFILE, cluster).devices)
+    for device, expected in foreseen.items():
+        policy = ReplanPolicy(PROFILE, cluster, plan(PROFILE, cluster))
+        policy.on_failure([device], time_s=1.0)
+        assert policy.decide(1.0).plan == expected and device not in expected.devices

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -71,7 +72,36 @@ from partita.plan.records import CAUSES, Decision, Replan
 from partita.plan.switchcost import SwitchCost, SwitchEstimate, estimate_switch, gain_s
 from partita.plan.types import Plan
 
-__all__ = ["CAUSES", "Decision", "Replan", "ReplanPolicy"]
+__all__ = ["CAUSES", "Decision", "FailureScenarios", "Replan", "ReplanPolicy"]
+
+
+@dataclass(frozen=True)
+class FailureScenarios:
+    """The running plan and the figures believed when it was taken: enough to plan every single failure.
+
+    Immutable, so `plans()` (which calls the planner once per device and may take a while) can run
+    in another thread than the policy's.
+    """
+
+    profile: Any
+    current: Plan
+    cluster: ClusterSpec
+    segment_times_s: Mapping[str, tuple[float, ...]]
+    options: Mapping[str, Any]
+
+    def plans(self) -> dict[str, Plan]:
+        """Per device of `current`: the plan on the devices left (left out when none fits)."""
+        out = {}
+        for device in self.current.devices:
+            if len(self.cluster.devices) < 2:
+                continue
+            times = {k: v for k, v in self.segment_times_s.items() if k != device}
+            try:
+                out[device] = make_plan(self.profile, self.cluster.without(device), segment_times_s=times or None,
+                                        **self.options)
+            except PlanError:
+                continue  # nothing to stand by for: that failure halts until a device joins
+        return out
 
 
 class ReplanPolicy:
@@ -262,20 +292,18 @@ class ReplanPolicy:
 
         What `decide` returns after `on_failure([device])` if nothing else changes first, so a
         runtime can ship those plans' stages ahead (standby). Devices whose loss leaves no plan
-        that fits are left out; {} while no plan runs.
+        that fits are left out; {} while no plan runs. `failure_scenarios()` is the same, planned later.
         """
+        scenarios = self.failure_scenarios()
+        return {} if scenarios is None else scenarios.plans()
+
+    def failure_scenarios(self) -> FailureScenarios | None:
+        """A snapshot to compute `failure_plans()` from later, in any thread (None while no plan runs)."""
         if self._plan is None:
-            return {}
+            return None
         cluster, times = self._figures()
-        out = {}
-        for device in self._plan.devices:
-            if len(cluster.devices) < 2:
-                continue
-            try:
-                out[device] = self._plan_on(cluster.without(device), {k: v for k, v in times.items() if k != device})
-            except PlanError:
-                continue  # nothing to stand by for: that failure halts until a device joins
-        return out
+        return FailureScenarios(self._profile, self._plan, cluster, MappingProxyType(dict(times)),
+                                MappingProxyType(dict(self._options)))
 
     def note_cached(self, cached: Mapping[str, Iterable[tuple[int, int]]]) -> None:
         """The segment ranges [start, end) whose archives each device's cache holds (replaces what was noted)."""

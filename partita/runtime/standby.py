@@ -68,17 +68,20 @@ class Standby:
         with self._lock:
             return {**self._state, "copies": list(self._state["copies"])}
 
-    def prepare(self, current: Plan | None, failure_plans: Mapping[str, Plan]) -> list[StandbyCopy]:
-        """The copies for `current`'s failure plans; marks the standby not ready until `ship` has run."""
+    def reset(self) -> None:
+        """A new plan runs: the standby is not ready until `ship` has run for it."""
         self._ready.clear()
         with self._lock:
             self._state = {"ready": False, "copies": [], "bytes": 0, "seconds": None, "error": None}
-        return [] if current is None else copies_for(current, failure_plans)
 
-    def ship(self, copies: list[StandbyCopy], is_current: Any = lambda: True) -> None:
-        """Split and stash `copies`; stops early once `is_current()` is False (a newer plan took over)."""
+    def ship(self, scenarios: Any, is_current: Any = lambda: True) -> None:
+        """Plan every failure (`FailureScenarios`, None: no plan runs), then split and stash the copies.
+
+        Stops early once `is_current()` is False (a newer plan took over; its own standby follows).
+        """
         started = time.perf_counter()
         sent, placed, error = 0, [], None
+        copies = [] if scenarios is None else copies_for(scenarios.current, scenarios.plans())
         try:
             for copy in copies:
                 if not is_current():

@@ -233,13 +233,14 @@ class Supervisor:
         self._standby_round += 1
         current = self._standby_round
         standby = self.standby
-        copies = standby.prepare(self.policy.plan, self.policy.failure_plans())
+        standby.reset()
+        scenarios = self.policy.failure_scenarios()  # a snapshot: the planning runs in the standby thread
 
         def is_current() -> bool:
             return current == self._standby_round and not self._stop.is_set()
 
         def ship() -> None:
-            standby.ship(copies, is_current)
+            standby.ship(scenarios, is_current)
             if is_current():
                 self._log("standby", **standby.state())
 
