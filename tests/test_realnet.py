@@ -109,12 +109,15 @@ def stream(pipe, m: nn.Module, requests: int, *, at: int | None = None, change=N
     return exact, len(outputs)
 
 
-def test_a_stream_with_nothing_changed_makes_no_switch(real, graph):
+def test_a_stream_with_nothing_changed_makes_no_switch_even_while_standby_copies_travel(real, graph):
+    """The standby copies cross the links while the stream starts: their traffic is not taken for drift."""
     m = model()
     with real.connect() as cluster:
         with deploy(m, (example(),), cluster, graph=graph, probe_links=True,
-                    supervise=Supervision(detection_s=2.0)) as pipe:
+                    supervise=Supervision(detection_s=2.0, standby=True)) as pipe:
             exact, delivered = stream(pipe, m, 600)
+            standby = pipe.supervisor.standby
+            assert standby.wait(60.0) and standby.state()["bytes"] > 0  # copies travelled, from the deploy on
             replans = pipe.stats()["replans"]
     assert delivered == 600 and exact
     assert [r for r in replans if r["switch_s"] is not None] == [], replans

@@ -58,6 +58,8 @@ class Standby:
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._state: dict[str, Any] = {"ready": False, "copies": [], "bytes": 0, "seconds": None, "error": None}
+        self._shipping_since: float | None = None  # time.monotonic() while a ship runs
+        self._shipped_until = float("-inf")  # when the last ship ended
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Block until the copies for the running plan are in place (or failed to be); True if so."""
@@ -67,6 +69,13 @@ class Standby:
         """ready, copies ([{"device", "segments", "for"}]), bytes sent, seconds taken, error (None: none)."""
         with self._lock:
             return {**self._state, "copies": list(self._state["copies"])}
+
+    def shipped_during(self, start_s: float, end_s: float) -> bool:
+        """True if copies were being made or sent at any time in [start_s, end_s] (time.monotonic seconds)."""
+        since = self._shipping_since
+        if since is not None and since <= end_s:
+            return True
+        return self._shipped_until >= start_s
 
     def reset(self) -> None:
         """A new plan runs: the standby is not ready until `ship` has run for it."""
@@ -81,8 +90,9 @@ class Standby:
         """
         started = time.perf_counter()
         sent, placed, error = 0, [], None
-        copies = [] if scenarios is None else copies_for(scenarios.current, scenarios.plans())
+        self._shipping_since = time.monotonic()
         try:
+            copies = [] if scenarios is None else copies_for(scenarios.current, scenarios.plans())
             for copy in copies:
                 if not is_current():
                     return  # the plan changed: its own standby follows
@@ -93,6 +103,8 @@ class Standby:
                     placed.append({"device": copy.device, "segments": list(copy.segments), "for": copy.failed})
         except DeployError as exc:
             error = str(exc)  # a device that cannot take its copy: the failover ships it then, as without standby
+        finally:
+            self._shipped_until, self._shipping_since = time.monotonic(), None
         if not is_current():
             return
         with self._lock:

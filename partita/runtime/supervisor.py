@@ -10,6 +10,10 @@ module measures and carries out:
   request, link transfer time per message), turns them into per-interval means (`DeltaMeans`)
   and feeds `observe_stage` / `observe_transfer` (see `_observe`).
 * **joins** — `Pipeline.add_device(...)`, or a failed worker answering again at its address.
+* **standby** (`Supervision(standby=True)`) — after the deploy and after every switch, the failure
+  plans' stages are shipped ahead into the workers' archive caches (`partita.runtime.standby`);
+  figures read over an interval in which that happened only move the baselines on, so the
+  copies' own traffic is never taken for drift.
 
 A `Decision` is carried out by `partita.runtime.switch.Switcher.switch` (the transition from the
 running deployment to the new plan): the new stages are shipped only to devices whose stage
@@ -98,6 +102,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partita-figures")
         self._collecting: Future | None = None
+        self._interval_start = time.monotonic()  # when the figures read next began to accumulate
         self.heartbeat = Heartbeat(session.cluster.endpoints, session.keys, detection_s=config.detection_s).start()
         engine.watch_busy(self.heartbeat.busy)
         self.switcher = Switcher(pipe, engine)
@@ -164,23 +169,29 @@ class Supervisor:
     def _poll_figures(self, now: float, lost: list[str]) -> None:
         """Read workers' figures in a helper thread (a dead worker's call must not delay failure handling)."""
         if self._collecting is not None and self._collecting.done():
-            deployment, figures = self._collecting.result()
+            deployment, figures, read_at = self._collecting.result()
             self._collecting = None
             if not lost and deployment is self._pipe.deployment:  # figures of a replaced epoch are dropped
-                self._observe(deployment, figures, time.monotonic())
+                # Standby copies crossing the links (and their splitting using the CPU) would read as
+                # drift: the figures of an interval that overlapped them only update the baselines.
+                quiet = self.standby is None or not self.standby.shipped_during(self._interval_start, read_at)
+                self._observe(deployment, figures, time.monotonic(), feed=quiet)
+            self._interval_start = read_at
         if self._collecting is None and now >= self._next_stats:
             self._next_stats = now + self.config.stats_interval_s
             deployment = self._pipe.deployment
             self._collecting = self._collector.submit(self._collect, deployment)
 
-    def _collect(self, deployment: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
+    def _collect(self, deployment: Any) -> tuple[Any, dict[str, dict[str, Any]], float]:
+        """The workers' figures, and when reading them began (time.monotonic seconds)."""
+        read_at = time.monotonic()
         names = {d for devices in deployment.placement for d in devices}
         figures = {}
         for name in sorted(names):
             found = self._worker_stats(name)
             if found is not None:
                 figures[name] = found
-        return deployment, figures
+        return deployment, figures, read_at
 
     def _take_failures(self) -> list[str]:
         failures = self.heartbeat.take_failed()
@@ -302,8 +313,11 @@ class Supervisor:
         return tuple(t / speed for t in host_s)
 
     # -- drift ----------------------------------------------------------------------------------
-    def _observe(self, deployment: Any, workers: Mapping[str, Any], now: float) -> None:
-        """Feed the policy one interval's mean stage time per device and transfer time per link."""
+    def _observe(self, deployment: Any, workers: Mapping[str, Any], now: float, *, feed: bool = True) -> None:
+        """Feed the policy one interval's mean stage time per device and transfer time per link.
+
+        feed False: only move the per-interval baselines on (the interval's figures are not to be trusted).
+        """
         dilation = self._pipe.dilation
         source = self._cluster.spec.source
         in_bytes = {}
@@ -321,18 +335,18 @@ class Supervisor:
                 stage = figures.get("stages", {}).get(str(deployment.stage_id(index)))
                 if stage:
                     mean = self._interval_mean(("stage", device, deployment.epoch, index), stage)
-                    if mean is not None and mean > 0:
+                    if mean is not None and mean > 0 and feed:
                         self.policy.observe_stage(device, mean, time_s=now)
                 for sender, link in (figures.get("links_in") or {}).items():
                     nbytes = in_bytes.get((sender, device))
                     if nbytes:
-                        self._observe_link(sender, device, deployment.epoch, link, nbytes, dilation, now)
+                        self._observe_link(sender, device, deployment.epoch, link, nbytes, dilation, now, feed=feed)
 
     def _observe_link(self, a: str, b: str, epoch: int, link: Mapping[str, Any], nbytes: int, dilation: float,
-                      now: float) -> None:
+                      now: float, *, feed: bool = True) -> None:
         real_s = self._interval_mean(("link", a, b, epoch), {"requests": link.get("messages", 0),
                                                               "mean_device_s": link.get("mean_transfer_s", 0.0)})
-        if real_s is None:
+        if real_s is None or not feed:
             return
         planned = self.policy.cluster.link(a, b) if self.policy.cluster else None
         if planned is None:

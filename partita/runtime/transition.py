@@ -502,9 +502,16 @@ class TransitionEngine:
         elapsed = time.perf_counter() - started
         self.shipped_bytes[device] = self.shipped_bytes.get(device, 0) + len(data)
         self._cached(device, sha)
-        link = self.planned.link(self.planned.source, device) if device in self.planned.names else None
-        moving = 0.0 if link is None or math.isinf(link.bandwidth_bytes_per_s) else len(data) / link.bandwidth_bytes_per_s
-        self._loaded_in(elapsed - moving)
+        self._loaded_in(elapsed - self._moving_s(device, len(data)))
+
+    def _moving_s(self, device: str, nbytes: int) -> float:
+        """Seconds `nbytes` take to reach `device` over a real link (0 where links are emulated: archives
+        travel on the control socket, which the emulation does not shape)."""
+        source = self.planned.source
+        if device not in self.planned.names or link_setting(self.session.cluster, source, device).bandwidth_bytes_per_s:
+            return 0.0
+        bandwidth = self.planned.link(source, device).bandwidth_bytes_per_s
+        return 0.0 if math.isinf(bandwidth) else nbytes / bandwidth
 
     def _loaded_in(self, seconds: float) -> None:
         self.load_seconds = [*self.load_seconds[-7:], max(0.0, seconds)]
