@@ -30,22 +30,27 @@ from partita.plan.diff import diff_plans
 
 @dataclass(frozen=True)
 class StandbyCopy:
-    """One archive to keep on `device`: the segments [start, end) of `plan` (the plan after `failed` fails)."""
+    """One archive to keep on `device`: the segments [start, end) of `plan`, needed if any of `failed` fails."""
 
-    failed: str
+    failed: tuple[str, ...]
     device: str
     segments: tuple[int, int]
     plan: Plan
 
 
 def copies_for(current: Plan, failure_plans: Mapping[str, Plan]) -> list[StandbyCopy]:
-    """What each failure plan would load on a surviving device (one copy per device and segments)."""
+    """What the failure plans would load on surviving devices: one copy per device and segments."""
     out: dict[tuple[str, tuple[int, int]], StandbyCopy] = {}
     for failed, plan in sorted(failure_plans.items()):
         for change in diff_plans(current, plan, gone=(failed,)).changes:
-            if change.action == "load" and change.new_segments is not None:
-                out.setdefault((change.device, change.new_segments),
-                               StandbyCopy(failed, change.device, change.new_segments, plan))
+            if change.action != "load" or change.new_segments is None:
+                continue
+            key = (change.device, change.new_segments)
+            known = out.get(key)
+            if known is None:
+                out[key] = StandbyCopy((failed,), change.device, change.new_segments, plan)
+            else:  # the same archive serves several failures: one copy, split from the first plan
+                out[key] = StandbyCopy((*known.failed, failed), known.device, known.segments, known.plan)
     return list(out.values())
 
 
@@ -66,7 +71,8 @@ class Standby:
         return self._ready.wait(timeout_s)
 
     def state(self) -> dict[str, Any]:
-        """ready, copies ([{"device", "segments", "for"}]), bytes sent, seconds taken, error (None: none)."""
+        """ready, copies ([{"device", "segments", "for": the devices whose failure needs it}]), bytes sent,
+        seconds taken, error (None: none)."""
         with self._lock:
             return {**self._state, "copies": list(self._state["copies"])}
 
@@ -100,7 +106,7 @@ class Standby:
                 program = next(p for p in programs if (p.start, p.end) == copy.segments)
                 sent += self._engine.stash(copy.device, program)
                 if program.sha256 in self._engine.archives.get(copy.device, ()):
-                    placed.append({"device": copy.device, "segments": list(copy.segments), "for": copy.failed})
+                    placed.append({"device": copy.device, "segments": list(copy.segments), "for": list(copy.failed)})
         except DeployError as exc:
             error = str(exc)  # a device that cannot take its copy: the failover ships it then, as without standby
         finally:
