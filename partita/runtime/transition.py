@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from partita.plan import StagePlan
 
 SHIP_TIMEOUT_S = 300.0
+STASH_MIN_TIMEOUT_S = 10.0  # a standby copy may take 3x its bytes / the link's bandwidth on top of this
 COMMAND_TIMEOUT_S = 10.0
 
 _epochs = itertools.count(1)
@@ -526,10 +527,13 @@ class TransitionEngine:
         if sha in self.archives.get(device, ()):
             return 0
         data = program.to_bytes()
+        # Bounded by what the link should need: a device that dies meanwhile must not hold its
+        # client (and the supervisor's failure handling, which closes it) for SHIP_TIMEOUT_S.
+        bandwidth = self.planned.link(self.planned.source, device).bandwidth_bytes_per_s
+        timeout_s = min(SHIP_TIMEOUT_S, STASH_MIN_TIMEOUT_S + 3 * len(data) / bandwidth)
         try:
             with self._busy(device):
-                reply = self.session.clients[device].send(protocol.Stash(sha, blob_tensor(data)),
-                                                          timeout_s=SHIP_TIMEOUT_S)
+                reply = self.session.clients[device].send(protocol.Stash(sha, blob_tensor(data)), timeout_s=timeout_s)
         except (WorkerError, KeyError) as exc:
             raise DeployError(f"could not stash an archive on {device}: {exc}") from None
         if isinstance(reply, protocol.Ok) and reply.fields.get("cached"):
