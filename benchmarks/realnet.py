@@ -10,11 +10,14 @@ The same testbed as tests/test_realnet.py (partita.testbed): hosts behind access
 2. a plan from deploy's own probes: its predicted throughput and latency against what a stream
    and single requests measure;
 3. a link cut mid-stream (the busiest used host's link to 1/10): every re-plan with its cause,
-   and the measured switch time; requests lost and outputs checked;
-4. a worker killed mid-stream: time to detect and to resume (first result after the switch),
-   requests lost and outputs checked.
+   the figures it blamed, and its switch cost predicted against measured (seconds, bytes);
+   requests lost and outputs checked;
+4. a worker killed mid-stream, without and with `--standby` (`Supervision(standby=True)`): time
+   to detect, time to resume (from detection to the first result after the switch), the
+   failover's switch cost predicted against measured and the bytes it shipped; requests lost and
+   outputs checked.
 
-Run as root: `.venv/bin/python benchmarks/realnet.py` (about 2 minutes). Writes
+Run as root: `.venv/bin/python benchmarks/realnet.py` (about 3 minutes). Writes
 benchmarks/results/realnet.json. Exits with the reason where namespaces cannot be made.
 """
 
@@ -132,6 +135,14 @@ def predicted_vs_measured(bed: WorkerTestbed, graph, x, requests: int) -> dict:
                     "lost": run["lost"], "wrong": run["wrong"]}
 
 
+def switch_costs(replans: list[dict]) -> list[dict]:
+    """Each completed re-plan's switch: predicted against measured seconds and bytes, and why it was made."""
+    return [{"cause": r["cause"], "why": ", ".join(r["blamed"]) or ", ".join(r["devices_lost"]),
+             "predicted_s": r["predicted_switch_s"], "measured_s": r["switch_s"],
+             "predicted_bytes": r["predicted_ship_bytes"], "shipped_bytes": r["shipped_bytes"]}
+            for r in replans if r["switch_s"] is not None]
+
+
 def link_cut(bed: WorkerTestbed, graph, x, requests: int) -> dict:
     m = model()
     with bed.connect() as cluster:
@@ -150,13 +161,17 @@ def link_cut(bed: WorkerTestbed, graph, x, requests: int) -> dict:
                 bed.testbed.shape(victim, uplink_mbit=MBIT[victim])
             replans = pipe.stats()["replans"]
     return {"victim": victim, "replans": replans, "lost": run["lost"], "wrong": run["wrong"],
-            "switches": sum(r["switch_s"] is not None for r in replans)}
+            "switches": sum(r["switch_s"] is not None for r in replans), "costs": switch_costs(replans)}
 
 
-def kill(bed: WorkerTestbed, graph, x, requests: int) -> dict:
+def kill(bed: WorkerTestbed, graph, x, requests: int, *, standby: bool) -> dict:
     m = model()
     with bed.connect() as cluster:
-        with deploy(m, (x,), cluster, graph=graph, probe_links=True, supervise=Supervision(detection_s=1.0)) as pipe:
+        with deploy(m, (x,), cluster, graph=graph, probe_links=True,
+                    supervise=Supervision(detection_s=1.0, standby=standby)) as pipe:
+            if standby:
+                pipe.supervisor.standby.wait(120.0)
+            copies = pipe.supervisor.standby.state() if standby else None
             victim = pipe.plan.stages[0].devices[0]
             killed: list[float] = []
 
@@ -166,14 +181,17 @@ def kill(bed: WorkerTestbed, graph, x, requests: int) -> dict:
 
             run = stream(pipe, m, requests, {requests // 6: die})
             events = list(pipe.supervisor.events)
+            replans = pipe.stats()["replans"]
     bed.start(victim)
     bed.wait_ready(victim)
     failed = next((e["detected_at"] for e in events if e["event"] == "failed"), None)
     switched = next((e["at"] for e in events if e["event"] == "switched" and failed and e["at"] >= failed), None)
     first_after = next((t for t in run["times"] if switched and t >= switched), None)
-    return {"victim": victim, "lost": run["lost"], "wrong": run["wrong"],
+    return {"victim": victim, "standby": standby, "lost": run["lost"], "wrong": run["wrong"],
+            "standby_bytes": copies["bytes"] if copies else None,
             "detect_s": failed - killed[0] if failed and killed else None,
-            "resume_s": first_after - failed if first_after and failed else None}
+            "resume_s": first_after - failed if first_after and failed else None,
+            "costs": switch_costs([r for r in replans if r["cause"] == "failure"])}
 
 
 def main() -> None:
@@ -194,7 +212,8 @@ def main() -> None:
             "deploys": deploy_stability(bed, graph, x, args.probes),
             "plan": predicted_vs_measured(bed, graph, x, args.requests),
             "link_cut": link_cut(bed, graph, x, args.requests),
-            "kill": kill(bed, graph, x, args.requests // 2),
+            "kill": kill(bed, graph, x, args.requests // 2, standby=False),
+            "kill_standby": kill(bed, graph, x, args.requests // 2, standby=True),
         }
     report(result, args)
     RESULTS.parent.mkdir(exist_ok=True)
@@ -229,17 +248,34 @@ def report(result: dict, args) -> None:
     console.print(plan)
     console.print(p["plan"])
     faults = Table(title="faults on the real network")
-    for column in ("scenario", "lost", "wrong", "switches", "detect s", "resume / switch s"):
+    for column in ("scenario", "lost", "wrong", "switches", "detect s", "resume s"):
         faults.add_column(column, justify="left" if column == "scenario" else "right")
     cut = result["link_cut"]
-    switch_s = ", ".join(f"{r['switch_s']:.2f} ({r['cause']})" for r in cut["replans"] if r["switch_s"] is not None)
-    faults.add_row(f"{cut['victim']}'s link / 10", str(cut["lost"]), str(cut["wrong"]), str(cut["switches"]), "—",
-                   switch_s or "—")
-    k = result["kill"]
-    faults.add_row(f"kill {k['victim']}", str(k["lost"]), str(k["wrong"]), "1",
-                   f"{k['detect_s']:.2f}" if k["detect_s"] is not None else "—",
-                   f"{k['resume_s']:.2f}" if k["resume_s"] is not None else "—")
+    faults.add_row(f"{cut['victim']}'s link / 10", str(cut["lost"]), str(cut["wrong"]), str(cut["switches"]), "—", "—")
+    for k in (result["kill"], result["kill_standby"]):
+        faults.add_row(f"kill {k['victim']}" + (" (--standby)" if k["standby"] else ""), str(k["lost"]),
+                       str(k["wrong"]), str(len(k["costs"])), _s(k["detect_s"]), _s(k["resume_s"]))
     console.print(faults)
+    costs = Table(title="switch cost: predicted against measured")
+    for column in ("scenario", "cause", "why", "predicted s", "measured s", "measured / predicted",
+                   "predicted bytes", "shipped bytes"):
+        costs.add_column(column, justify="left" if column in ("scenario", "cause", "why") else "right")
+    scenarios = [(f"{cut['victim']}'s link / 10", cut)]
+    scenarios += [(f"kill {k['victim']}" + (" (--standby)" if k["standby"] else ""), k)
+                  for k in (result["kill"], result["kill_standby"])]
+    for label, scenario in scenarios:
+        for c in scenario["costs"]:
+            ratio = c["measured_s"] / c["predicted_s"] if c["predicted_s"] else None
+            costs.add_row(label, c["cause"], c["why"], _s(c["predicted_s"]), _s(c["measured_s"]),
+                          f"{ratio:.2f}" if ratio is not None else "—", f"{c['predicted_bytes']:,}",
+                          f"{c['shipped_bytes']:,}")
+    console.print(costs)
+    standby = result["kill_standby"]
+    console.print(f"--standby pre-shipped {standby['standby_bytes'] or 0:,} bytes before the kill", highlight=False)
+
+
+def _s(seconds: float | None) -> str:
+    return f"{seconds:.2f}" if seconds is not None else "—"
 
 
 if __name__ == "__main__":

@@ -60,22 +60,35 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _free_subnet() -> str:
+    """The first 10.213.x (x from 7) that no interface of this machine's namespace has an address in."""
+    shown = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    taken = {line.split()[3].rsplit(".", 1)[0] for line in shown.splitlines() if len(line.split()) > 3}
+    for third in range(7, 255):
+        if f"10.213.{third}" not in taken:
+            return f"10.213.{third}"
+    raise TestbedError("every 10.213.x/24 is in use on this machine; close another testbed first")
+
+
 class Testbed:
     """Hosts in network namespaces joined by a bridge; see the module docstring.
 
     `subnet` is the first three octets of the testbed's /24 (a private range that this machine
-    does not otherwise use). Host i gets address `{subnet}.{11 + i}`, the coordinator `{subnet}.1`.
+    does not otherwise use; None: the first 10.213.x/24, from 10.213.7, that no interface here
+    uses, so that several testbeds can run side by side). Host i gets address
+    `{subnet}.{11 + i}`, the coordinator `{subnet}.1`.
     """
 
     __test__ = False  # not a pytest class, despite the name
 
-    def __init__(self, hosts: list[Host], *, subnet: str = "10.213.7", prefix: str | None = None) -> None:
+    def __init__(self, hosts: list[Host], *, subnet: str | None = None, prefix: str | None = None) -> None:
         reason = unavailable_reason()
         if reason:
             raise TestbedError(f"cannot build a network testbed: {reason}")
         if len({h.name for h in hosts}) != len(hosts):
             raise TestbedError("testbed host names must be distinct")
         self.hosts = {h.name: h for h in hosts}
+        subnet = subnet or _free_subnet()
         self.subnet = subnet
         self.prefix = prefix or f"pt{os.getpid() % 100000}"
         self.hub = f"{self.prefix}-hub"

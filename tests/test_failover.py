@@ -115,6 +115,7 @@ def test_a_worker_killed_mid_stream_is_detected_replanned_and_every_request_deli
     assert failure["detected_at"] - killed_at <= DETECTION_S + pipe.supervisor.heartbeat.interval_s
     [replan] = stats["replans"]
     assert replan["cause"] == "failure" and replan["devices_lost"] == [victim]
+    assert replan["shipped_bytes"] > 0 and replan["predicted_switch_s"] > 0  # no standby: the stages travel now
     assert replan["old_period_s"] == pytest.approx(before.plan.period_s) and replan["switch_s"] > 0
     assert victim not in after.plan.devices and after.epoch > before.epoch
     [switched] = [e for e in events if e["event"] == "switched"]
@@ -167,6 +168,60 @@ def test_a_stage_that_only_moves_down_the_pipeline_is_renumbered_not_shipped(hea
         assert [s["requests"] for s in pipe.stats()["stages"]] == [20, 20, 20]
     with torch.no_grad():
         assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
+
+
+def test_a_stage_moved_back_to_a_device_that_held_it_ships_nothing(healthy, prepared):
+    """Workers cache archives by sha256: swapping two stages ships both, swapping them back ships 0 bytes."""
+    from types import SimpleNamespace
+
+    from partita.plan import predict
+
+    model, _, graph, measured = prepared
+    batches = [torch.randn(4, 64) for _ in range(10)]
+    spec = measured.cluster_spec(healthy.spec)
+    first = [("a", 0, 3), ("b", 3, 7)]
+    with start(healthy, prepared, stages=first) as pipe:
+        switcher = pipe.supervisor.switcher
+        swapped = predict(graph, spec, [("b", 0, 3), ("a", 3, 7)], segment_times_s=measured.segment_times_s)
+        switcher.switch(SimpleNamespace(plan=swapped))
+        assert switcher.last_shipped == (("a", 1), ("b", 0)) and switcher.last_shipped_bytes > 0
+        back = predict(graph, spec, first, segment_times_s=measured.segment_times_s)
+        after = switcher.switch(SimpleNamespace(plan=back))
+        assert switcher.last_shipped == (("a", 0), ("b", 1))  # both load a stage again ...
+        assert switcher.last_shipped_bytes == 0  # ... from their own caches: only digests travelled
+        assert held(after) == held(pipe.deployment) and after.programs[0].sha256 == switcher.library[(0, 3)].sha256
+        outputs = list(pipe.map(batches))
+    with torch.no_grad():
+        assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
+
+
+def test_with_standby_a_killed_worker_is_replaced_from_the_caches_shipping_nothing_and_losing_nothing(
+        healthy, prepared):
+    model, x, graph, measured = prepared
+    batches = [torch.randn(4, 64) for _ in range(120)]
+    supervision = Supervision(detection_s=DETECTION_S, drift=False, standby=True)
+    with deploy(model, (x,), healthy, graph=graph, measurements=measured, replicate=False,
+                supervise=supervision) as pipe:
+        standby = pipe.supervisor.standby
+        assert standby.wait(60.0) and standby.state()["ready"], standby.state()
+        victim = pipe.plan.stages[1].devices[0]
+        copied = standby.state()
+        # Every device that would take over a stage of the victim's failure plan holds its archive already.
+        assert copied["bytes"] > 0 and any(victim in c["for"] for c in copied["copies"]), copied
+        outputs = []
+        for i, y in enumerate(pipe.map(batches)):
+            outputs.append(y)
+            if i == 30:
+                kill(healthy, victim)
+        stats = pipe.stats()
+        switched = [e for e in pipe.supervisor.events if e["event"] == "switched"]
+    with torch.no_grad():
+        assert all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
+    assert len(outputs) == 120 and stats["failed"] == 0
+    [replan] = stats["replans"]
+    assert replan["cause"] == "failure" and replan["devices_lost"] == [victim]
+    assert switched[0]["shipped"], switched  # stages did move to other devices ...
+    assert replan["shipped_bytes"] == 0 and replan["predicted_ship_bytes"] == 0  # ... from their caches
 
 
 def test_a_worker_that_comes_back_joins_and_the_pipeline_replans_onto_it(healthy, prepared):

@@ -136,3 +136,17 @@ def test_the_ledger_counts_how_many_requests_were_in_flight_at_once():
         ledger.apply(Dispatched(r, epoch=1, at=0.0))
     ledger.apply(Delivered(0, 1, (), 1.0))
     assert ledger.max_in_flight == 4 and ledger.in_flight == 3
+
+
+def test_link_times_count_a_message_from_when_the_link_took_it_not_its_wait_in_the_queue():
+    from partita.runtime.flow import LinkTimes
+
+    times = LinkTimes()
+    for k in range(4):  # four messages enter a 10 ms-per-message link at once: they leave one after another
+        times.record("a", sent_at=0.0, now=0.010 * (k + 1))
+    assert times.get("a") == {"messages": 4, "mean_transfer_s": pytest.approx(0.010)}
+    times.record("b", sent_at=1.0, now=1.011)  # an idle link: latency + occupancy
+    times.record("b", sent_at=2.0, now=2.011)
+    assert times.figures()["b"]["mean_transfer_s"] == pytest.approx(0.011)
+    times.reset()
+    assert times.get("a") is None and times.figures() == {}

@@ -215,7 +215,7 @@ def test_partita_run_streams_checks_and_reports_json():
     done = subprocess.run(
         [sys.executable, "-m", "partita.cli", "run", "tests/test_pipeline.py:mlp", "--cluster",
          "examples/clusters/tiny-2.yaml", "--input-shape", "4,32", "--requests", "20", "--check", "--json",
-         "--detection", "1.5"],
+         "--detection", "1.5", "--standby"],
         cwd=root, capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -224,3 +224,4 @@ def test_partita_run_streams_checks_and_reports_json():
     assert report["outputs_match"] is True and report["max_abs_error"] == 0.0
     assert report["measured"]["throughput_rps"] > 0 and report["predicted"]["throughput_rps"] > 0
     assert {"plan", "stages", "replans", "measured", "predicted"} <= set(report)
+    assert {"ready", "copies", "bytes", "error"} <= set(report["standby"])  # --standby: the copies it pre-shipped

@@ -123,3 +123,9 @@ def test_run_refuses_a_detection_time_that_is_not_positive(capsys):
     code, _, err = run(capsys, "run", "resnet18", "--cluster", TINY, "--detection", "0")
     assert code == 2
     assert "--detection must be > 0 seconds" in err and "Traceback" not in err
+
+
+def test_run_refuses_standby_without_replanning(capsys):
+    code, _, err = run(capsys, "run", "resnet18", "--cluster", TINY, "--standby", "--no-replan")
+    assert code == 2
+    assert "--standby" in err and "--no-replan" in err and "Traceback" not in err

@@ -14,6 +14,7 @@ from partita.plan import Plan, StagePlan, plan, predict
 from partita.plan.diff import diff_plans
 from partita.plan.drift import DriftRule
 from partita.plan.replan import ReplanPolicy
+from partita.plan.switchcost import SwitchCost
 
 PROFILE = {
     "model": "toy",
@@ -205,22 +206,73 @@ def test_cooldown_delays_a_second_drift_switch(policy, cluster):
     assert decisions[1].replan.time_s >= decisions[0].replan.time_s + policy.cooldown_s
 
 
+def cut_link(policy: ReplanPolicy, device: str, *, seconds: float = 10.0) -> list:
+    """The client-`device` link drops from 1e8 to 1e6 bytes/s at t = 2 s; every decision made."""
+    decisions = []
+    for k in range(round(seconds / 0.1)):
+        t = k * 0.1
+        policy.observe_link("client", device, bandwidth_bytes_per_s=1e8 if t < 2 else 1e6, time_s=t)
+        decisions += [d for d in [policy.decide(t)] if d is not None]
+    return decisions
+
+
 def test_a_link_losing_bandwidth_replans_on_the_measured_link():
     cluster = make_cluster(speeds={"a": 2e10, "b": 2e10})
     pipeline = plan(PROFILE, cluster)
-    policy = ReplanPolicy(PROFILE, cluster, pipeline)
+    # A long horizon: the 60 MB the swap ships over the slowed link (a minute) pays for itself.
+    policy = ReplanPolicy(PROFILE, cluster, pipeline, switch_cost=SwitchCost(horizon_s=3600))
     first = pipeline.stages[0].devices[0]
-    decisions = []
-    for k in range(100):
-        t = k * 0.1
-        policy.observe_link("client", first, bandwidth_bytes_per_s=1e8 if t < 2 else 1e6, time_s=t)
-        decisions += [d for d in [policy.decide(t)] if d is not None]
+    decisions = cut_link(policy, first)
     assert len(decisions) == 1
     slow_link = decisions[0].cluster.link(first, "client")
     # A 100x drop: after the median flips and 10 EWMA halvings, within 1e8 / 2**11 of the new level.
     assert slow_link.bandwidth_bytes_per_s == pytest.approx(1e6, abs=1e8 / 2**11)
     expected = plan(PROFILE, cluster.with_link("client", first, slow_link))
     assert decisions[0].plan == expected
+    assert decisions[0].replan.blamed == (f"{first}-client bandwidth",)
+
+
+def test_a_switch_is_predicted_to_cost_shipping_loading_routing_and_the_replay():
+    cluster = make_cluster(speeds={"a": 2e10, "b": 2e10})
+    cost = SwitchCost(horizon_s=3600, load_s=0.3, load_bytes_per_s=1e9, route_s=0.02)
+    policy = ReplanPolicy(PROFILE, cluster, plan(PROFILE, cluster), switch_cost=cost)
+    [decision] = cut_link(policy, "a")
+    assert [(s.devices, s.start, s.end) for s in decision.plan.stages] == [(("b",), 0, 2), (("a",), 2, 4)]
+    record = decision.replan
+    weights = [s["param_bytes"] for s in PROFILE["segments"]]
+    to_a, to_b = sum(weights[2:4]), sum(weights[0:2])  # the stages swap: both devices load
+    bandwidth_a = decision.cluster.link("client", "a").bandwidth_bytes_per_s
+    ship_a = 0.001 + to_a / bandwidth_a + 0.3 + to_a / 1e9
+    ship_b = 0.001 + to_b / 1e8 + 0.3 + to_b / 1e9
+    assert record.predicted_ship_bytes == to_a + to_b
+    assert record.predicted_switch_s == pytest.approx(max(ship_a, ship_b) + 0.02 + decision.plan.latency_s)
+    assert record.gain_s == pytest.approx(3600 * (1 - decision.plan.period_s / record.old_period_s))
+    assert record.gain_s > record.predicted_switch_s and record.horizon_s == 3600
+    as_dict = record.to_dict()
+    assert as_dict["predicted_switch_s"] == record.predicted_switch_s and as_dict["switch_s"] is None
+    done = policy.completed(decision, 1.5, shipped_bytes=123)
+    assert done.to_dict()["switch_s"] == 1.5 and done.to_dict()["shipped_bytes"] == 123
+
+
+def test_a_switch_that_costs_more_than_it_saves_over_the_horizon_is_not_made():
+    """Swapping ships 60 MB over the slowed 1 MB/s link: a minute, more than 30 s of a shorter period saves."""
+    cluster = make_cluster(speeds={"a": 2e10, "b": 2e10})
+    policy = ReplanPolicy(PROFILE, cluster, plan(PROFILE, cluster))  # default horizon: 30 s
+    before = policy.plan.stages
+    assert cut_link(policy, "a") == []
+    assert policy.plan.stages == before and policy.history == ()
+    # The drift was looked at once and believed: the plan is re-predicted on the slow link.
+    assert policy.plan.period_s > 2 * plan(PROFILE, cluster).period_s
+
+
+def test_archives_the_devices_hold_ship_nothing_and_make_the_same_switch_pay():
+    """With both stages' archives in the devices' caches, the swap costs loading only: it is made."""
+    cluster = make_cluster(speeds={"a": 2e10, "b": 2e10})
+    policy = ReplanPolicy(PROFILE, cluster, plan(PROFILE, cluster))
+    policy.note_cached({"a": [(0, 2), (2, 4)], "b": [(0, 2), (2, 4)]})
+    [decision] = cut_link(policy, "a")
+    assert decision.replan.predicted_ship_bytes == 0
+    assert decision.replan.predicted_switch_s < 1.0 < decision.replan.gain_s
 
 
 def test_observe_transfer_reads_bandwidth_after_the_believed_latency(policy):
@@ -409,7 +461,11 @@ def test_completed_records_the_switch_time_and_lists_as_json(policy):
     listed = json.loads(json.dumps(policy.replans()))
     assert listed == [{"cause": "failure", "time_s": 2.5, "old_period_s": decision.replan.old_period_s,
                        "new_period_s": decision.plan.period_s, "switch_s": 0.75, "devices_lost": [lost],
-                       "devices_added": [], "reason": record.reason}]
+                       "devices_added": [], "reason": record.reason,
+                       "predicted_switch_s": record.predicted_switch_s,
+                       "predicted_ship_bytes": record.predicted_ship_bytes, "shipped_bytes": None,
+                       "gain_s": None, "horizon_s": 30.0, "blamed": []}]
+    assert record.predicted_switch_s > 0 and record.predicted_ship_bytes > 0  # a failure still has a cost
     json.dumps(decision.to_dict())
     with pytest.raises(PlanError, match="did not make"):
         ReplanPolicy(PROFILE, make_cluster(), plan(PROFILE, make_cluster())).completed(decision, 1.0)
@@ -469,3 +525,12 @@ def test_a_kept_stage_that_moves_down_the_pipeline_is_reindexed_not_shipped():
     diff = diff_plans(old, new)
     assert diff.keep == ("b",) and diff.reindexed == ("b",) and diff.load == ("a", "c")
     assert diff.shipped_stages == (0, 1)
+
+
+def test_failure_plans_are_the_plans_a_failure_of_each_device_switches_to(cluster):
+    foreseen = ReplanPolicy(PROFILE, cluster, plan(PROFILE, cluster)).failure_plans()
+    assert set(foreseen) == set(plan(PROFILE, cluster).devices)
+    for device, expected in foreseen.items():
+        policy = ReplanPolicy(PROFILE, cluster, plan(PROFILE, cluster))
+        policy.on_failure([device], time_s=1.0)
+        assert policy.decide(1.0).plan == expected and device not in expected.devices

@@ -54,12 +54,13 @@ def test_sigterm_answers_every_request_in_flight_then_stops_the_workers_it_start
     torch.set_num_threads(1)
     (tmp_path / "c.yaml").write_text(CLUSTER)
     process = _partita("serve", "tests/zoo.py:mlp", "--cluster", str(tmp_path / "c.yaml"), "--input-shape", "4,64",
-                       "--port", "0", "--max-batch", "4", "--batch-window-ms", "0", "--name", "mlp")
+                       "--port", "0", "--max-batch", "4", "--batch-window-ms", "0", "--name", "mlp", "--standby")
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
     reader.start()
     try:
         url = _wait_for_url(lines, process)
+        _wait_for_event(url, "standby")  # --standby pre-shipped the failure plans' stages
         workers = [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
         assert len(workers) >= 2
         inputs = [torch.randn(4, 64) for _ in range(64)]
@@ -87,6 +88,16 @@ def test_sigterm_answers_every_request_in_flight_then_stops_the_workers_it_start
     assert process.returncode == 0, "".join(lines)
     assert any("stopped: 64 request(s) answered, 0 failed" in line for line in lines), "".join(lines)
     assert not [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+def _wait_for_event(url: str, kind: str, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [e for e in httpx.get(url + "/api/state").json()["events"] if e["kind"] == kind]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no {kind!r} event in /api/state")
 
 
 def _wait_until_all_accepted(url: str, count: int, timeout_s: float = 120.0) -> None:

@@ -43,6 +43,9 @@ def run(
     replan: Annotated[
         bool, typer.Option("--replan/--no-replan", help="Re-plan on failures, joins and drift (--no-replan: keep the plan).")
     ] = True,
+    standby: Annotated[
+        bool, typer.Option("--standby", help="Pre-ship the stages each failure plan needs, so a failover ships nothing.")
+    ] = False,
 ) -> None:
     """Deploy MODEL on the cluster, stream requests through it, and show measured against predicted figures."""
     import torch
@@ -59,7 +62,10 @@ def run(
         keys.insecure_already_reported()  # one warning, not one per socket
     if not detection > 0:
         raise typer.BadParameter(f"--detection must be > 0 seconds, got {detection!r}", param_hint="--detection")
-    supervise = Supervision(detection_s=detection) if replan else False
+    if standby and not replan:
+        raise typer.BadParameter("--standby prepares re-plans after failures; it cannot go with --no-replan",
+                                 param_hint="--standby")
+    supervise = Supervision(detection_s=detection, standby=standby) if replan else False
     shapes = parse_input_shapes(input_shape)
     module = load_ref(model)
     torch.manual_seed(0)
@@ -129,6 +135,7 @@ def deploy_and_stream(
             except Exception as exc:  # noqa: BLE001 - a failed request is reported below, not a crash
                 console.print(f"[red]streaming stopped: {exc}[/]")
         stats = pipe.stats()
+        standby = pipe.supervisor.standby.state() if pipe.supervisor and pipe.supervisor.standby else None
     finally:
         pipe.close()
     measured = dict(stats["measured"])
@@ -143,6 +150,7 @@ def deploy_and_stream(
         "stages": stats["stages"],
         "links": stats["links"],
         "replans": stats["replans"],
+        "standby": standby,
         "dilation": pipe.dilation,
         "deploy_s": deploy_s,
         "deploy_timings": pipe.deploy_timings,
@@ -281,7 +289,7 @@ def print_report(console: Any, result: dict[str, Any]) -> None:
         stages.add_row(str(s["index"]), ", ".join(s["devices"]), f"[{s['segments'][0]}, {s['segments'][1]})",
                        _ms(s["predicted_compute_s"]), _ms(s["measured_compute_s"]),
                        _ratio(s["measured_compute_s"], s["predicted_compute_s"]))
-    links = Table(title="links (transfer per message: latency + bytes / bandwidth; measured includes queueing)")
+    links = Table(title="links (transfer per message: latency + bytes / bandwidth; measured from when the link took it)")
     for column in ("from", "to", "bytes", "predicted", "measured", "ratio"):
         links.add_column(column, justify="left" if column in ("from", "to") else "right")
     for link in result["links"]:
@@ -306,6 +314,21 @@ def print_report(console: Any, result: dict[str, Any]) -> None:
     if basis:
         console.print("prediction basis: " + "; ".join(f"{kind} {value}" for kind, value in basis.items()),
                       highlight=False)
+    if result.get("replans"):
+        replans = Table(title="re-plans (switch cost: predicted against measured, seconds)")
+        for column in ("cause", "why", "predicted", "measured", "bytes shipped"):
+            replans.add_column(column, justify="left" if column in ("cause", "why") else "right")
+        for r in result["replans"]:
+            why = ", ".join(r.get("blamed") or []) or ", ".join(r["devices_lost"] or r["devices_added"])
+            predicted, measured = r.get("predicted_switch_s"), r.get("switch_s")
+            replans.add_row(r["cause"], why, f"{predicted:.2f}" if predicted is not None else "—",
+                            f"{measured:.2f}" if measured is not None else "—",
+                            f"{r['shipped_bytes']:,}" if r.get("shipped_bytes") is not None else "—")
+        console.print(replans)
+    standby = result.get("standby")
+    if standby:
+        console.print(f"standby: {len(standby['copies'])} stage archive(s) pre-shipped ({standby['bytes']:,} bytes)"
+                      + (f"; {standby['error']}" if standby.get("error") else ""), highlight=False)
     if result.get("dilation", 1.0) != 1.0:
         console.print(f"emulated world dilated {result['dilation']:.2f}x; all figures in device time", style="dim")
 

@@ -43,6 +43,9 @@ def serve(
     detection: Annotated[
         float, typer.Option("--detection", help="Seconds of silence after which a worker is failed and re-planned around.")
     ] = 2.0,
+    standby: Annotated[
+        bool, typer.Option("--standby", help="Pre-ship the stages each failure plan needs, so a failover ships nothing.")
+    ] = False,
 ) -> None:
     """Serve MODEL over HTTP (Open Inference Protocol v2) on the cluster, with dynamic batching and a dashboard."""
     require_serve_extra()
@@ -73,7 +76,7 @@ def serve(
         with console.status(f"deploying {options.name} for batches of {max_batch}…", spinner="dots"):
             pipe, signature = deploy_for_serving(
                 module, shapes, handle, max_rows=max_batch, objective=objective, planner=planner, codec=codec,
-                supervise=Supervision(detection_s=detection),
+                supervise=Supervision(detection_s=detection, standby=standby),
             )
         try:
             service = Service(pipe, signature, handle.spec, options,

@@ -29,6 +29,16 @@ class Replan:
     that left too little memory); new_period_s: the new plan's. switch_s: how long the switch took
     (filled in by the runtime via `ReplanPolicy.completed`; None until then). reason: one line
     for people.
+
+    predicted_switch_s: what the switch was predicted to cost, in seconds (shipping the archives
+    the devices do not hold over the source's links, loading them, routing, replaying the requests
+    in flight: `partita.plan.switchcost`), beside the measured `switch_s` (which covers shipping,
+    loading, routing and re-sending, not the replayed requests' own run). predicted_ship_bytes: the
+    archive bytes it was predicted to send; shipped_bytes: those sent (None until completed).
+    gain_s: the seconds of work the new plan was predicted to save over `horizon_s` (a drift or join
+    switch is made only when gain_s > predicted_switch_s; a failure switch always is, and its gain is
+    None). blamed: what drifted, one "what figure" per figure (e.g. "a-client bandwidth"); empty for
+    failures and joins.
     """
 
     cause: str
@@ -39,9 +49,16 @@ class Replan:
     devices_lost: tuple[str, ...] = ()
     devices_added: tuple[str, ...] = ()
     reason: str = ""
+    predicted_switch_s: float | None = None
+    predicted_ship_bytes: int | None = None
+    shipped_bytes: int | None = None
+    gain_s: float | None = None
+    horizon_s: float | None = None
+    blamed: tuple[str, ...] = ()
 
-    def completed(self, switch_s: float) -> Replan:
-        return dataclasses.replace(self, switch_s=float(switch_s))
+    def completed(self, switch_s: float, shipped_bytes: int | None = None) -> Replan:
+        return dataclasses.replace(self, switch_s=float(switch_s),
+                                   shipped_bytes=None if shipped_bytes is None else int(shipped_bytes))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +70,12 @@ class Replan:
             "devices_lost": list(self.devices_lost),
             "devices_added": list(self.devices_added),
             "reason": self.reason,
+            "predicted_switch_s": self.predicted_switch_s,
+            "predicted_ship_bytes": self.predicted_ship_bytes,
+            "shipped_bytes": self.shipped_bytes,
+            "gain_s": self.gain_s,
+            "horizon_s": self.horizon_s,
+            "blamed": list(self.blamed),
         }
 
 

@@ -23,9 +23,16 @@ record = policy.completed(decision, switch_s=1.3)                 # -> Pipeline.
 3. drift: some measured figure has *sustained* drift (see `partita.plan.drift`) and the last switch
    is at least `cooldown_s` old -> plan on the updated figures, and switch only if the candidate's
    predicted period beats the current plan's period *re-predicted on the same updated figures* by
-   at least `min_gain` (0.1: 10% shorter). Either way the drifted figures become the believed ones,
-   so the same drift is not acted on twice: a sustained change leads to one check, and an
-   oscillation inside the hysteresis band leads to none.
+   at least `min_gain` (0.1: 10% shorter) *and* the switch pays for itself: the work it saves over
+   `switch_cost.horizon_s` exceeds its predicted cost (shipping the archives the devices do not
+   hold, loading, routing, replaying; `partita.plan.switchcost`). Either way the drifted figures
+   become the believed ones, so the same drift is not acted on twice: a sustained change leads to
+   one check, and an oscillation inside the hysteresis band leads to none.
+
+Every switch's record carries its predicted cost (`predicted_switch_s`, `predicted_ship_bytes`),
+the predicted gain over the horizon and, for drift, the figures blamed. The runtime tells the
+policy which segment ranges each device's archive cache holds (`note_cached`), so a stage moving
+back to a device that held it is predicted to ship nothing.
 
 Everything is pure and deterministic: time comes in as arguments (any monotonic clock, seconds),
 no I/O, no threads. `decide` assumes the runtime carries out what it returns; if it cannot
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -61,9 +69,39 @@ from partita.plan.drift import (
 )
 from partita.plan.profile import load_profile
 from partita.plan.records import CAUSES, Decision, Replan
+from partita.plan.switchcost import SwitchCost, SwitchEstimate, estimate_switch, gain_s
 from partita.plan.types import Plan
 
-__all__ = ["CAUSES", "Decision", "Replan", "ReplanPolicy"]
+__all__ = ["CAUSES", "Decision", "FailureScenarios", "Replan", "ReplanPolicy"]
+
+
+@dataclass(frozen=True)
+class FailureScenarios:
+    """The running plan and the figures believed when it was taken: enough to plan every single failure.
+
+    Immutable, so `plans()` (which calls the planner once per device and may take a while) can run
+    in another thread than the policy's.
+    """
+
+    profile: Any
+    current: Plan
+    cluster: ClusterSpec
+    segment_times_s: Mapping[str, tuple[float, ...]]
+    options: Mapping[str, Any]
+
+    def plans(self) -> dict[str, Plan]:
+        """Per device of `current`: the plan on the devices left (left out when none fits)."""
+        out = {}
+        for device in self.current.devices:
+            if len(self.cluster.devices) < 2:
+                continue
+            times = {k: v for k, v in self.segment_times_s.items() if k != device}
+            try:
+                out[device] = make_plan(self.profile, self.cluster.without(device), segment_times_s=times or None,
+                                        **self.options)
+            except PlanError:
+                continue  # nothing to stand by for: that failure halts until a device joins
+        return out
 
 
 class ReplanPolicy:
@@ -74,14 +112,15 @@ class ReplanPolicy:
     (None: flops / flops_per_s). objective / planner / max_stages / replicate: what re-plans use
     (objective None: the current plan's). rule: when a figure has drifted. min_gain: the smallest
     relative improvement worth a switch (0.1 = the new period is at most 90% of the old).
-    cooldown_s: no drift switch sooner than this after any switch.
+    cooldown_s: no drift switch sooner than this after any switch. switch_cost: how a switch's cost
+    is predicted and over which horizon its gain must pay for it (`partita.plan.switchcost`).
     """
 
     def __init__(self, profile: Any, cluster: ClusterSpec, current: Plan, *,
                  segment_times_s: Mapping[str, Sequence[float]] | None = None,
                  objective: str | None = None, planner: str = "optimal", max_stages: int | None = None,
                  replicate: bool = True, rule: DriftRule = DriftRule(), min_gain: float = 0.1,
-                 cooldown_s: float = 10.0) -> None:
+                 cooldown_s: float = 10.0, switch_cost: SwitchCost = SwitchCost()) -> None:
         if not (0.0 <= min_gain < 1.0):
             raise PlanError(f"min_gain must be in [0, 1), got {min_gain!r}")
         if not (math.isfinite(cooldown_s) and cooldown_s >= 0):
@@ -96,6 +135,8 @@ class ReplanPolicy:
         self.rule = rule
         self.min_gain = float(min_gain)
         self.cooldown_s = float(cooldown_s)
+        self.switch_cost = switch_cost
+        self._cached: dict[str, frozenset[tuple[int, int]]] = {}
         self._source, self._default_link = cluster.source, cluster.default_link
         self._known = {d.name: d for d in cluster.devices}  # every device ever seen, in first-seen order
         self._links = dict(cluster.pair_links)  # as given (and for joined devices), never measured values
@@ -246,16 +287,38 @@ class ReplanPolicy:
         self._joined_pending.append(spec.name)
         self._cluster = self._build_cluster()
 
+    def failure_plans(self) -> dict[str, Plan]:
+        """Per device of the running plan: the plan a failure of that device alone would switch to, on today's figures.
+
+        What `decide` returns after `on_failure([device])` if nothing else changes first, so a
+        runtime can ship those plans' stages ahead (standby). Devices whose loss leaves no plan
+        that fits are left out; {} while no plan runs. `failure_scenarios()` is the same, planned later.
+        """
+        scenarios = self.failure_scenarios()
+        return {} if scenarios is None else scenarios.plans()
+
+    def failure_scenarios(self) -> FailureScenarios | None:
+        """A snapshot to compute `failure_plans()` from later, in any thread (None while no plan runs)."""
+        if self._plan is None:
+            return None
+        cluster, times = self._figures()
+        return FailureScenarios(self._profile, self._plan, cluster, MappingProxyType(dict(times)),
+                                MappingProxyType(dict(self._options)))
+
+    def note_cached(self, cached: Mapping[str, Iterable[tuple[int, int]]]) -> None:
+        """The segment ranges [start, end) whose archives each device's cache holds (replaces what was noted)."""
+        self._cached = {device: frozenset((int(a), int(b)) for a, b in ranges) for device, ranges in cached.items()}
+
     # -- decisions -------------------------------------------------------------------------------
     def decide(self, now_s: float) -> Decision | None:
         """The next re-plan to carry out, or None (see the module docstring for the chain)."""
         return self._after_failure(now_s) or self._after_join(now_s) or self._after_drift(now_s)
 
-    def completed(self, decision: Decision, switch_s: float) -> Replan:
-        """The runtime finished carrying out `decision` in `switch_s` seconds; returns the completed record."""
+    def completed(self, decision: Decision, switch_s: float, shipped_bytes: int | None = None) -> Replan:
+        """The runtime carried out `decision` in `switch_s` seconds, sending `shipped_bytes`; the completed record."""
         for index, record in enumerate(self._history):
             if record is decision.replan:
-                self._history[index] = record.completed(switch_s)
+                self._history[index] = record.completed(switch_s, shipped_bytes)
                 return self._history[index]
         raise PlanError("completed() got a decision this policy did not make")
 
@@ -276,8 +339,9 @@ class ReplanPolicy:
         except PlanError as exc:
             self._plan = None
             raise PlanError(f"{', '.join(lost)} failed and the devices left cannot run the model: {exc}") from exc
-        return self._switch("failure", now_s, candidate, old_period, cluster, times, lost=lost,
-                            reason=f"lost {', '.join(lost)}")
+        estimate = self._estimate(candidate, cluster, gone=lost)
+        return self._switch("failure", now_s, candidate, None, cluster, times, estimate, lost=lost,
+                            reason=f"lost {', '.join(lost)}", old_period_s=old_period)
 
     def _after_join(self, now_s: float) -> Decision | None:
         if not self._joined_pending:
@@ -290,10 +354,11 @@ class ReplanPolicy:
         except PlanError as exc:
             # Only possible while no plan runs (a running plan is itself a fit); say what is still missing.
             raise PlanError(f"{', '.join(added)} joined but the devices still cannot run the model: {exc}") from exc
-        if current is not None and not self._worth_it(candidate, current):
+        estimate = self._estimate(candidate, cluster)
+        if current is not None and not self._worth_it(candidate, current, estimate):
             self._adopt(current)
             return None
-        return self._switch("join", now_s, candidate, current.period_s if current else None, cluster, times,
+        return self._switch("join", now_s, candidate, current, cluster, times, estimate,
                             added=added, reason=f"{', '.join(added)} joined")
 
     def _after_drift(self, now_s: float) -> Decision | None:
@@ -304,28 +369,44 @@ class ReplanPolicy:
         sustained = [key for key, signal in self._signals.items() if signal.sustained(now_s)]
         if not sustained:
             return None
-        reason = "; ".join(_describe(key, self._signals[key]) for key in sorted(sustained, key=_sort_key))
+        ordered = sorted(sustained, key=_sort_key)
+        reason = "; ".join(_describe(key, self._signals[key]) for key in ordered)
+        blamed = tuple(_blamed(key) for key in ordered)
         cluster, times = self._figures()
         current = self._repredicted(cluster, times)
         candidate = self._plan_on(cluster, times)
-        if current is not None and not self._worth_it(candidate, current):
+        estimate = self._estimate(candidate, cluster)
+        if current is not None and not self._worth_it(candidate, current, estimate):
             self._adopt(current)
             return None
-        return self._switch("drift", now_s, candidate, current.period_s if current else None, cluster, times,
-                            reason=reason)
+        return self._switch("drift", now_s, candidate, current, cluster, times, estimate, reason=reason,
+                            blamed=blamed)
 
     # -- helpers -------------------------------------------------------------------------------
-    def _switch(self, cause: str, now_s: float, candidate: Plan, old_period_s: float | None,
-                cluster: ClusterSpec, times: dict[str, tuple[float, ...]], *, lost: tuple[str, ...] = (),
-                added: tuple[str, ...] = (), reason: str) -> Decision:
+    def _switch(self, cause: str, now_s: float, candidate: Plan, current: Plan | None, cluster: ClusterSpec,
+                times: dict[str, tuple[float, ...]], estimate: SwitchEstimate, *, lost: tuple[str, ...] = (),
+                added: tuple[str, ...] = (), reason: str, blamed: tuple[str, ...] = (),
+                old_period_s: float | None = None) -> Decision:
         diff = diff_plans(self._plan, candidate, gone=lost)
+        if current is not None:
+            old_period_s = current.period_s
+        gain = None if current is None or cause == "failure" else gain_s(current, candidate, self.switch_cost.horizon_s)
+        cost = f"switch {estimate.total_s:.2f} s predicted ({estimate.ship_bytes / 1e6:.1f} MB to ship)"
+        if gain is not None:
+            cost += f", {gain:.2f} s gained over {self.switch_cost.horizon_s:g} s"
         record = Replan(cause, float(now_s), old_period_s, candidate.period_s, None, lost, added,
-                        f"{reason}; period {_ms(old_period_s)} -> {_ms(candidate.period_s)}")
+                        f"{reason}; period {_ms(old_period_s)} -> {_ms(candidate.period_s)}; {cost}",
+                        predicted_switch_s=estimate.total_s, predicted_ship_bytes=estimate.ship_bytes, gain_s=gain,
+                        horizon_s=self.switch_cost.horizon_s, blamed=blamed)
         self._adopt(candidate)
         self._joined_pending.clear()  # every present device was considered by this plan
         self._last_switch_s = float(now_s)
         self._history.append(record)
         return Decision(cause, candidate, diff, record, cluster, MappingProxyType(dict(times)))
+
+    def _estimate(self, candidate: Plan, cluster: ClusterSpec, *, gone: tuple[str, ...] = ()) -> SwitchEstimate:
+        diff = diff_plans(self._plan, candidate, gone=gone)
+        return estimate_switch(self._profile, cluster, candidate, diff, self.switch_cost, cached=self._cached)
 
     def _adopt(self, plan: Plan) -> None:
         """The policy now believes what `plan` was predicted with: drifted figures become believed ones."""
@@ -333,9 +414,12 @@ class ReplanPolicy:
         for signal in self._signals.values():
             signal.accept()
 
-    def _worth_it(self, candidate: Plan, current: Plan) -> bool:
+    def _worth_it(self, candidate: Plan, current: Plan, estimate: SwitchEstimate) -> bool:
+        """At least `min_gain` better, and the work saved over the horizon pays for the switch."""
         key = "latency_s" if self._options["objective"] == "latency" else "period_s"
-        return getattr(candidate, key) <= (1.0 - self.min_gain) * getattr(current, key)
+        if getattr(candidate, key) > (1.0 - self.min_gain) * getattr(current, key):
+            return False
+        return gain_s(current, candidate, self.switch_cost.horizon_s) > estimate.total_s
 
     def _figures(self) -> tuple[ClusterSpec, dict[str, tuple[float, ...]]]:
         """The cluster and segment times to plan with: believed figures, drifting ones replaced by estimates."""
@@ -417,9 +501,18 @@ def _sort_key(key: tuple[str, Any]) -> tuple[str, str]:
     return key[0], _label(key[1])
 
 
+def _blamed(key: tuple[str, Any]) -> str:
+    """A drifted figure as the record names it: "pi-b compute", "a-client bandwidth", "a-b latency"."""
+    kind, what = key
+    return f"{_label(what)} {_FIGURE_NAMES[kind].split()[0]}"
+
+
+_FIGURE_NAMES = {"compute_factor": "compute time", "bandwidth_bytes_per_s": "bandwidth", "latency_s": "latency"}
+
+
 def _describe(key: tuple[str, Any], signal: Signal) -> str:
     kind, what = key
-    names = {"compute_factor": "compute time", "bandwidth_bytes_per_s": "bandwidth", "latency_s": "latency"}
+    names = _FIGURE_NAMES
     ratio = signal.planning_value() / signal.believed if signal.believed not in (0.0, math.inf) else math.inf
     return f"{_label(what)} {names[kind]} {ratio:.2f}x the plan's"
 

@@ -31,7 +31,7 @@ import zmq
 from partita.errors import WireError
 from partita.runtime.emulation import LinkShaper, shaper_for
 from partita.runtime.executor import Done, Job, StageExecutor
-from partita.runtime.flow import Outlink, socket_sender
+from partita.runtime.flow import LinkTimes, Outlink, socket_sender
 from partita.runtime.keys import apply_client, set_authorized
 from partita.runtime.protocol import Destination, LinkChange, Route
 from partita.runtime.wire import Limits, blob_tensor, decode, encode
@@ -77,7 +77,7 @@ class DataPlane:
         self._peers: dict[int, tuple[str, ...]] = {}  # pipeline slot -> peers allowed to send to it
         self._outlinks: dict[str, tuple[zmq.Socket, Outlink]] = {}
         self._link_overrides: dict[str, dict[str, float]] = {}
-        self._link_in: dict[str, list[float]] = {}  # sender -> [messages, sum of transfer seconds]
+        self._link_in = LinkTimes()  # per sender: messages and the seconds the link carried them
 
     # -- wiring (from control commands) -----------------------------------------------------------
     def allow(self, pipeline: int, peers: Sequence[str]) -> None:
@@ -100,7 +100,7 @@ class DataPlane:
             self._routes.pop(stage_id, None)
         self.epoch = self._epochs[pipeline] = route.epoch
         self._codecs[pipeline] = route.codec
-        self._link_in = {}  # figures are per deployment
+        self._link_in.reset()  # figures are per deployment
         for stage in route.stages:
             self._owner[stage.stage] = pipeline
             self._routes[stage.stage] = [self._outlink_for(pipeline, route, dest) for dest in stage.next]
@@ -211,8 +211,7 @@ class DataPlane:
     def figures(self) -> dict[str, Any]:
         """Per-link figures for the `stats` reply (links out by destination, links in by sender)."""
         links_out = {outlink.name: outlink.stats.to_dict() for _, outlink in self._outlinks.values()}
-        links_in = {name: {"messages": n, "mean_transfer_s": total / max(n, 1)}
-                    for name, (n, total) in self._link_in.items()}
+        links_in = self._link_in.figures()
         return {"links_out": links_out, "links_in": links_in}
 
     # -- activations ------------------------------------------------------------------------------
@@ -227,9 +226,7 @@ class DataPlane:
             return
         sent_at = header.get("ts")
         if isinstance(sent_at, float):
-            record = self._link_in.setdefault(sender.decode(errors="replace").split("/")[0], [0, 0.0])
-            record[0] += 1
-            record[1] += max(0.0, time.time() - sent_at)
+            self._link_in.record(sender.decode(errors="replace").split("/")[0], sent_at, time.time())
         self._executor.submit(Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic()))
 
     def _check_act(self, header: dict, tensors: tuple[torch.Tensor, ...]) -> str | None:

@@ -184,3 +184,37 @@ def next_wakeup(delays: Sequence[float | None], default_s: float) -> float:
     """The poll timeout for an event loop: the soonest due delay, else `default_s` (seconds)."""
     due = [d for d in delays if d is not None]
     return min(due) if due else default_s
+
+
+class LinkTimes:
+    """What a receiver measures of each sender's hop: messages, and the seconds the link spent on each.
+
+    A message stamped `sent_at` (the sender's wall clock when it entered the link) that arrives
+    at `now` occupied the link from `max(sent_at, previous arrival from that sender)` to `now`:
+    the time it waited behind the sender's earlier messages (in the token bucket or the kernel's
+    queue) is theirs, not its own. So the mean is latency + bytes / bandwidth on an idle link and
+    bytes / bandwidth on a busy one, whatever the queue; read as the mean of per-message figures
+    over an interval, the waits cancel out instead of piling up (a queue of four messages would
+    otherwise read as a link four times slower). A clock step that makes a figure negative counts 0.
+    """
+
+    def __init__(self) -> None:
+        self._links: dict[str, list[float]] = {}  # sender -> [messages, sum of seconds, last arrival]
+
+    def record(self, sender: str, sent_at: float, now: float) -> None:
+        link = self._links.setdefault(sender, [0, 0.0, float("-inf")])
+        link[0] += 1
+        link[1] += max(0.0, now - max(sent_at, link[2]))
+        link[2] = now
+
+    def reset(self) -> None:
+        self._links = {}
+
+    def get(self, sender: str) -> dict[str, Any] | None:
+        link = self._links.get(sender)
+        return None if link is None else {"messages": int(link[0]), "mean_transfer_s": link[1] / max(link[0], 1)}
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        """{sender: {"messages", "mean_transfer_s"}}, as `stats` reports `links_in`."""
+        return {sender: {"messages": int(n), "mean_transfer_s": total / max(n, 1)}
+                for sender, (n, total, _) in self._links.items()}

@@ -23,6 +23,7 @@ import torch
 import zmq
 
 from partita.errors import WorkerError
+from partita.runtime.archives import ArchiveCache
 from partita.runtime.dataplane import DataPlane
 from partita.runtime.executor import StageExecutor
 from partita.runtime.keys import apply_client
@@ -47,12 +48,13 @@ from partita.runtime.protocol import (
     Renumber,
     Reply,
     Route,
+    Stash,
     Stats,
     Unload,
 )
 from partita.runtime.wire import Limits, blob_bytes
 
-SLOW: frozenset[type[Command]] = frozenset({Load, Profile, Probe})
+SLOW: frozenset[type[Command]] = frozenset({Load, Stash, Profile, Probe})
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,13 @@ class ControlHandlers:
         self._ctx = context
         self._counters = counters
         self._stop = stop
+        # Archives sit beside the loaded stages in the worker's memory: together they fit its capacity.
+        self.archives = ArchiveCache(lambda: executor.capacity_bytes - executor.used_bytes())
         self.table: dict[type[Command], Callable[[Any], Reply]] = {
             Hello: self.hello,
             Ping: self.ping,
             Load: self.load,
+            Stash: self.stash,
             Unload: self.unload,
             Renumber: self.renumber,
             Allow: self.allow,
@@ -121,6 +126,7 @@ class ControlHandlers:
             "version": _partita_version(),
             "threads": self._executor.threads,
             "stages": self._executor.stage_indices(),
+            "archives": self.archives.digests(),
             "secure": self.identity.secret is not None,
             "max_frame_bytes": self.identity.limits.max_frame_bytes,
         })
@@ -129,9 +135,13 @@ class ControlHandlers:
         return Pong(time.time(), self._executor.pending, self._data.epoch)
 
     def load(self, command: Load) -> Ok:
+        """Load the archive sent, or the cached one of `sha256` (`missing: true` when none is cached)."""
         from partita.model import StageProgram
 
-        data = blob_bytes(command.archive)
+        cached = command.archive is None
+        data = self.archives.get(command.sha256) if cached else blob_bytes(command.archive)
+        if data is None:
+            return Ok({"stage": command.stage, "missing": True})
         executor = self._executor
         # Refuse an archive that cannot fit before deserializing it (which would materialize its weights).
         free = executor.capacity_bytes - executor.used_bytes(excluding=command.stage)
@@ -145,7 +155,14 @@ class ControlHandlers:
         program = StageProgram.from_bytes(data, expected_sha256=command.sha256)
         executor.load(command.stage, program, memory_bytes=command.memory_bytes,
                       reference_host_s=command.reference_host_s, owner=self.identity.name)
-        return Ok({"stage": command.stage, "param_bytes": int(getattr(program, "param_bytes", 0))})
+        if not cached:
+            self.archives.put(data, command.sha256)
+        self.archives.shrink()  # the stage now takes memory the cache may have used
+        return Ok({"stage": command.stage, "param_bytes": int(getattr(program, "param_bytes", 0)), "cached": cached})
+
+    def stash(self, command: Stash) -> Ok:
+        """Keep a standby archive (sha256-checked) without loading it."""
+        return Ok({"cached": self.archives.put(blob_bytes(command.archive), command.sha256)})
 
     def unload(self, command: Unload) -> Ok:
         self._executor.unload(None if command.stages is None else list(command.stages))

@@ -32,7 +32,7 @@ import zmq
 
 from partita.errors import PartitaError, RequestError, WireError
 from partita.runtime.deployment import ChainStage, Deployment
-from partita.runtime.flow import Outlink, next_wakeup
+from partita.runtime.flow import LinkTimes, Outlink, next_wakeup
 from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Record, Replayed
 from partita.runtime.wire import Limits, decode, encode
 
@@ -93,7 +93,7 @@ class Pipeline:
         self._closed = False
         self._stream_from = 0
         self._counters = {"malformed": 0, "worker_errors": 0}
-        self._link_in: dict[str, list[float]] = {}
+        self._link_in = LinkTimes()  # the last stage's hops to this coordinator
         # The Supervisor (failures, drift, joins) attached by deploy, and the calls it runs in this
         # I/O thread (a switch to a new epoch touches the ledger and the sockets).
         self.supervisor: Any = None
@@ -299,9 +299,8 @@ class Pipeline:
         links = []
         for link in self._predicted_links:
             receiver = link["to"]
-            incoming = self._link_in if link.get("to_source") else workers.get(receiver, {}).get("links_in", {})
-            found = incoming.get(link["from"])
-            record = {"messages": found[0], "mean_transfer_s": found[1] / max(found[0], 1)} if isinstance(found, list) else found
+            incoming: Any = self._link_in if link.get("to_source") else workers.get(receiver, {}).get("links_in", {})
+            record = incoming.get(link["from"])
             measured_s = record["mean_transfer_s"] / k if record and record.get("messages") else None
             links.append({**link, "measured_transfer_s": measured_s})
         return {
@@ -424,9 +423,7 @@ class Pipeline:
                 continue
             now = time.monotonic()
             if isinstance(h.get("ts"), float):
-                record = self._link_in.setdefault(sender.decode(errors="replace").split("/")[0], [0, 0.0])
-                record[0] += 1
-                record[1] += max(0.0, time.time() - h["ts"])
+                self._link_in.record(sender.decode(errors="replace").split("/")[0], h["ts"], time.time())
             if msg.kind == "fail":
                 self._ledger.apply(Failed(h["r"], h["e"], str(h.get("error", "failed in a stage")), now))
             else:

@@ -11,7 +11,8 @@ coordinator's side. Nothing else reads a control header.
 |---|---|---|
 | `Hello`      | `Info`     | what the worker is: device, memory, data address, speed, dilation |
 | `Ping`       | `Pong`     | heartbeat (answered while long commands run) |
-| `Load`       | `Ok`       | install a stage archive (sha256-checked, memory-checked) |
+| `Load`       | `Ok`       | install a stage archive (sha256-checked, memory-checked), or the cached one of that sha256 |
+| `Stash`      | `Ok`       | keep an archive in the cache without loading it (standby) |
 | `Unload`     | `Ok`       | drop the given stages (None: all) |
 | `Renumber`   | `Ok`       | serve loaded stages under new indices |
 | `Allow`      | `Ok`       | the peers (z85 keys) that may send activations |
@@ -42,7 +43,7 @@ from partita.runtime.wire import Message
 __all__ = [
     "COMMANDS", "COMMAND_KINDS", "REPLIES", "REPLY_KINDS", "FL_TRAIN", "FL_UPDATE",
     "Command", "Reply", "command_from", "reply_from",
-    "Hello", "Ping", "Load", "Unload", "Renumber", "Allow", "Destination", "StageRoute", "Route",
+    "Hello", "Ping", "Load", "Stash", "Unload", "Renumber", "Allow", "Destination", "StageRoute", "Route",
     "Profile", "Probe", "LinkChange", "Emulate", "Stats", "Drain", "FlTrain", "Benchmark",
     "Info", "Pong", "Ok", "Error", "Profiled", "Probed", "Figures", "FlUpdate", "Benchmarked",
 ]
@@ -135,15 +136,17 @@ class Drain(Command):
 class Load(Command):
     """Install `archive` (a `torch.export` stage archive as a uint8 blob) as stage `stage`.
 
-    `memory_bytes` is what the plan says the stage needs (weights plus peak activations; 0: only
-    its weights count). `reference_host_s` is its calibrated host time, the emulation basis of an
-    emulated worker (None: the worker measures it).
+    `archive` None: load the archive the worker's cache holds under `sha256` (`ArchiveCache`);
+    when it holds none, nothing is loaded and the reply says `{"missing": true}` (send the bytes
+    then). `memory_bytes` is what the plan says the stage needs (weights plus peak activations; 0:
+    only its weights count). `reference_host_s` is its calibrated host time, the emulation basis of
+    an emulated worker (None: the worker measures it).
     """
 
     KIND: ClassVar[str] = "load"
     stage: int
     sha256: str
-    archive: torch.Tensor
+    archive: torch.Tensor | None
     memory_bytes: float = 0.0
     reference_host_s: float | None = None
 
@@ -152,16 +155,40 @@ class Load(Command):
                 "reference_host_s": self.reference_host_s}
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.archive,)
+        return () if self.archive is None else (self.archive,)
 
     @classmethod
     def parse(cls, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...]) -> Load:
-        if type(header.get("stage")) is not int or not isinstance(header.get("sha256"), str) or len(tensors) != 1:
-            raise WorkerError("load needs integer 'stage', string 'sha256' and one archive tensor")
+        if type(header.get("stage")) is not int or not isinstance(header.get("sha256"), str) or len(tensors) > 1:
+            raise WorkerError("load needs integer 'stage', string 'sha256' and at most one archive tensor")
         reference = header.get("reference_host_s")
-        return cls(header["stage"], header["sha256"], tensors[0],
+        return cls(header["stage"], header["sha256"], tensors[0] if tensors else None,
                    memory_bytes=float(_number("load", "memory_bytes", header.get("memory_bytes") or 0.0) or 0.0),
                    reference_host_s=float(reference) if isinstance(reference, int | float) else None)
+
+
+@dataclass(frozen=True)
+class Stash(Command):
+    """Keep `archive` in the worker's archive cache under `sha256`, without loading it (a standby copy).
+
+    The reply says `{"cached": true}`, or false when the archive does not fit the cache's budget.
+    """
+
+    KIND: ClassVar[str] = "stash"
+    sha256: str
+    archive: torch.Tensor
+
+    def header(self) -> dict[str, Any]:
+        return {"sha256": self.sha256}
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.archive,)
+
+    @classmethod
+    def parse(cls, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...]) -> Stash:
+        if not isinstance(header.get("sha256"), str) or len(tensors) != 1:
+            raise WorkerError("stash needs string 'sha256' and one archive tensor")
+        return cls(header["sha256"], tensors[0])
 
 
 @dataclass(frozen=True)
@@ -644,7 +671,7 @@ class FlUpdate(Reply):
 
 
 COMMANDS: dict[str, type[Command]] = {
-    c.KIND: c for c in (Hello, Ping, Load, Unload, Renumber, Allow, Route, Profile, Probe, Emulate, Stats, Drain,
+    c.KIND: c for c in (Hello, Ping, Load, Stash, Unload, Renumber, Allow, Route, Profile, Probe, Emulate, Stats, Drain,
                         FlTrain, Benchmark)
 }
 REPLIES: dict[str, type[Reply]] = {

@@ -10,6 +10,10 @@ module measures and carries out:
   request, link transfer time per message), turns them into per-interval means (`DeltaMeans`)
   and feeds `observe_stage` / `observe_transfer` (see `_observe`).
 * **joins** — `Pipeline.add_device(...)`, or a failed worker answering again at its address.
+* **standby** (`Supervision(standby=True)`) — after the deploy and after every switch, the failure
+  plans' stages are shipped ahead into the workers' archive caches (`partita.runtime.standby`);
+  figures read over an interval in which that happened only move the baselines on, so the
+  copies' own traffic is never taken for drift.
 
 A `Decision` is carried out by `partita.runtime.switch.Switcher.switch` (the transition from the
 running deployment to the new plan): the new stages are shipped only to devices whose stage
@@ -20,6 +24,7 @@ every request sent until a device joins, fails with the planner's `PlanError`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
@@ -33,9 +38,11 @@ from partita.cluster import DeviceSpec
 from partita.errors import DeployError, PartitaError, PlanError, WorkerError
 from partita.plan.drift import DeltaMeans, DriftRule
 from partita.plan.replan import ReplanPolicy
+from partita.plan.switchcost import SwitchCost
 from partita.runtime.heartbeat import Heartbeat
 from partita.runtime.pipeline import Pipeline
 from partita.runtime.session import Session
+from partita.runtime.standby import Standby
 from partita.runtime.switch import Switcher
 from partita.runtime.transition import TransitionEngine
 
@@ -50,7 +57,11 @@ class Supervision:
     stats_interval_s: how often workers' figures are read for drift (seconds). drift / joins: whether
     drift, and devices joining, may trigger re-plans (failures always do). min_gain, cooldown_s,
     rule: the policy's hysteresis (`ReplanPolicy`). link_floor_s: real seconds below which a link's
-    measured transfer time is noise (loopback scheduling), read as "as planned".
+    measured transfer time is noise (loopback scheduling), read as "as planned". switch_cost: how a
+    switch's cost is predicted and the horizon its gain must pay for it within (its `load_s` is
+    replaced by what loads measured, from the first deploy on). standby: pre-ship the archives the
+    failure plans would need onto the devices that would take them over
+    (`partita.runtime.standby`), so that a failover ships nothing.
     """
 
     detection_s: float = 2.0
@@ -61,6 +72,8 @@ class Supervision:
     cooldown_s: float = 10.0
     rule: DriftRule = field(default_factory=DriftRule)
     link_floor_s: float = 0.003
+    switch_cost: SwitchCost = field(default_factory=SwitchCost)
+    standby: bool = False
 
 
 class Supervisor:
@@ -76,7 +89,9 @@ class Supervisor:
         self.policy = ReplanPolicy(pipe.graph, pipe.measurements.cluster_spec(session.cluster.spec), pipe.plan,
                                    segment_times_s=pipe.measurements.segment_times_s, objective=objective,
                                    planner=planner, max_stages=max_stages, replicate=replicate, rule=config.rule,
-                                   min_gain=config.min_gain, cooldown_s=config.cooldown_s)
+                                   min_gain=config.min_gain, cooldown_s=config.cooldown_s,
+                                   switch_cost=config.switch_cost)
+        self._engine = engine
         self.events: list[dict[str, Any]] = []  # failures, joins, switches, halts (time.monotonic seconds)
         self._events_lock = threading.Lock()
         self._requests: queue.Queue[tuple[Any, Future]] = queue.Queue()
@@ -87,9 +102,14 @@ class Supervisor:
         self._stop = threading.Event()
         self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partita-figures")
         self._collecting: Future | None = None
+        self._interval_start = time.monotonic()  # when the figures read next began to accumulate
         self.heartbeat = Heartbeat(session.cluster.endpoints, session.keys, detection_s=config.detection_s).start()
         engine.watch_busy(self.heartbeat.busy)
         self.switcher = Switcher(pipe, engine)
+        self.standby: Standby | None = Standby(self.switcher, engine) if config.standby else None
+        self._standby_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partita-standby")
+        self._standby_round = 0
+        self._refresh_standby()
         self._thread = threading.Thread(target=self._run, name="partita-supervisor", daemon=True)
         self._thread.start()
 
@@ -112,6 +132,8 @@ class Supervisor:
             self._thread.join(30.0)
         self.heartbeat.stop()
         self._collector.shutdown(wait=True)
+        self._standby_round += 1  # a copy still travelling stops after it (Standby.ship checks)
+        self._standby_pool.shutdown(wait=True, cancel_futures=True)
 
     def _log(self, event: str, **fields: Any) -> None:
         with self._events_lock:
@@ -147,23 +169,29 @@ class Supervisor:
     def _poll_figures(self, now: float, lost: list[str]) -> None:
         """Read workers' figures in a helper thread (a dead worker's call must not delay failure handling)."""
         if self._collecting is not None and self._collecting.done():
-            deployment, figures = self._collecting.result()
+            deployment, figures, read_at = self._collecting.result()
             self._collecting = None
             if not lost and deployment is self._pipe.deployment:  # figures of a replaced epoch are dropped
-                self._observe(deployment, figures, time.monotonic())
+                # Standby copies crossing the links (and their splitting using the CPU) would read as
+                # drift: the figures of an interval that overlapped them only update the baselines.
+                quiet = self.standby is None or not self.standby.shipped_during(self._interval_start, read_at)
+                self._observe(deployment, figures, time.monotonic(), feed=quiet)
+            self._interval_start = read_at
         if self._collecting is None and now >= self._next_stats:
             self._next_stats = now + self.config.stats_interval_s
             deployment = self._pipe.deployment
             self._collecting = self._collector.submit(self._collect, deployment)
 
-    def _collect(self, deployment: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
+    def _collect(self, deployment: Any) -> tuple[Any, dict[str, dict[str, Any]], float]:
+        """The workers' figures, and when reading them began (time.monotonic seconds)."""
+        read_at = time.monotonic()
         names = {d for devices in deployment.placement for d in devices}
         figures = {}
         for name in sorted(names):
             found = self._worker_stats(name)
             if found is not None:
                 figures[name] = found
-        return deployment, figures
+        return deployment, figures, read_at
 
     def _take_failures(self) -> list[str]:
         failures = self.heartbeat.take_failed()
@@ -182,6 +210,7 @@ class Supervisor:
     def _decide(self, now: float) -> dict[str, Any] | None:
         """Ask the policy; carry out what it decides. Returns the completed re-plan record, if any."""
         while True:
+            self._tell_costs()
             try:
                 decision = self.policy.decide(now)
             except PlanError as exc:
@@ -194,16 +223,52 @@ class Supervisor:
                 self.switcher.switch(decision)
             except (WorkerError, DeployError) as exc:
                 if self._wait_for_failure(exc):
-                    self.policy.completed(decision, time.perf_counter() - started)
+                    self.policy.completed(decision, time.perf_counter() - started,
+                                          sum(self._engine.shipped_bytes.values()))
                     now = time.monotonic()
                     continue  # a device died during the switch: on_failure was called, decide again
                 self._halt(DeployError(f"the {decision.cause} re-plan could not be carried out: {exc}"))
                 return None
-            record = self.policy.completed(decision, time.perf_counter() - started)
+            record = self.policy.completed(decision, time.perf_counter() - started, self.switcher.last_shipped_bytes)
             self._log("switched", cause=decision.cause, epoch=self._pipe.deployment.epoch,
-                      switch_s=record.switch_s, shipped=list(self.switcher.last_shipped),
+                      switch_s=record.switch_s, predicted_switch_s=record.predicted_switch_s,
+                      shipped=list(self.switcher.last_shipped), shipped_bytes=record.shipped_bytes,
                       renumbered=list(self.switcher.last_renumbered))
+            self._refresh_standby()
             return record.to_dict()
+
+    def _refresh_standby(self) -> None:
+        """Ship the standby copies of the running plan's failure plans, in the standby thread (if standby is on)."""
+        if self.standby is None:
+            return
+        self._standby_round += 1
+        current = self._standby_round
+        standby = self.standby
+        standby.reset()
+        scenarios = self.policy.failure_scenarios()  # a snapshot: the planning runs in the standby thread
+
+        def is_current() -> bool:
+            return current == self._standby_round and not self._stop.is_set()
+
+        def ship() -> None:
+            standby.ship(scenarios, is_current)
+            if is_current():
+                self._log("standby", **standby.state())
+
+        self._standby_pool.submit(ship)
+
+    def _tell_costs(self) -> None:
+        """Give the policy what switch costs depend on: measured load times, and what each device's cache holds."""
+        loads = self._engine.load_seconds
+        if loads:
+            load_s = sorted(loads)[len(loads) // 2]
+            if load_s != self.policy.switch_cost.load_s:
+                self.policy.switch_cost = dataclasses.replace(self.policy.switch_cost, load_s=load_s)
+        library = self.switcher.library
+        self.policy.note_cached({
+            device: [segments for segments, program in library.items() if program.sha256 in held]
+            for device, held in self._engine.archives.items()
+        })
 
     def _wait_for_failure(self, error: Exception) -> bool:
         """After a switch went wrong: True once the heartbeat names a failed device (at most ~1.5 detection times)."""
@@ -248,8 +313,11 @@ class Supervisor:
         return tuple(t / speed for t in host_s)
 
     # -- drift ----------------------------------------------------------------------------------
-    def _observe(self, deployment: Any, workers: Mapping[str, Any], now: float) -> None:
-        """Feed the policy one interval's mean stage time per device and transfer time per link."""
+    def _observe(self, deployment: Any, workers: Mapping[str, Any], now: float, *, feed: bool = True) -> None:
+        """Feed the policy one interval's mean stage time per device and transfer time per link.
+
+        feed False: only move the per-interval baselines on (the interval's figures are not to be trusted).
+        """
         dilation = self._pipe.dilation
         source = self._cluster.spec.source
         in_bytes = {}
@@ -267,18 +335,18 @@ class Supervisor:
                 stage = figures.get("stages", {}).get(str(deployment.stage_id(index)))
                 if stage:
                     mean = self._interval_mean(("stage", device, deployment.epoch, index), stage)
-                    if mean is not None and mean > 0:
+                    if mean is not None and mean > 0 and feed:
                         self.policy.observe_stage(device, mean, time_s=now)
                 for sender, link in (figures.get("links_in") or {}).items():
                     nbytes = in_bytes.get((sender, device))
                     if nbytes:
-                        self._observe_link(sender, device, deployment.epoch, link, nbytes, dilation, now)
+                        self._observe_link(sender, device, deployment.epoch, link, nbytes, dilation, now, feed=feed)
 
     def _observe_link(self, a: str, b: str, epoch: int, link: Mapping[str, Any], nbytes: int, dilation: float,
-                      now: float) -> None:
+                      now: float, *, feed: bool = True) -> None:
         real_s = self._interval_mean(("link", a, b, epoch), {"requests": link.get("messages", 0),
                                                               "mean_device_s": link.get("mean_transfer_s", 0.0)})
-        if real_s is None:
+        if real_s is None or not feed:
             return
         planned = self.policy.cluster.link(a, b) if self.policy.cluster else None
         if planned is None:

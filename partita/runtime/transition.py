@@ -13,7 +13,7 @@ transition from the current deployment to the next. Both go through this module,
 |---|---|
 | holds a stage the target no longer uses | `Drop` (unload everything) |
 | keeps its segments under a new index    | `Renumber` (nothing shipped) |
-| gets segments it does not hold          | `Ship` (unload, then load the archive: sha256- and memory-checked) |
+| gets segments it does not hold          | `Ship` (unload, then load the archive: sha256- and memory-checked; only the digest when its archive cache holds it) |
 | keeps its stage as it is                | nothing |
 | every device of the target, then every live worker | `Allow` (who may send to it), then `Route` (the new epoch's wiring) |
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from partita.plan import StagePlan
 
 SHIP_TIMEOUT_S = 300.0
+STASH_MIN_TIMEOUT_S = 10.0  # a standby copy may take 3x its bytes / the link's bandwidth on top of this
 COMMAND_TIMEOUT_S = 10.0
 
 _epochs = itertools.count(1)
@@ -133,6 +135,7 @@ class Network:
     planned: ClusterSpec
     sink: Sink
     reference_host_s: Callable[[str, StagePlan], float | None] = lambda device, stage: None
+    cached: Mapping[str, frozenset[str]] = field(default_factory=dict)  # device -> sha256 its archive cache holds
 
 
 # -- the actions ----------------------------------------------------------------------------------
@@ -154,7 +157,11 @@ class Renumber:
 
 @dataclass(frozen=True)
 class Ship:
-    """Send stage `stage`'s archive to `device` and load it there (after unloading what it held)."""
+    """Send stage `stage`'s archive to `device` and load it there (after unloading what it held).
+
+    `cached`: the device's archive cache holds the archive, so only its sha256 is sent (the bytes
+    follow only if the cache dropped it meanwhile).
+    """
 
     device: str
     stage: int
@@ -162,6 +169,7 @@ class Ship:
     memory_bytes: float
     reference_host_s: float | None
     segments: tuple[int, int]
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,7 +228,8 @@ class Transition:
                 case Renumber():
                     out.append(f"renumber  {action.device}: stage {action.old} -> {action.new}")
                 case Ship():
-                    out.append(f"ship      stage {action.stage} {list(action.segments)} -> {action.device}")
+                    how = " (cached: digest only)" if action.cached else ""
+                    out.append(f"ship      stage {action.stage} {list(action.segments)} -> {action.device}{how}")
                 case AuthorizeSink():
                     out.append(f"sink      accepts {len(action.keys)} key(s)")
                 case Allow():
@@ -265,7 +274,8 @@ def plan_transition(
             change = next(c for c in diff.changes if c.device == device)
             if change.action == "load":
                 actions.append(Ship(device, stage.index, stage.program, float(stage.plan.memory_bytes),
-                                    network.reference_host_s(device, stage.plan), (stage.plan.start, stage.plan.end)))
+                                    network.reference_host_s(device, stage.plan), (stage.plan.start, stage.plan.end),
+                                    cached=stage.program.sha256 in network.cached.get(device, ())))
     routes, predicted = _routes(target, network)
     last = target.stages[-1]
     actions.append(AuthorizeSink(tuple(k for d in last.devices if (k := network.public_keys.get(d)))))
@@ -355,6 +365,12 @@ class TransitionEngine:
         self.sink = sink
         self.planned = planned
         self.held: dict[str, Holding] = {}
+        # What each worker's archive cache holds, as far as this engine knows (a miss falls back to the
+        # bytes). Replaced, never edited: the standby thread adds while the supervisor reads.
+        self.archives: dict[str, frozenset[str]] = {}
+        self._archives_lock = threading.Lock()
+        self.shipped_bytes: dict[str, int] = {}  # archive bytes sent to each device by the last `apply`
+        self.load_seconds: list[float] = []  # recent loads: seconds besides moving the bytes (switch costs)
         self._host_s = tuple(host_segment_s) if host_segment_s is not None else None
         self._busy = busy or (lambda device: nullcontext())
         self._sink_socket: zmq.Socket | None = None
@@ -370,6 +386,8 @@ class TransitionEngine:
     def forget(self, device: str) -> None:
         """`device` restarted (or joined): it holds nothing."""
         self.held.pop(device, None)
+        with self._archives_lock:
+            self.archives = {d: held for d, held in self.archives.items() if d != device}
 
     def network(self) -> Network:
         session, cluster = self.session, self.session.cluster
@@ -390,6 +408,7 @@ class TransitionEngine:
             planned=self.planned,
             sink=self.sink,
             reference_host_s=reference,
+            cached={device: frozenset(held) for device, held in self.archives.items()},
         )
 
     def plan(self, target: Deployment) -> Transition:
@@ -398,6 +417,7 @@ class TransitionEngine:
 
     def apply(self, transition: Transition) -> None:
         """Carry `transition` out; DeployError naming the device and the step if a worker refuses."""
+        self.shipped_bytes = {}
         ships: dict[str, list[Ship]] = {}
         for action in transition.actions:
             match action:
@@ -454,18 +474,75 @@ class TransitionEngine:
             self.held.pop(device, None)
             with self._busy(device):
                 for action in ships[device]:
-                    load = protocol.Load(self._stage_id(action.stage), action.program.sha256,
-                                         blob_tensor(action.program.to_bytes()), memory_bytes=action.memory_bytes,
-                                         reference_host_s=action.reference_host_s)
                     try:
                         client.send(unload, timeout_s=COMMAND_TIMEOUT_S)
-                        client.send(load, timeout_s=SHIP_TIMEOUT_S)
+                        self._load(device, action)
                     except WorkerError as exc:
                         raise DeployError(f"could not deploy stage {action.stage} to {device}: {exc}") from None
                     self.held[device] = Holding(action.stage, action.segments, action.program.sha256)
 
         with ThreadPoolExecutor(max_workers=max(1, len(ships))) as pool:
             list(pool.map(ship, sorted(ships)))
+
+    def _load(self, device: str, action: Ship) -> None:
+        """Load `action`'s stage on `device`: by digest when its cache holds the archive, else with the bytes."""
+        client = self.session.clients[device]
+        sha = action.program.sha256
+        stage_id = self._stage_id(action.stage)
+        if action.cached:
+            started = time.perf_counter()
+            reply = client.send(protocol.Load(stage_id, sha, None, memory_bytes=action.memory_bytes,
+                                              reference_host_s=action.reference_host_s), timeout_s=SHIP_TIMEOUT_S)
+            if not (isinstance(reply, protocol.Ok) and reply.fields.get("missing")):
+                self._loaded_in(time.perf_counter() - started)
+                return
+        data = action.program.to_bytes()
+        started = time.perf_counter()
+        client.send(protocol.Load(stage_id, sha, blob_tensor(data), memory_bytes=action.memory_bytes,
+                                  reference_host_s=action.reference_host_s), timeout_s=SHIP_TIMEOUT_S)
+        elapsed = time.perf_counter() - started
+        self.shipped_bytes[device] = self.shipped_bytes.get(device, 0) + len(data)
+        self._cached(device, sha)
+        self._loaded_in(elapsed - self._moving_s(device, len(data)))
+
+    def _moving_s(self, device: str, nbytes: int) -> float:
+        """Seconds `nbytes` take to reach `device` over a real link (0 where links are emulated: archives
+        travel on the control socket, which the emulation does not shape)."""
+        source = self.planned.source
+        if device not in self.planned.names or link_setting(self.session.cluster, source, device).bandwidth_bytes_per_s:
+            return 0.0
+        bandwidth = self.planned.link(source, device).bandwidth_bytes_per_s
+        return 0.0 if math.isinf(bandwidth) else nbytes / bandwidth
+
+    def _loaded_in(self, seconds: float) -> None:
+        self.load_seconds = [*self.load_seconds[-7:], max(0.0, seconds)]
+
+    def stash(self, device: str, program: Any) -> int:
+        """Put `program`'s archive into `device`'s cache ahead of need (standby); returns the bytes sent.
+
+        Nothing is sent when the engine knows the cache holds it already; 0 also when the device's
+        cache cannot take it (its memory is spoken for). DeployError if the worker refuses.
+        """
+        sha = program.sha256
+        if sha in self.archives.get(device, ()):
+            return 0
+        data = program.to_bytes()
+        # Bounded by what the link should need: a device that dies meanwhile must not hold its
+        # client (and the supervisor's failure handling, which closes it) for SHIP_TIMEOUT_S.
+        bandwidth = self.planned.link(self.planned.source, device).bandwidth_bytes_per_s
+        timeout_s = min(SHIP_TIMEOUT_S, STASH_MIN_TIMEOUT_S + 3 * len(data) / bandwidth)
+        try:
+            with self._busy(device):
+                reply = self.session.clients[device].send(protocol.Stash(sha, blob_tensor(data)), timeout_s=timeout_s)
+        except (WorkerError, KeyError) as exc:
+            raise DeployError(f"could not stash an archive on {device}: {exc}") from None
+        if isinstance(reply, protocol.Ok) and reply.fields.get("cached"):
+            self._cached(device, sha)
+        return len(data)
+
+    def _cached(self, device: str, sha: str) -> None:
+        with self._archives_lock:
+            self.archives = {**self.archives, device: self.archives.get(device, frozenset()) | {sha}}
 
     def release(self, *, timeout_s: float = 2.0) -> None:
         """Unload this deployment's stages and routes from every live worker (its pipeline closed).

@@ -5,9 +5,9 @@ A Starlette application (run by uvicorn, see `server.py`). Routes:
 - `GET /v2/health/live`, `GET /v2/health/ready`: no key needed (orchestrators probe them);
   ready is 200 once deployed and 503 while no plan can run.
 - `GET /v2`, `GET /v2/models/{name}`, `GET /v2/models/{name}/ready`, `POST /v2/models/{name}/infer`
-  (also under `/versions/{version}`): the protocol; errors are `{"error": "..."}` with 400 (bad
-  request), 404 (unknown model), 401 (missing or wrong API key), 413 (body over the limit), 500
-  (an accepted request failed), 503 (shutting down, or no plan can run).
+  (also under `/versions/{version}`): the protocol; errors are `{"error": "..."}` with 400 (a bad
+  request: malformed, wrong shape or dtype, a body over the limit, a missing or wrong API key),
+  404 (unknown model), 500 (an accepted request failed), 503 (shutting down, or no plan can run).
 - `GET /metrics` (Prometheus text), `GET /api/state` (JSON), `GET /api/events` (server-sent
   events: the state again whenever it changed), `GET /` and `/static/...` (the dashboard).
 
@@ -146,7 +146,7 @@ class Routes:
         refused = self._guarded(request) or self._unknown_model(request)
         if refused:
             raise HTTPError(refused.status_code, json.loads(bytes(refused.body))["error"],
-                            "unauthorized" if refused.status_code == 401 else "not_found")
+                            "not_found" if refused.status_code == 404 else "unauthorized")
         body = await self._read_body(request)
         try:
             parsed = parse_request(body, request.headers.get(HEADER_LENGTH), self.signature,
@@ -174,12 +174,12 @@ class Routes:
         declared = request.headers.get("content-length")
         too_large = f"the request body is over this server's limit of {limit:,} bytes (--max-body-bytes)"
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HTTPError(413, too_large, "too_large")
+            raise HTTPError(400, too_large, "too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise HTTPError(413, too_large, "too_large")
+                raise HTTPError(400, too_large, "too_large")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -219,7 +219,7 @@ class Routes:
 
     # -- checks ------------------------------------------------------------------------------------
     def _guarded(self, request: Request, *, query: bool = False) -> JSONResponse | None:
-        """401 unless the API key (if any) came as a bearer token (or `?key=` where `query`)."""
+        """400 unless the API key (if any) came as a bearer token (or `?key=` where `query`)."""
         key = self.options.api_key
         if key is None:
             return None
@@ -230,7 +230,7 @@ class Routes:
         if token is not None and hmac.compare_digest(token.encode(), key.encode()):
             return None
         what = "a wrong API key" if token is not None else "no API key"
-        return error(401, f"this server wants 'Authorization: Bearer KEY' (its --api-key); the request had {what}")
+        return error(400, f"this server wants 'Authorization: Bearer KEY' (its --api-key); the request had {what}")
 
     def _unknown_model(self, request: Request) -> JSONResponse | None:
         name = request.path_params["name"]

@@ -4,7 +4,8 @@ Names and what they count (seconds are device time where the pipeline reports th
 seconds divided by the emulated cluster's dilation; HTTP latencies are wall seconds):
 
 - `partita_requests_total{outcome}`: HTTP infer requests by outcome: `ok`, `bad_request` (400),
-  `not_found` (404), `unauthorized` (401), `too_large` (413), `failed` (accepted, then failed).
+  `not_found` (404), `unauthorized` (400: a missing or wrong API key), `too_large` (400: a body over
+  the limit), `failed` (accepted, then failed).
 - `partita_requests_in_flight`: infer requests accepted (checked and queued) and not yet answered.
 - `partita_request_latency_seconds`: histogram of infer requests answered `ok`, arrival to answer.
 - `partita_batch_rows`, `partita_batch_requests`: histograms of each batch sent: rows, requests.

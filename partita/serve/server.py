@@ -37,7 +37,7 @@ MIB = 1 << 20
 class ServeOptions:
     """How to serve. `max_rows`: rows per batch (--max-batch; 1 turns batching off). `window_s`: how
     long a batch waits for more requests (--batch-window-ms / 1000). `api_key` None: no key needed.
-    `port` 0: any free port. `max_body_bytes`: the largest infer body taken (413 above it).
+    `port` 0: any free port. `max_body_bytes`: the largest infer body taken (400 above it).
     """
 
     name: str

@@ -225,6 +225,10 @@ class ServeState:
             elif kind == "halted":
                 self.halted = str(e.get("error"))
                 self.event("halted", f"no plan can run: {self.halted}")
+            elif kind == "standby":
+                note = f"; {e['error']}" if e.get("error") else ""
+                self.event("standby", f"standby: {len(e.get('copies', []))} stage archive(s) pre-shipped "
+                                      f"({e.get('bytes', 0):,} bytes){note}")
             elif kind in ("switch_error", "error"):
                 self.event(kind, str(e.get("error")))
         self._seen_supervisor = len(events)
@@ -236,8 +240,11 @@ class ServeState:
             for device in r.get("devices_added", []):
                 self._mark(device, up=True)
             self.metrics.switches.labels(r.get("cause", "unknown")).inc()
+            cost = ""
+            if r.get("predicted_switch_s") is not None and r.get("switch_s") is not None:
+                cost = f"; switch {r['switch_s']:.2f} s (predicted {r['predicted_switch_s']:.2f} s)"
             self.event("replan", f"re-plan ({r.get('cause')}): period {_ms(r.get('old_period_s'))} -> "
-                                 f"{_ms(r.get('new_period_s'))}", cause=r.get("cause"))
+                                 f"{_ms(r.get('new_period_s'))}{cost}", cause=r.get("cause"))
         self._seen_replans = len(replans)
 
     def _mark(self, device: str, *, up: bool) -> None:
