@@ -91,6 +91,23 @@ class DeviceSpec:
             if basis not in BASES:
                 raise ClusterSpecError(f"device {self.name!r}: basis of {label} must be one of {BASES}, got {basis!r}")
 
+    @property
+    def flops(self) -> float:
+        """`flops_per_s`, known. Planning checks `ClusterSpec.check_known` first, so None here means a
+        caller skipped that check."""
+        if self.flops_per_s is None:
+            raise ClusterSpecError(f"device {self.name!r}: flops_per_s is not known yet; measure it first "
+                                   "(partita cluster probe, or deploy)")
+        return self.flops_per_s
+
+    @property
+    def memory(self) -> float:
+        """`memory_bytes`, known (see `flops`)."""
+        if self.memory_bytes is None:
+            raise ClusterSpecError(f"device {self.name!r}: memory_bytes is not known yet; measure it first "
+                                   "(partita cluster probe, or deploy)")
+        return self.memory_bytes
+
     def basis_of(self, figure: str) -> str:
         """Where `figure` ("flops_per_s", "memory_bytes") came from: declared, catalog or measured."""
         return self.basis.get(figure, "declared")

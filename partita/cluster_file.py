@@ -191,7 +191,7 @@ class _DeviceModel(BaseModel):
     def spec(self) -> DeviceSpec:
         flops = _pick(self, "flops_per_s", "compute")
         memory = _pick(self, "memory_bytes", "memory")
-        basis = dict(self.basis or {})
+        basis: dict[str, str] = {str(k): str(v) for k, v in (self.basis or {}).items()}
         if self.type is not None and (flops is None or memory is None):  # the catalog fills in what is missing
             catalog = CATALOG[str(self.type)]
             for label, value in (("flops_per_s", flops), ("memory_bytes", memory)):
@@ -208,7 +208,7 @@ class _DeviceModel(BaseModel):
             public_key=self.public_key,
             speed=self.speed,
             basis={k: v for k, v in basis.items() if v != "declared"},
-            spread=dict(self.spread or {}),
+            spread={str(k): float(v) for k, v in (self.spread or {}).items()},
         )
 
 

@@ -60,7 +60,9 @@ class _LinkProgress:
     """A rich progress bar over the links, on stderr (quiet under --json)."""
 
     def __init__(self, console: Any, *, enabled: bool) -> None:
-        self.console, self.enabled, self._bar, self._task = console, enabled, None, None
+        self.console, self.enabled = console, enabled
+        self._bar: Any = None
+        self._task: Any = None
 
     def __enter__(self) -> _LinkProgress:
         if self.enabled:

@@ -33,12 +33,12 @@ def baseline_stages(name: str, profile: Profile, cluster: ClusterSpec, *, max_st
     L = len(profile.segments)
     if name == "single":
         need = profile.memory_bytes(0, L)
-        fitting = [d for d in cluster.devices if d.memory_bytes >= need]
+        fitting = [d for d in cluster.devices if d.memory >= need]
         if not fitting:
-            largest = max(cluster.devices, key=lambda d: d.memory_bytes)
+            largest = max(cluster.devices, key=lambda d: d.memory)
             raise PlanError(
                 f"{profile.model} needs {need / 2**20:.1f} MiB for its weights and activations; the largest "
-                f"device ({largest.name}) has {largest.memory_bytes / 2**20:.1f} MiB. Add a device or use a "
+                f"device ({largest.name}) has {largest.memory / 2**20:.1f} MiB. Add a device or use a "
                 "planner that splits the model (optimal)."
             )
         best = min(fitting, key=lambda d: stage_time_s(profile, d, 0, L, segment_times_s))
@@ -49,7 +49,7 @@ def baseline_stages(name: str, profile: Profile, cluster: ClusterSpec, *, max_st
     if name == "even":
         weights = [1.0] * len(devices)
     elif name == "memory":
-        weights = [d.memory_bytes for d in devices]
+        weights = [d.memory for d in devices]
     elif name == "flops":
         weights = [1.0 / stage_time_s(profile, d, 0, L, segment_times_s) for d in devices]
     else:

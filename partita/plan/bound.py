@@ -86,8 +86,8 @@ def _optimistic_cluster(tables: CostTables, cluster: ClusterSpec, groups: list[l
     devices, classes = [], []
     for k, members in enumerate(groups):
         fastest = np.min([per_segment[name] for name in members], axis=0)
-        memory = max(cluster.device(name).memory_bytes for name in members)
-        device = DeviceSpec(reps[k], max(cluster.device(name).flops_per_s for name in members), memory)
+        memory = max(cluster.device(name).memory for name in members)
+        device = DeviceSpec(reps[k], max(cluster.device(name).flops for name in members), memory)
         devices.append(device)
         intra = _best_link(bandwidth, latency, index[k], index[k], distinct=True) if len(members) > 1 else None
         names_k = (reps[k], *(f"{reps[k]}.{i}" for i in range(1, len(members))))

@@ -66,7 +66,7 @@ def stage_time_s(profile: Profile, device: DeviceSpec, start: int, end: int,
     """Seconds `device` takes to compute segments [start, end) for one request."""
     if segment_times_s and device.name in segment_times_s:
         return float(sum(segment_times_s[device.name][start:end]))
-    return sum(s.flops for s in profile.segments[start:end]) / device.flops_per_s
+    return sum(s.flops for s in profile.segments[start:end]) / device.flops
 
 
 def hop_terms(cluster: ClusterSpec, senders: Sequence[str], receivers: Sequence[str], nbytes: float):
@@ -133,10 +133,10 @@ def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], 
         specs = [cluster.device(name) for name in devices]
         if check_memory:
             for spec in specs:
-                if memory > spec.memory_bytes:
+                if memory > spec.memory:
                     raise PlanError(
                         f"segments [{start}, {end}) of {profile.model} need {memory / 2**20:.1f} MiB; "
-                        f"{spec.name} has {spec.memory_bytes / 2**20:.1f} MiB. Move the cut or use another device."
+                        f"{spec.name} has {spec.memory / 2**20:.1f} MiB. Move the cut or use another device."
                     )
         compute = max(stage_time_s(profile, spec, start, end, times) for spec in specs)
         plans.append(StagePlan(devices, start, end, compute, float(memory),
@@ -228,4 +228,4 @@ class CostTables:
         """Seconds per segment on `device` (length L)."""
         if segment_times is not None:
             return np.asarray(segment_times, dtype=np.float64)
-        return self.flops / device.flops_per_s
+        return self.flops / device.flops

@@ -228,7 +228,7 @@ def base_segment_times(profile: Profile, cluster: ClusterSpec,
         if device.name in measured:
             out[device.name] = tuple(float(t) for t in measured[device.name])
         else:
-            out[device.name] = tuple(s.flops / device.flops_per_s for s in profile.segments)
+            out[device.name] = tuple(s.flops / device.flops for s in profile.segments)
     return out
 
 

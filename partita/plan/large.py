@@ -50,7 +50,7 @@ def lower_bound_period_s(tables: CostTables, cluster: ClusterSpec, classes: list
     n_devices = sum(c.size for c in usable)
     bound = float(fastest.sum()) / n_devices
     if all(c.segment_times is None for c in usable):
-        bound = max(bound, float(tables.flops.sum()) / sum(c.size * c.spec.flops_per_s for c in usable))
+        bound = max(bound, float(tables.flops.sum()) / sum(c.size * c.spec.flops for c in usable))
     if not replicate:
         bound = max(bound, float(fastest.max()))
     bandwidths = [cluster.link(cluster.source, name).bandwidth_bytes_per_s for c in usable for name in c.members]

@@ -260,24 +260,24 @@ def _named_plan(profile, cluster, chain, classes, objective, segment_times_s, bo
 
 
 def _check_fits_somewhere(profile: Profile, tables: CostTables, classes: list[DeviceClass]) -> None:
-    largest = max(classes, key=lambda c: c.spec.memory_bytes).spec
+    largest = max(classes, key=lambda c: c.spec.memory).spec
     index = max(range(tables.L), key=lambda i: tables.memory[i, i + 1])
     need = tables.memory[index, index + 1]
     if need > largest.memory_bytes:
         raise PlanError(
             f"segment {index} ({profile.segments[index].name}) of {profile.model} needs {need / 2**20:.1f} MiB; "
-            f"the largest device ({largest.name}) has {largest.memory_bytes / 2**20:.1f} MiB. "
+            f"the largest device ({largest.name}) has {largest.memory / 2**20:.1f} MiB. "
             "Add a device with more memory."
         )
 
 
 def _no_fit_message(profile: Profile, cluster: ClusterSpec, max_stages: int | None) -> str:
     need = profile.total_param_bytes
-    total = sum(d.memory_bytes for d in cluster.devices)
-    largest = max(cluster.devices, key=lambda d: d.memory_bytes)
+    total = sum(d.memory for d in cluster.devices)
+    largest = max(cluster.devices, key=lambda d: d.memory)
     limit = f" in at most {max_stages} stages" if max_stages else ""
     return (
         f"{profile.model} needs {need / 2**20:.1f} MiB for its weights (plus activations per stage); the devices "
-        f"together have {total / 2**20:.1f} MiB (largest: {largest.name}, {largest.memory_bytes / 2**20:.1f} MiB) "
+        f"together have {total / 2**20:.1f} MiB (largest: {largest.name}, {largest.memory / 2**20:.1f} MiB) "
         f"and no split fits{limit}. " + ("Allow more stages or add a device." if max_stages else "Add a device.")
     )

@@ -277,7 +277,7 @@ class ReplanPolicy:
             self._base[spec.name] = times
             self._measured.add(spec.name)
         elif spec.name not in self._base or self._known.get(spec.name) != spec:
-            self._base[spec.name] = tuple(s.flops / spec.flops_per_s for s in self._profile.segments)
+            self._base[spec.name] = tuple(s.flops / spec.flops for s in self._profile.segments)
             self._measured.discard(spec.name)
         self._known[spec.name] = spec
         self._links.update({frozenset((spec.name, peer)): link for peer, link in (links or {}).items()})

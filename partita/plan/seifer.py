@@ -42,10 +42,10 @@ def seifer_stages(profile: Profile, cluster: ClusterSpec, *, max_stages: int | N
                   segment_times_s: Mapping[str, Sequence[float]] | None = None) -> list[tuple[str, int, int]]:
     """The (device, start, end) stages SEIFER picks; PlanError if no partition fits the devices."""
     tables = CostTables(profile)
-    devices = sorted(cluster.devices, key=lambda d: -d.memory_bytes)  # stable: file order among equals
+    devices = sorted(cluster.devices, key=lambda d: -d.memory)  # stable: file order among equals
     limit = min(len(devices), tables.L, max_stages or tables.L)
     for k in range(1, limit + 1):
-        parts = _cheapest_partition(tables, devices[k - 1].memory_bytes, k)
+        parts = _cheapest_partition(tables, devices[k - 1].memory, k)
         if parts is None:
             continue
         path = _widest_cycle(tables, cluster, parts)
@@ -54,7 +54,7 @@ def seifer_stages(profile: Profile, cluster: ClusterSpec, *, max_stages: int | N
     largest = devices[0]
     raise PlanError(
         f"seifer finds no partition of {profile.model} that fits {limit} of the devices "
-        f"(largest: {largest.name}, {largest.memory_bytes / 2**20:.1f} MiB). Add a device with more memory."
+        f"(largest: {largest.name}, {largest.memory / 2**20:.1f} MiB). Add a device with more memory."
     )
 
 

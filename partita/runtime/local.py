@@ -131,7 +131,7 @@ class LocalCluster:
         host_flops = self._host_flops or host_flops_per_s(self._threads)
         self.host_flops = host_flops
         self.host_speeds = {
-            d.name: (d.speed if d.speed is not None else d.flops_per_s / host_flops) for d in self.spec.devices
+            d.name: (d.speed if d.speed is not None else d.flops / host_flops) for d in self.spec.devices
         }
         fastest = max(self.host_speeds.values())
         self.dilation = self._requested_dilation or max(1.0, fastest * DILATION_HEADROOM)
@@ -175,7 +175,7 @@ class LocalCluster:
             "--name", name,
             "--device", "cpu",
             "--emulate", repr(self.host_speeds[name]),
-            "--memory", repr(float(device.memory_bytes)),
+            "--memory", repr(float(device.memory)),
             "--dilation", repr(self.dilation),
             "--threads", str(self._threads),
             "--ready-file", str(ready),
@@ -349,7 +349,7 @@ class LocalCluster:
         names = self.spec.names
         self.spec = (self.spec.replace_device(device.name, **{f: getattr(device, f) for f in _DEVICE_FIELDS})
                      if device.name in names else dataclasses.replace(self.spec, devices=(*self.spec.devices, device)))
-        self.host_speeds[device.name] = device.speed if device.speed is not None else device.flops_per_s / self.host_flops
+        self.host_speeds[device.name] = device.speed if device.speed is not None else device.flops / self.host_flops
         if self.host_speeds[device.name] > self.dilation:
             raise EmulationError(f"device {device.name} at speed {self.host_speeds[device.name]:g} exceeds the "
                                  f"dilation {self.dilation:g}; start the cluster with a larger dilation")
