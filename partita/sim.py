@@ -7,8 +7,8 @@ served at stage k by replica n mod r_k, as in the cost model. Requests arrive ei
 (`in_flight` at once, a new one whenever one completes) or as a Poisson stream of `arrival` req/s.
 
 A tiled stage is a fork and a join: each tile is a branch of three servers (the link carrying its
-halo'd crop, its device, the link carrying its output to the next stage's device), and the request
-moves on when its last branch has arrived.
+halo'd crop from the source, its device, the link carrying its output back to the source, which
+stitches), and the request moves on when its last branch has arrived.
 
 Pure and deterministic for a given seed: no torch, no threads, no sleeping. The cost model's period
 is what this simulation converges to in steady state without jitter; `jitter` (the sigma of a
@@ -231,7 +231,9 @@ class _Route:
     """
 
     def __init__(self, plan: Plan, cluster: ClusterSpec, profile, times) -> None:
-        groups = [(cluster.source,)] + [stage.devices for stage in plan.stages] + [(cluster.source,)]
+        # a tiled stage's tiles come back to the source, which stitches them and sends the map on
+        groups = ([(cluster.source,)] + [(cluster.source,) if stage.kind == "tiled" else stage.devices
+                                         for stage in plan.stages] + [(cluster.source,)])
         cuts = [profile.cut_bytes(stage.start) for stage in plan.stages] + [profile.cut_bytes(len(profile.segments))]
         self.names: list[tuple[str, str]] = []  # (kind, label) per server
         index: dict[tuple, int] = {}
@@ -248,13 +250,10 @@ class _Route:
 
         first_hop = 0
         if plan.stages and plan.stages[0].kind == "tiled":
-            self.forks[0] = self._tiles(plan.stages[0], groups[2], cluster, server)
+            self.forks[0] = self._tiles(plan.stages[0], cluster, server)
             for step in (self.servers, self.services, self.delays):
                 step.append([])
-            first_hop = 1
-            if len(plan.stages) > 1:
-                self._add_stage(plan.stages[1], cluster, profile, times, server)
-                first_hop = 2
+            first_hop = 1  # the stitched map leaves the source for the next stage as on any hop
         elif any(stage.kind == "tiled" for stage in plan.stages):
             raise PlanError("a tiled stage comes first in its plan (tiles of the model's first layers)")
         for h in range(first_hop, len(plan.stages) + 1):
@@ -283,10 +282,10 @@ class _Route:
         self.delays.append([0.0] * len(stage.devices))
 
     @staticmethod
-    def _tiles(stage, receivers: Sequence[str], cluster: ClusterSpec, server) -> list[list[tuple[int, float, float]]]:
-        """Per tile: (link source -> device, its crop), (device, its compute), (link device -> next, its output)."""
+    def _tiles(stage, cluster: ClusterSpec, server) -> list[list[tuple[int, float, float]]]:
+        """Per tile: (link source -> device, its crop), (device, its compute), (link device -> source, its output)."""
         branches = []
-        source, target = cluster.source, receivers[0]
+        source = target = cluster.source
         for tile in stage.tiles:
             path = []
             for h, (u, v, nbytes) in enumerate(((source, tile.device, tile.in_bytes),

@@ -74,9 +74,9 @@ def test_a_tiled_plans_latency_follows_the_closed_form():
     crop_bytes = 3 * 36 * 36 * 4
     out_bytes = CHANNELS * 32 * 32 * 4
     scatter = 0.0005 + crop_bytes / 125e6
-    gather_remote = 0.0005 + out_bytes / 125e6
-    head = 10**6 / 1e9 + 0.0005 + 40 / 125e6
-    want = scatter + flops / 1e9 + gather_remote + head  # d1..d3 gather over the link, d0 keeps its tile
+    gather = 0.0005 + out_bytes / 125e6  # every tile back to the source, which stitches
+    head = 0.0005 + 4 * out_bytes / 125e6 + 10**6 / 1e9 + 0.0005 + 40 / 125e6  # the map to d0, the head, back
+    want = scatter + flops / 1e9 + gather + head
     assert got.latency_s == pytest.approx(want, rel=1e-9)
     assert got.stages[0].tiles[0].in_bytes == crop_bytes
 

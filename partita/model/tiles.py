@@ -149,14 +149,23 @@ def tile_programs(graph: ModelGraph, start: int, end: int, tiles: Sequence[Regio
     """One exported program per output tile of segments [start, end) (tiles: output regions).
 
     index: the stage index the programs carry. The batch dimension stays dynamic when the capture's was.
+    When the block ends the model, each program carries the model's output structure (`out_spec`),
+    so the stitched map is the model's output.
     """
     block_graph = _read_block(graph, start, end)
+    layout = graph.layout
+    out_spec = None
+    if end == len(graph.segments) and layout is not None:
+        import torch.utils._pytree as pytree
+
+        out_spec = pytree.treespec_dumps(layout.out_spec)
     programs = []
     for out in tiles:
         crop, regions = block_regions(block_graph.block, out)
         module = _TileModule(block_graph, crop, regions)
-        programs.append(TileProgram(_export_tile(module, block_graph, crop, out, graph, start, end, index),
-                                    crop, out))
+        program = _export_tile(module, block_graph, crop, out, graph, start, end, index)
+        program.out_spec = out_spec
+        programs.append(TileProgram(program, crop, out))
     return programs
 
 

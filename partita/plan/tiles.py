@@ -14,11 +14,13 @@ The cost model of a tiled stage (`predict_tiled`), from the profile's block geom
 
 - compute(t)  = time of the untiled block on d x FLOPs(t) / FLOPs(untiled block)  (halos recomputed)
 - memory(t)   = weights of the block + peak activations of t's regions         (must fit d)
-- scatter(t)  = transfer(previous node -> d, crop bytes of t)
-- gather(t)   = transfer(d -> the next stage's device, output bytes of t)
+- scatter(t)  = transfer(source -> d, crop bytes of t)
+- gather(t)   = transfer(d -> source, output bytes of t)
 
-and the stage finishes when its last tile has arrived: max_t scatter + compute + gather. Latency
-adds the chain after it as in `partita.plan.cost`. Links are independent per pair of nodes, as
+The source scatters and gathers (DeepThings' gateway does the same): it crops the request, and it
+stitches the tiles and sends the map on. The stage finishes when its last tile is back: max_t
+scatter + compute + gather. Latency adds transfer(source -> tail device, the stitched map), the
+rest of the model and its way back, as in `partita.plan.cost`. Links are independent per pair of nodes, as
 everywhere in the cost model, so the source's crops travel to the tile devices at once. The period
 is the busiest device (its tile plus, when it also runs the tail, the tail) or the busiest link.
 """
@@ -72,7 +74,7 @@ def tiled_plan(profile: Profile, cluster: ClusterSpec, *, end: int, grid: tuple[
     whole = tile_cost(block, ((0, height), (0, width)))
     params = sum(s.param_bytes for s in profile.segments[:end])
     tail_memory = profile.memory_bytes(end, n_segments) if tail is not None else 0
-    gather_node = tail if tail is not None else cluster.source
+    gather_node = cluster.source
 
     tile_plans: list[TilePlan] = []
     finish = 0.0
@@ -86,10 +88,12 @@ def tiled_plan(profile: Profile, cluster: ClusterSpec, *, end: int, grid: tuple[
             raise PlanError(f"tile rows {region[0]} cols {region[1]}: {exc}") from exc
         share = cost.flops / whole.flops if whole.flops else _area(region) / (height * width)
         compute = stage_time_s(profile, spec, 0, end, times) * share
-        memory = params + cost.act_bytes + (tail_memory if device == tail else 0)
-        if check_memory and memory > spec.memory_bytes:
+        memory = params + cost.act_bytes
+        held = memory + (tail_memory if device == tail else 0)  # the device also holds the rest of the model
+        if check_memory and held > spec.memory_bytes:
             raise PlanError(f"tile rows {region[0]} cols {region[1]} of {profile.model} needs {memory / 2**20:.1f} MiB "
-                            f"on {device}, which has {spec.memory_bytes / 2**20:.1f} MiB; use a finer grid")
+                            f"on {device}{' besides the rest of the model' if device == tail else ''}, which has "
+                            f"{spec.memory_bytes / 2**20:.1f} MiB; use a finer grid")
         scatter = _transfer(cluster, cluster.source, device, cost.in_bytes)
         gather = _transfer(cluster, device, gather_node, cost.out_bytes)
         finish = max(finish, scatter + compute + gather)
@@ -112,11 +116,12 @@ def tiled_plan(profile: Profile, cluster: ClusterSpec, *, end: int, grid: tuple[
                             f"{tail} has {spec.memory_bytes / 2**20:.1f} MiB")
         compute = stage_time_s(profile, spec, end, n_segments, times)
         out_bytes = profile.cut_bytes(n_segments)
-        latency += compute + _transfer(cluster, tail, cluster.source, out_bytes)
+        latency += (_transfer(cluster, cluster.source, tail, profile.cut_bytes(end)) + compute
+                    + _transfer(cluster, tail, cluster.source, out_bytes))
         busy[tail] = busy.get(tail, 0.0) + compute
         if tail != cluster.source:
             key = frozenset((tail, cluster.source))
-            link_bytes[key] = link_bytes.get(key, 0.0) + out_bytes
+            link_bytes[key] = link_bytes.get(key, 0.0) + out_bytes + profile.cut_bytes(end)
         stages.append(StagePlan((tail,), end, n_segments, compute, float(tail_memory), profile.cut_bytes(end),
                                 out_bytes))
     period = max(busy.values())

@@ -42,7 +42,7 @@ class Decision(Protocol):
 
 def reuse_programs(fresh: tuple[Any, ...], old: tuple[Any, ...]) -> tuple[Any, ...]:
     """`fresh` stage programs, each replaced by the old program of the same segments (renumbered if needed)."""
-    kept = {(p.start, p.end): p for p in old}
+    kept = {(p.start, p.end): p for p in old if hasattr(p, "start")}  # a tiled stage's entry is its tiles
     out = []
     for program in fresh:
         previous = kept.get((program.start, program.end))
