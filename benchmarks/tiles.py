@@ -10,13 +10,15 @@ figure is measured in this run on this machine, one torch thread:
 - the planner (`partita.plan.plan`, objective latency, fed those segment times) chooses the best
   chain (`--no-tiles`) and the best plan with tiles;
 - the tiled plan's tile programs are built from the captured graph, exported, and each is run on
-  its halo'd crop and timed; its latency is max over tiles (scatter + tile time / speed + gather)
-  + the rest of the model on its device + the result's way back, with link times from the cluster
-  (latency + bytes / bandwidth), and the stitched output is compared with the unsplit model.
+  its halo'd crop and timed; its latency is max over tiles (scatter from the source + tile time /
+  speed + gather to the source, which stitches) + the map's way to the next device + the rest of
+  the model there + the result's way back, with link times from the cluster (latency + bytes /
+  bandwidth), and the stitched output is compared with the unsplit model.
 
 So "measured" tile latencies use real tile programs but emulated device speeds and link times,
-not ZeroMQ workers (docs/tiles.md says what the runtime does not do yet). The single-device and
-chain latencies are the cost model on the measured segment times.
+composed as the runtime routes them, not a run on ZeroMQ workers (a 2-core machine cannot run four
+vgg16 tiles at once faithfully; tests/test_tiles_runtime.py runs tiles on workers). The
+single-device and chain latencies are the cost model on the measured segment times.
 
 A last table gives the memory a device needs for the first 16 layers of a Darknet-19/YOLOv2-like
 conv stack (defined here) at 608 x 608 on a 5 x 5 grid, against the untiled stack, beside
@@ -134,7 +136,7 @@ def _run_tiles(graph, profile, spec, scenario, chosen, x, reference, reps) -> di
     crops = [t.take(x) for t in tiles]
     outputs = [t.run(c) for t, c in zip(tiles, crops, strict=True)]
     tail_device = chosen.stages[1].devices[0] if len(chosen.stages) > 1 else None
-    gather_to = tail_device or spec.source
+    gather_to = spec.source  # the source stitches, as the runtime does
     finish = 0.0
     for tile, plan_tile, crop, out in zip(tiles, tiled.tiles, crops, outputs, strict=True):
         host = best_of(reps, lambda tile=tile, crop=crop: tile.run(crop))
@@ -146,7 +148,8 @@ def _run_tiles(graph, profile, spec, scenario, chosen, x, reference, reps) -> di
         rest = split(graph, [tiled.end - 1])[1]
         result = rest.run(stitched)[0]
         host = best_of(reps, lambda: rest.run(stitched))
-        finish += host / speeds[tail_device] + transfer_s(spec, tail_device, spec.source, result.numel() * 4)
+        finish += (transfer_s(spec, spec.source, tail_device, stitched.numel() * stitched.element_size())
+                   + host / speeds[tail_device] + transfer_s(spec, tail_device, spec.source, result.numel() * 4))
     else:
         result = stitched
     return {"shape": f"{tiled.grid[0]}x{tiled.grid[1]} tiles [0, {tiled.end}) + chain", "measured_s": finish,

@@ -294,6 +294,8 @@ class Pipeline:
             measured = [s["mean_device_s"] for s in per_device if s.get("requests")]
             stages.append({
                 "index": index,
+                "kind": stage_plan.kind,
+                **({"grid": list(stage_plan.grid)} if stage_plan.grid is not None else {}),
                 "devices": list(devices),
                 "segments": [stage_plan.start, stage_plan.end],
                 "predicted_compute_s": stage_plan.compute_s,
