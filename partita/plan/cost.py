@@ -117,6 +117,7 @@ def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], 
     """
     profile = load_profile(graph_or_profile)
     times = check_segment_times(profile, cluster, segment_times_s)
+    stages = list(stages)  # a generator is read once: here and below
     if any(getattr(s, "kind", "chain") == "tiled" for s in stages):
         # tiles builds on this module: import it here, not at the top
         from partita.plan.tiles import predict_tiled
