@@ -191,7 +191,8 @@ def block_regions(block: Block, out: Region) -> tuple[Region, list[Region]]:
             if j == -1:
                 need_in = wanted if need_in is None else _hull(need_in, wanted)
             else:
-                need[j] = wanted if need[j] is None else _hull(need[j], wanted)
+                before = need[j]
+                need[j] = wanted if before is None else _hull(before, wanted)
     if need_in is None:
         raise TileError("no layer of the block reads its input")
     return need_in, [r for r in need if r is not None]

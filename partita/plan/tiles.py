@@ -124,10 +124,10 @@ def tiled_plan(profile: Profile, cluster: ClusterSpec, *, end: int, grid: tuple[
             link_bytes[key] = link_bytes.get(key, 0.0) + out_bytes + profile.cut_bytes(end)
         stages.append(StagePlan((tail,), end, n_segments, compute, float(tail_memory), profile.cut_bytes(end),
                                 out_bytes))
-    period = max(busy.values())
-    for pair, nbytes in link_bytes.items():
+    period = float(max(busy.values()))
+    for pair, carried in link_bytes.items():
         a, b = tuple(pair)
-        period = max(period, nbytes / cluster.link(a, b).bandwidth_bytes_per_s)
+        period = max(period, carried / cluster.link(a, b).bandwidth_bytes_per_s)
     throughput = math.inf if period == 0 else 1.0 / period
     return Plan(tuple(stages), period, throughput, latency, objective, planner, None, cluster.source, profile.model,
                 None)

@@ -114,7 +114,7 @@ def _programs(graph: Any, chosen: Any) -> tuple[Any, ...]:
     from partita.model import split
     from partita.model.tiles import tile_programs
 
-    programs = list(split(graph, chosen.cuts()))
+    programs: list[Any] = list(split(graph, chosen.cuts()))
     first = chosen.stages[0]
     if first.kind == "tiled":
         programs[0] = tuple(tile_programs(graph, first.start, first.end, [(t.rows, t.cols) for t in first.tiles]))

@@ -246,7 +246,8 @@ def plan_transition(
         raise DeployError(f"the new plan uses {missing}, which have no live worker")
     if target.tiled is not None:
         return _tiled_transition(held, target, network, live)
-    programs = {stage.index: stage.program for stage in target.stages}
+    chain = [stage for stage in target.stages if isinstance(stage, ChainStage)]  # every stage, here
+    programs = {stage.index: stage.program for stage in chain}
     # A device whose program differs from the target's (another model's, a stale split) is reloaded.
     current = {
         device: (h.stage, h.segments) for device, h in held.items()
@@ -263,7 +264,7 @@ def plan_transition(
         old, new = change.old_stage, change.new_stage
         if change.action == "keep" and old is not None and new is not None and old != new:
             actions.append(Renumber(change.device, old, new))
-    for stage in target.stages:
+    for stage in chain:
         for device in stage.devices:
             change = next(c for c in diff.changes if c.device == device)
             if change.action == "load":
@@ -300,6 +301,8 @@ def _tiled_transition(held: Mapping[str, Holding], target: Deployment, network: 
         actions.append(Ship(device, 0, tile.program, float(tile_plan.memory_bytes), None,
                             (tiled.plan.start, tiled.plan.end), tile=True))
     for stage in target.stages[1:]:
+        if not isinstance(stage, ChainStage):
+            raise DeployError("a plan holds one tiled stage, the first")
         for device in stage.devices:
             actions.append(Ship(device, stage.index, stage.program, float(stage.plan.memory_bytes),
                                 network.reference_host_s(device, stage.plan), (stage.plan.start, stage.plan.end)))
