@@ -5,8 +5,9 @@
 For vgg16 and resnet18 at 224 x 224 (batch 1, random weights) on four emulated clusters, every
 figure is measured in this run on this machine, one torch thread:
 
-- the model's segments are timed on this host (`time_programs`); an emulated device of speed s
-  takes host time / s (as `LocalCluster` paces an emulated worker);
+- the model's segments are timed on this host (`time_programs`); an emulated device of F FLOP/s
+  has speed s = F / this host's matmul FLOP/s and takes host time / s (as `LocalCluster` paces an
+  emulated worker): Pi-class devices of 10 GFLOP/s, a Jetson-class one of 40 GFLOP/s;
 - the planner (`partita.plan.plan`, objective latency, fed those segment times) chooses the best
   chain (`--no-tiles`) and the best plan with tiles;
 - the tiled plan's tile programs are built from the captured graph, exported, and each is run on
@@ -50,6 +51,7 @@ from partita.halo import Block, Layer, Window, tile_cost, tile_grid  # noqa: E40
 from partita.model import capture, split  # noqa: E402
 from partita.model.tiles import stitch, tile_programs  # noqa: E402
 from partita.plan import load_profile, plan  # noqa: E402
+from partita.runtime.local import host_flops_per_s  # noqa: E402
 from partita.runtime.profile import time_programs  # noqa: E402
 
 console = Console(width=max(Console().width, 160))
@@ -58,25 +60,29 @@ WIFI = LinkSpec(50e6 / 8, 0.003)  # 802.11n as measured in homes: ~50 Mbit/s, 3 
 SLOW_WIFI = LinkSpec(10e6 / 8, 0.005)
 
 
+PI = 10e9  # a Raspberry Pi 4-class device: ~10 GFLOP/s fp32
+JETSON = 40e9  # a Jetson-class device
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    speeds: tuple[float, ...]
+    flops: tuple[float, ...]  # each device's FLOP/s; its speed is that over this host's (as LocalCluster emulates)
     link: LinkSpec
     source: str = "client"  # "d0": the camera is on the first device (its own input costs no link)
 
 
 SCENARIOS = [
-    Scenario("4 equal, Gigabit", (1.0, 1.0, 1.0, 1.0), GIGABIT),
-    Scenario("1 fast + 3 slow (1/4), Gigabit", (1.0, 0.25, 0.25, 0.25), GIGABIT),
-    Scenario("4 equal, Wi-Fi 50 Mbit/s", (1.0, 1.0, 1.0, 1.0), WIFI),
-    Scenario("4 equal, Wi-Fi 10 Mbit/s, camera on d0", (1.0, 1.0, 1.0, 1.0), SLOW_WIFI, source="d0"),
+    Scenario("4 equal (Pi-class), Gigabit", (PI,) * 4, GIGABIT),
+    Scenario("1 fast (Jetson) + 3 slow (Pi), Gigabit", (JETSON, PI, PI, PI), GIGABIT),
+    Scenario("4 equal (Pi-class), Wi-Fi 50 Mbit/s", (PI,) * 4, WIFI),
+    Scenario("4 equal (Pi-class), Wi-Fi 10 Mbit/s, camera on d0", (PI,) * 4, SLOW_WIFI, source="d0"),
 ]
 
 
 def cluster_for(scenario: Scenario) -> ClusterSpec:
-    # flops_per_s is not used for time (segment times are given); memory is ample: latency is the point here
-    devices = tuple(DeviceSpec(f"d{i}", 1e11 * s, 8 * 2**30) for i, s in enumerate(scenario.speeds))
+    # memory is ample: latency is the point here
+    devices = tuple(DeviceSpec(f"d{i}", f, 8 * 2**30) for i, f in enumerate(scenario.flops))
     return ClusterSpec(devices, scenario.source, scenario.link)
 
 
@@ -96,7 +102,7 @@ def best_of(reps: int, fn) -> float:
     return best
 
 
-def model_rows(name: str, reps: int) -> list[dict]:
+def model_rows(name: str, reps: int, host_flops: float) -> list[dict]:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(1, 3, 224, 224)
@@ -109,7 +115,8 @@ def model_rows(name: str, reps: int) -> list[dict]:
     rows = []
     for scenario in SCENARIOS:
         spec = cluster_for(scenario)
-        times = {d.name: [t / s for t in host_s] for d, s in zip(spec.devices, scenario.speeds, strict=True)}
+        speeds = {d.name: d.flops_per_s / host_flops for d in spec.devices}
+        times = {d.name: [t / speeds[d.name] for t in host_s] for d in spec.devices}
         fastest = max(spec.devices, key=lambda d: d.flops_per_s).name
         single = (transfer_s(spec, spec.source, fastest, profile.input_bytes) + sum(times[fastest])
                   + transfer_s(spec, fastest, spec.source, profile.cut_bytes(len(profile.segments))))
@@ -120,7 +127,7 @@ def model_rows(name: str, reps: int) -> list[dict]:
                "bit_identical": None, "grid": None}
         first = chosen.stages[0]
         if first.kind == "tiled":
-            row.update(_run_tiles(graph, profile, spec, scenario, chosen, x, reference, reps))
+            row.update(_run_tiles(graph, spec, speeds, chosen, x, reference, reps))
         row["vs_single"] = single / row["measured_s"]
         row["vs_chain"] = chain.latency_s / row["measured_s"]
         rows.append(row)
@@ -128,9 +135,8 @@ def model_rows(name: str, reps: int) -> list[dict]:
     return rows
 
 
-def _run_tiles(graph, profile, spec, scenario, chosen, x, reference, reps) -> dict:
+def _run_tiles(graph, spec, speeds, chosen, x, reference, reps) -> dict:
     tiled = chosen.stages[0]
-    speeds = {d.name: s for d, s in zip(spec.devices, scenario.speeds, strict=True)}
     regions = [(t.rows, t.cols) for t in tiled.tiles]
     tiles = tile_programs(graph, 0, tiled.end, regions)
     crops = [t.take(x) for t in tiles]
@@ -226,10 +232,13 @@ def main() -> None:
     parser.add_argument("--models", default="vgg16,resnet18")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    host_flops = host_flops_per_s(1)
+    console.print(f"this host: {host_flops / 1e9:.1f} GFLOP/s on one thread (emulated speeds are relative to it)",
+                  highlight=False)
     rows = []
     for name in args.models.split(","):
         console.print(f"{name}: capture, time segments, plan, run tiles …", highlight=False)
-        rows += model_rows(name, args.reps)
+        rows += model_rows(name, args.reps, host_flops)
 
     table = Table(title="One request's latency (ms): single fastest device, best chain, best plan with tiles")
     for column in ("model", "cluster", "single", "best chain", "chosen", "predicted", "measured", "× vs single",
@@ -256,8 +265,8 @@ def main() -> None:
 
     out = ROOT / "benchmarks" / "results" / "tiles.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"latency": rows, "memory": memory, "darknet_tiles_bit_identical": identical},
-                              indent=2))
+    out.write_text(json.dumps({"host_flops_per_s": host_flops, "latency": rows, "memory": memory,
+                               "darknet_tiles_bit_identical": identical}, indent=2))
     console.print(f"wrote {out.relative_to(ROOT)}")
 
 
