@@ -137,3 +137,27 @@ def test_the_simulator_reproduces_a_tiled_plans_latency_and_period():
     assert one.latency_p50_s == pytest.approx(chosen.latency_s, rel=1e-9)
     many = simulate(chosen, spec, PROFILE, requests=400)
     assert many.throughput_rps == pytest.approx(chosen.throughput_rps, rel=0.02)
+
+
+def test_partita_plan_considers_tiles_for_latency_unless_no_tiles(capsys, tmp_path):
+    from partita.cli import main
+
+    profile = tmp_path / "convs.json"
+    profile.write_text(json.dumps(PROFILE))
+    quad = tmp_path / "quad.yaml"  # four slow devices on Gigabit: tiles pay for this small model
+    quad.write_text("source: client\ndevices:\n" + "".join(
+        f"  - {{name: {n}, compute: 1GFLOPS, memory: 1GiB}}\n" for n in "abcd"
+    ) + "links:\n  default: {bandwidth: 1Gbit/s, latency: 0.5ms}\n")
+
+    def run(*args: str) -> str:
+        try:
+            main(["plan", "--profile", str(profile), "--cluster", str(quad), "--objective", "latency", *args])
+        except SystemExit as exc:
+            assert not exc.code
+        return capsys.readouterr().out
+
+    tiled = json.loads(run("--json"))
+    assert tiled["stages"][0]["kind"] == "tiled" and tiled["stages"][0]["grid"] == [2, 2]
+    chain = json.loads(run("--json", "--no-tiles"))
+    assert [stage["kind"] for stage in chain["stages"]] == ["chain"] * len(chain["stages"])
+    assert "2x2 tiles" in run()  # the stage table names the grid
