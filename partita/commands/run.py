@@ -79,7 +79,9 @@ def run(
         # Emulated workers run on this host, on one thread, exactly as the reference does; a real
         # device (another CPU, a GPU, more threads) may sum floats in another order.
         same_host = not any(d.address for d in handle.spec.devices)
-        result.update(check_outputs(module, inputs, outputs, codec, bits_expected=same_host))
+        # a tile's kernels run on a smaller map and may sum in another order (docs/tiles.md): close, not bits
+        tiled = any(stage.get("kind") == "tiled" for stage in result["plan"]["stages"])
+        result.update(check_outputs(module, inputs, outputs, codec, bits_expected=same_host and not tiled))
     else:
         result.update({"outputs_match": None, "outputs_close": None, "max_abs_error": None})
     if as_json:
@@ -233,7 +235,7 @@ def check_verdict(result: dict[str, Any]) -> str:
         return f"close but not bit-identical ({error}): every stage ran here like the reference, so this is a bug"
     return (
         f"close ({error}); bits can differ because stages ran on other devices or thread counts, "
-        "which sum floats in another order"
+        "or as tiles on smaller maps, which sum floats in another order"
     )
 
 
