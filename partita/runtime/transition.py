@@ -294,7 +294,8 @@ def _tiled_transition(held: Mapping[str, Holding], target: Deployment, network: 
     can hold a tile and the rest of the model. Only the coordinator sends to these stages.
     """
     tiled = target.tiled
-    assert tiled is not None  # noqa: S101 - the caller checked; this tells the type checker
+    if tiled is None:
+        raise DeployError("internal: a tiled transition for a deployment without a tiled stage")
     diff = diff_holdings({}, target.plan)  # every device loads
     actions: list[Action] = [Drop(d) for d in sorted(held) if d in live]
     for device, tile, tile_plan in zip(tiled.devices, tiled.tiles, tiled.plan.tiles, strict=True):
