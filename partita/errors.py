@@ -77,3 +77,7 @@ class ServeError(PartitaError):
 
 class InferRequestError(PartitaError):
     """An inference request over HTTP is malformed; the message says what was expected (HTTP 400)."""
+
+
+class TileError(PartitaError):
+    """A fused block cannot be tiled as asked (a layer that mixes positions, a grid larger than the map)."""

@@ -6,6 +6,10 @@ message then takes the link's latency to arrive (latency does not hold the link)
 served at stage k by replica n mod r_k, as in the cost model. Requests arrive either closed-loop
 (`in_flight` at once, a new one whenever one completes) or as a Poisson stream of `arrival` req/s.
 
+A tiled stage is a fork and a join: each tile is a branch of three servers (the link carrying its
+halo'd crop from the source, its device, the link carrying its output back to the source, which
+stitches), and the request moves on when its last branch has arrived.
+
 Pure and deterministic for a given seed: no torch, no threads, no sleeping. The cost model's period
 is what this simulation converges to in steady state without jitter; `jitter` (the sigma of a
 mean-one lognormal factor on every service time) shows what variance costs.
@@ -145,13 +149,14 @@ def _run(route: _Route, requests: int, rate: float | None, in_flight: int, sigma
     busy = [0.0] * route.n_servers
     arrived = np.zeros(requests)
     done = np.full(requests, np.nan)
-    heap: list[tuple[float, int, int, int]] = []
+    # (time, counter, request, step, branch, position): branch -1 outside a tiled stage's fork
+    heap: list[tuple[float, int, int, int, int, int]] = []
     counter = 0
     last_step = route.n_steps - 1
     if rate is None:  # closed
         issued = in_flight
         for n in range(in_flight):
-            heap.append((0.0, n, n, 0))
+            heap.append((0.0, n, n, 0, -1, 0))
             counter += 1
     else:
         issued = requests
@@ -159,17 +164,14 @@ def _run(route: _Route, requests: int, rate: float | None, in_flight: int, sigma
         for n in range(requests):
             clock += rng.expovariate(rate)
             arrived[n] = clock
-            heap.append((clock, n, n, 0))
+            heap.append((clock, n, n, 0, -1, 0))
         counter = requests
     heapq.heapify(heap)
-    servers, services, delays = route.servers, route.services, route.delays
+    servers, services, delays, forks = route.servers, route.services, route.delays, route.forks
     pop, push = heapq.heappop, heapq.heappush
-    while heap:
-        now, _, n, step = pop(heap)
-        options = servers[step]
-        pick = n % len(options)
-        server = options[pick]
-        service = services[step][pick]
+    joins: dict[tuple[int, int], list[float]] = {}  # (request, fork step) -> [branches left, latest arrival]
+
+    def serve(server: int, service: float, now: float, n: int) -> float:
         if sigma > 0 and service > 0:
             service *= factor()
         start = now if now > free_at[server] else free_at[server]
@@ -178,15 +180,42 @@ def _run(route: _Route, requests: int, rate: float | None, in_flight: int, sigma
         busy[server] += service
         if record is not None:
             record.append((server, n, start, finish))
-        ready = finish + delays[step][pick]
+        return finish
+
+    while heap:
+        now, _, n, step, branch, position = pop(heap)
+        if step in forks:
+            branches = forks[step]
+            if branch < 0:  # the request reaches the tiled stage: every tile starts
+                joins[(n, step)] = [len(branches), now]
+                for b in range(len(branches)):
+                    push(heap, (now, counter, n, step, b, 0))
+                    counter += 1
+                continue
+            server, service, delay = branches[branch][position]
+            ready = serve(server, service, now, n) + delay
+            if position + 1 < len(branches[branch]):
+                push(heap, (ready, counter, n, step, branch, position + 1))
+                counter += 1
+                continue
+            join = joins[(n, step)]
+            join[0] -= 1
+            join[1] = max(join[1], ready)
+            if join[0] > 0:
+                continue  # other tiles are still on their way
+            ready = joins.pop((n, step))[1]
+        else:
+            options = servers[step]
+            pick = n % len(options)
+            ready = serve(options[pick], services[step][pick], now, n) + delays[step][pick]
         if step < last_step:
-            push(heap, (ready, counter, n, step + 1))
+            push(heap, (ready, counter, n, step + 1, -1, 0))
             counter += 1
             continue
         done[n] = ready
         if closed and issued < requests:
             arrived[issued] = ready
-            push(heap, (ready, counter, issued, 0))
+            push(heap, (ready, counter, issued, 0, -1, 0))
             counter += 1
             issued += 1
     return arrived, done, busy
@@ -196,17 +225,22 @@ class _Route:
     """The servers a request visits: step 2h is hop h (a link), step 2k+1 is stage k (a device).
 
     For each step, the options are indexed by replica choice (n mod count); for a hop between
-    replica groups the count is lcm(r_a, r_b), matching round-robin routing on both sides.
+    replica groups the count is lcm(r_a, r_b), matching round-robin routing on both sides. A tiled
+    stage (first in its plan) is one step, a fork: `forks[step]` lists per tile its three
+    (server, service, delay) triples, and the hops around it are inside its branches.
     """
 
     def __init__(self, plan: Plan, cluster: ClusterSpec, profile, times) -> None:
-        groups = [(cluster.source,)] + [stage.devices for stage in plan.stages] + [(cluster.source,)]
+        # a tiled stage's tiles come back to the source, which stitches them and sends the map on
+        groups = ([(cluster.source,)] + [(cluster.source,) if stage.kind == "tiled" else stage.devices
+                                         for stage in plan.stages] + [(cluster.source,)])
         cuts = [profile.cut_bytes(stage.start) for stage in plan.stages] + [profile.cut_bytes(len(profile.segments))]
         self.names: list[tuple[str, str]] = []  # (kind, label) per server
         index: dict[tuple, int] = {}
         self.servers: list[list[int]] = []
         self.services: list[list[float]] = []
         self.delays: list[list[float]] = []
+        self.forks: dict[int, list[list[tuple[int, float, float]]]] = {}
 
         def server(key: tuple, kind: str, label: str) -> int:
             if key not in index:
@@ -214,7 +248,15 @@ class _Route:
                 self.names.append((kind, label))
             return index[key]
 
-        for h in range(len(plan.stages) + 1):
+        first_hop = 0
+        if plan.stages and plan.stages[0].kind == "tiled":
+            self.forks[0] = self._tiles(plan.stages[0], cluster, server)
+            for step in (self.servers, self.services, self.delays):
+                step.append([])
+            first_hop = 1  # the stitched map leaves the source for the next stage as on any hop
+        elif any(stage.kind == "tiled" for stage in plan.stages):
+            raise PlanError("a tiled stage comes first in its plan (tiles of the model's first layers)")
+        for h in range(first_hop, len(plan.stages) + 1):
             senders, receivers = groups[h], groups[h + 1]
             count = math.lcm(len(senders), len(receivers))
             ids, service, delay = [], [], []
@@ -228,14 +270,32 @@ class _Route:
             self.services.append(service)
             self.delays.append(delay)
             if h < len(plan.stages):
-                stage = plan.stages[h]
-                self.servers.append([server(("dev", d), "device", d) for d in stage.devices])
-                self.services.append([
-                    stage_time_s(profile, cluster.device(d), stage.start, stage.end, times) for d in stage.devices
-                ])
-                self.delays.append([0.0] * len(stage.devices))
+                self._add_stage(plan.stages[h], cluster, profile, times, server)
         self.n_servers = len(self.names)
         self.n_steps = len(self.servers)
+
+    def _add_stage(self, stage, cluster: ClusterSpec, profile, times, server) -> None:
+        self.servers.append([server(("dev", d), "device", d) for d in stage.devices])
+        self.services.append([
+            stage_time_s(profile, cluster.device(d), stage.start, stage.end, times) for d in stage.devices
+        ])
+        self.delays.append([0.0] * len(stage.devices))
+
+    @staticmethod
+    def _tiles(stage, cluster: ClusterSpec, server) -> list[list[tuple[int, float, float]]]:
+        """Per tile: (link source -> device, its crop), (device, its compute), (link device -> source, its output)."""
+        branches = []
+        source = target = cluster.source
+        for tile in stage.tiles:
+            path = []
+            for h, (u, v, nbytes) in enumerate(((source, tile.device, tile.in_bytes),
+                                                (tile.device, target, tile.out_bytes))):
+                link = cluster.link(u, v)
+                path.append((server(("hop", h, u, v), "link", f"{u}->{v}"), nbytes / link.bandwidth_bytes_per_s,
+                             link.latency_s))
+            path.insert(1, (server(("dev", tile.device), "device", tile.device), tile.compute_s, 0.0))
+            branches.append(path)
+        return branches
 
 
 def _report(plan: Plan, route: _Route, requests: int, arrived: np.ndarray, done: np.ndarray,

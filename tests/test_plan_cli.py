@@ -12,7 +12,7 @@ from partita.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "examples" / "clusters" / "tiny-2.yaml")
 PLAN_KEYS = {"objective", "planner", "period_s", "throughput_rps", "latency_s", "lower_bound_period_s", "stages"}
-STAGE_KEYS = {"devices", "start", "end", "compute_s", "memory_bytes", "in_bytes", "out_bytes"}
+STAGE_KEYS = {"kind", "devices", "start", "end", "compute_s", "memory_bytes", "in_bytes", "out_bytes"}
 
 
 @pytest.fixture

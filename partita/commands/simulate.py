@@ -81,3 +81,6 @@ def simulate(
                       f"{report.latency_p99_s * 1e3:.2f}", f"{device[0]} {device[1]:.0%}",
                       f"{link[0]} {link[1]:.0%}")
     console.print(table)
+    for name, chosen, _ in reports:
+        if any(stage.kind == "tiled" for stage in chosen.stages):
+            console.print(f"{name}: {chosen}")  # a tiled stage's grid and tiles, one line each

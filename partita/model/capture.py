@@ -78,6 +78,7 @@ class ModelGraph:
     dynamic_batch: bool = False
     capture_s: float = 0.0
     _layout: _Layout | None = field(default=None, repr=False)
+    _blocks: list | None = field(default=None, repr=False)
 
     @property
     def layout(self) -> _Layout | None:
@@ -85,12 +86,25 @@ class ModelGraph:
         return self._layout
 
     def to_profile(self) -> dict:
-        """The model profile JSON (contracts.md): what `partita inspect --json` prints."""
-        return {
+        """The model profile JSON (contracts.md): what `partita inspect --json` prints.
+
+        "blocks" (present when some segment can be tiled) gives each segment's geometry as a fused
+        block, or null (see `partita.model.tiles.segment_blocks`); the planner reads it to price tiles.
+        """
+        profile = {
             "model": self.name,
             "input_bytes": int(self.input_bytes),
             "segments": [dataclasses.asdict(s) for s in self.segments],
         }
+        if self._layout is not None:
+            if self._blocks is None:
+                # tiles reads a ModelGraph: import it here, not at the top
+                from partita.model.tiles import segment_blocks
+
+                self._blocks = [None if b is None else b.to_json() for b in segment_blocks(self)]
+            if any(b is not None for b in self._blocks):
+                profile["blocks"] = self._blocks
+        return profile
 
 
 def capture(

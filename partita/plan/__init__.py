@@ -20,9 +20,10 @@ from partita.plan.basis import describe_basis, prediction_basis
 from partita.plan.cost import check_segment_times, predict
 from partita.plan.optimal import plan_optimal
 from partita.plan.profile import Profile, SegmentCost, load_profile
-from partita.plan.types import Plan, StagePlan
+from partita.plan.tiles import best_latency_plan
+from partita.plan.types import Plan, StagePlan, TilePlan
 
-__all__ = ["OBJECTIVES", "PLANNERS", "Plan", "Profile", "SegmentCost", "StagePlan", "describe_basis",
+__all__ = ["OBJECTIVES", "PLANNERS", "Plan", "Profile", "SegmentCost", "StagePlan", "TilePlan", "describe_basis",
            "load_profile", "plan", "predict", "prediction_basis"]
 
 OBJECTIVES = ("throughput", "latency")
@@ -31,7 +32,7 @@ PLANNERS = ("optimal", *BASELINES)
 
 def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throughput",
          planner: str = "optimal", max_stages: int | None = None, replicate: bool = True,
-         segment_times_s: Mapping[str, Sequence[float]] | None = None) -> Plan:
+         segment_times_s: Mapping[str, Sequence[float]] | None = None, tiles: bool = True) -> Plan:
     """Choose stages and devices for the model on the cluster.
 
     objective: "throughput" minimises the period, "latency" the source-to-source latency.
@@ -40,6 +41,9 @@ def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throu
     replicate: let the optimal planner run a stage on several interchangeable devices (round-robin).
     segment_times_s: measured seconds per segment, per device name, at the profile's batch size;
         overrides flops / flops_per_s for the devices it names.
+    tiles: for the latency objective with the optimal planner, also consider fused tiles of the model's
+        first layers over several devices when the profile carries block geometry (see
+        `partita.plan.tiles`); the plan with the lower predicted latency wins.
     Raises PlanError when the model fits nowhere (the message says what is needed and what there is).
     """
     if objective not in OBJECTIVES:
@@ -51,8 +55,17 @@ def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throu
     profile = load_profile(graph_or_profile)
     times = check_segment_times(profile, cluster, segment_times_s) or None
     if planner == "optimal":
-        chosen = plan_optimal(profile, cluster, objective=objective, max_stages=max_stages, replicate=replicate,
-                              segment_times_s=times)
+        with_tiles = tiles and objective == "latency" and bool(profile.blocks) and (max_stages or 2) >= 2
+        try:
+            chosen = plan_optimal(profile, cluster, objective=objective, max_stages=max_stages, replicate=replicate,
+                                  segment_times_s=times)
+        except PlanError as refusal:
+            if not with_tiles:
+                raise
+            chosen = best_latency_plan(profile, cluster, None, times, refusal)  # tiles may fit where no chain does
+        else:
+            if with_tiles:
+                chosen = best_latency_plan(profile, cluster, chosen, times)
     else:
         chosen = plan_baseline(planner, profile, cluster, objective=objective, max_stages=max_stages,
                                segment_times_s=times)

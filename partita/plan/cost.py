@@ -121,10 +121,18 @@ def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], 
     `stages` holds, in pipeline order, `(devices, start, end)` tuples or objects with those
     attributes (such as `StagePlan`); `devices` is a name or a tuple of replica names. The stages must
     cover [0, L) contiguously and use each device at most once. PlanError if not, or if a stage does
-    not fit a replica's memory (unless `check_memory=False`).
+    not fit a replica's memory (unless `check_memory=False`). A first stage of kind "tiled" (a
+    `StagePlan` with its grid and tiles) is predicted by `partita.plan.tiles.predict_tiled`.
     """
     profile = load_profile(graph_or_profile)
     times = check_segment_times(profile, cluster, segment_times_s)
+    stages = list(stages)  # a generator is read once: here and below
+    if any(getattr(s, "kind", "chain") == "tiled" for s in stages):
+        # tiles builds on this module: import it here, not at the top
+        from partita.plan.tiles import predict_tiled
+
+        return predict_tiled(profile, cluster, stages, objective=objective, planner=planner,
+                             segment_times_s=times, check_memory=check_memory)
     parsed = [_parse_stage(s) for s in stages]
     _check_chain(profile, cluster, parsed)
     plans: list[StagePlan] = []

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from partita.errors import ProfileError
+from partita.errors import ProfileError, TileError
+from partita.halo import Block
 
 __all__ = ["Profile", "SegmentCost", "load_profile"]
 
@@ -35,11 +36,28 @@ class SegmentCost:
 
 @dataclass(frozen=True)
 class Profile:
-    """A model's segments in chain order, and the bytes of its inputs."""
+    """A model's segments in chain order, and the bytes of its inputs.
+
+    blocks: per segment, its geometry as a fused block (`partita.halo.Block`) when the segment can be
+    tiled (convolutions, pooling and pointwise ops only), else None; empty when the profile says
+    nothing about tiles (then the planner considers none).
+    """
 
     model: str
     input_bytes: int
     segments: tuple[SegmentCost, ...]
+    blocks: tuple[Block | None, ...] = ()
+
+    def block(self, start: int, end: int) -> Block | None:
+        """Segments [start, end) as one fused block, or None when one of them cannot be tiled."""
+        if len(self.blocks) != len(self.segments) or not 0 <= start < end <= len(self.segments):
+            return None
+        fused = self.blocks[start]
+        for part in self.blocks[start + 1:end]:
+            if fused is None or part is None or part.in_shape != fused.out_shape:
+                return None
+            fused = fused.then(part)
+        return fused
 
     @property
     def total_flops(self) -> int:
@@ -67,6 +85,7 @@ class Profile:
                  "out_bytes": s.out_bytes}
                 for s in self.segments
             ],
+            **({"blocks": [None if b is None else b.to_json() for b in self.blocks]} if self.blocks else {}),
         }
 
 
@@ -81,6 +100,8 @@ def load_profile(source: Any) -> Profile:
         return _from_dict(_read_json(Path(source)), origin=str(source))
     if isinstance(source, dict):
         return _from_dict(source, origin="profile")
+    if callable(getattr(source, "to_profile", None)):
+        return _from_dict(source.to_profile(), origin=str(getattr(source, "name", "model")))
     if hasattr(source, "segments") and hasattr(source, "input_bytes"):
         model = str(getattr(source, "name", None) or getattr(source, "model", None) or "model")
         raw = [{"name": getattr(s, "name", f"seg{i}"), **{f: getattr(s, f, None) for f in _FIELDS}}
@@ -134,4 +155,16 @@ def _from_dict(data: dict, *, origin: str) -> Profile:
         model=str(data.get("model", "model")),
         input_bytes=_count(data["input_bytes"], f"{origin}: input_bytes"),
         segments=tuple(parsed),
+        blocks=_blocks(data.get("blocks"), len(parsed), origin),
     )
+
+
+def _blocks(raw: Any, n_segments: int, origin: str) -> tuple[Block | None, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) != n_segments:
+        raise ProfileError(f"{origin}: 'blocks' must list one fused block or null per segment ({n_segments})")
+    try:
+        return tuple(None if b is None else Block.from_json(b) for b in raw)
+    except (TileError, AttributeError) as exc:
+        raise ProfileError(f"{origin}: blocks: {exc}") from exc

@@ -130,8 +130,9 @@ class ReplanPolicy:
         missing = sorted(set(current.devices) - set(cluster.names))
         if missing:
             raise PlanError(f"the current plan uses {', '.join(missing)}, which the cluster does not have")
+        # tiles=False: the runtime deploys chain stages only (tiled stages are planned and simulated; docs/tiles.md)
         self._options: dict[str, Any] = {"objective": objective or current.objective, "planner": planner,
-                         "max_stages": max_stages, "replicate": replicate}
+                         "max_stages": max_stages, "replicate": replicate, "tiles": False}
         self.rule = rule
         self.min_gain = float(min_gain)
         self.cooldown_s = float(cooldown_s)

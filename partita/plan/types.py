@@ -14,16 +14,53 @@ from typing import Any
 
 from partita.errors import PlanError
 
-__all__ = ["Plan", "StagePlan"]
+__all__ = ["STAGE_KINDS", "Plan", "StagePlan", "TilePlan"]
+
+#: The kinds of stage a plan holds (a closed set; routing, the ledger and the cost model match on it).
+STAGE_KINDS = ("chain", "tiled")
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """One tile of a tiled stage: output rows [a, b) and cols [c, d) of the block's map, on `device`.
+
+    `compute_s`, `memory_bytes`: the tile's time and what its device holds (weights plus the peak
+    activations of the tile's halo'd region); `in_bytes`: its halo'd input crop; `out_bytes`: its output.
+    """
+
+    device: str
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    compute_s: float = 0.0
+    memory_bytes: float = 0.0
+    in_bytes: int = 0
+    out_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "rows": list(self.rows), "cols": list(self.cols), "compute_s": self.compute_s,
+                "memory_bytes": self.memory_bytes, "in_bytes": self.in_bytes, "out_bytes": self.out_bytes}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TilePlan:
+        return cls(str(data["device"]), (int(data["rows"][0]), int(data["rows"][1])),
+                   (int(data["cols"][0]), int(data["cols"][1])), float(data.get("compute_s", 0.0)),
+                   float(data.get("memory_bytes", 0.0)), int(data.get("in_bytes", 0)), int(data.get("out_bytes", 0)))
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One pipeline stage: segments [start, end) run on `devices` (more than one: replicas, round-robin).
+    """One pipeline stage: segments [start, end) run on `devices`.
+
+    kind "chain": the devices are replicas taking requests round-robin (one device: no replicas).
+    kind "tiled": one request's output map is split into a `grid` of (rows, cols) `tiles`, one per device
+    (`devices` lists the tiles' devices in order); each tile computes from its halo'd input crop and the
+    outputs are stitched into the next stage (see docs/tiles.md).
 
     `compute_s` is the compute time of one request on the stage's slowest replica (not divided by the
-    replica count; the period divides it). `memory_bytes` is what each replica holds (weights plus peak
-    activations). `in_bytes`/`out_bytes` are the bytes of one request entering and leaving the stage.
+    replica count; the period divides it), or on its slowest tile. `memory_bytes` is what each replica
+    (each tile's device) holds, at most (weights plus peak activations). `in_bytes`/`out_bytes` are the
+    bytes of one request entering and leaving the stage (for tiles: the sum of the halo'd crops; the
+    stitched map).
     """
 
     devices: tuple[str, ...]
@@ -33,13 +70,25 @@ class StagePlan:
     memory_bytes: float
     in_bytes: int
     out_bytes: int
+    kind: str = "chain"
+    grid: tuple[int, int] | None = None
+    tiles: tuple[TilePlan, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE_KINDS:
+            raise PlanError(f"unknown stage kind {self.kind!r}; expected one of {', '.join(STAGE_KINDS)}")
+        if self.kind == "tiled" and (self.grid is None or len(self.tiles) != self.grid[0] * self.grid[1]):
+            raise PlanError(f"a tiled stage lists grid [R, C] and R*C tiles; got grid {self.grid} and "
+                            f"{len(self.tiles)} tiles")
 
     @property
     def replicas(self) -> int:
-        return len(self.devices)
+        """Devices taking turns at this stage: its replicas; 1 for a tiled stage (its devices share each request)."""
+        return 1 if self.kind == "tiled" else len(self.devices)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
+            "kind": self.kind,
             "devices": list(self.devices),
             "start": self.start,
             "end": self.end,
@@ -48,6 +97,26 @@ class StagePlan:
             "in_bytes": self.in_bytes,
             "out_bytes": self.out_bytes,
         }
+        if self.kind == "tiled" and self.grid is not None:
+            data["grid"] = list(self.grid)
+            data["tiles"] = [tile.to_dict() for tile in self.tiles]
+        return data
+
+    @classmethod
+    def from_dict(cls, s: dict[str, Any]) -> StagePlan:
+        grid = s.get("grid")
+        return cls(
+            devices=tuple(str(d) for d in s["devices"]),
+            start=int(s["start"]),
+            end=int(s["end"]),
+            compute_s=float(s["compute_s"]),
+            memory_bytes=float(s["memory_bytes"]),
+            in_bytes=int(s["in_bytes"]),
+            out_bytes=int(s["out_bytes"]),
+            kind=str(s.get("kind", "chain")),
+            grid=None if grid is None else (int(grid[0]), int(grid[1])),
+            tiles=tuple(TilePlan.from_dict(t) for t in s.get("tiles", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -126,18 +195,7 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         try:
-            stages = tuple(
-                StagePlan(
-                    devices=tuple(str(d) for d in s["devices"]),
-                    start=int(s["start"]),
-                    end=int(s["end"]),
-                    compute_s=float(s["compute_s"]),
-                    memory_bytes=float(s["memory_bytes"]),
-                    in_bytes=int(s["in_bytes"]),
-                    out_bytes=int(s["out_bytes"]),
-                )
-                for s in data["stages"]
-            )
+            stages = tuple(StagePlan.from_dict(s) for s in data["stages"])
             bound = data.get("lower_bound_period_s")
             latency_bound = data.get("lower_bound_latency_s")
             return cls(
@@ -153,7 +211,7 @@ class Plan:
                 lower_bound_latency_s=None if latency_bound is None else float(latency_bound),
                 basis=_basis(data.get("basis")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             # Any of these means the JSON is not a plan; say which key is wrong rather than a bare KeyError.
             raise PlanError(f"not a plan: {type(exc).__name__}: {exc}; expected the JSON of Plan.to_json()") from exc
 
@@ -178,11 +236,20 @@ class Plan:
             head += " (basis: " + " · ".join(f"{k} {v}" for k, v in self.basis.items()) + ")"
         lines = [head]
         for k, stage in enumerate(self.stages):
+            where = ",".join(stage.devices)
+            if stage.kind == "tiled" and stage.grid is not None:
+                where = f"{stage.grid[0]}x{stage.grid[1]} tiles on {where}"
             lines.append(
-                f"  stage {k}: [{stage.start}, {stage.end}) on {','.join(stage.devices)}  "
+                f"  stage {k}: [{stage.start}, {stage.end}) on {where}  "
                 f"compute {_ms(stage.compute_s)}  memory {stage.memory_bytes / 2**20:.1f} MiB  "
                 f"in {stage.in_bytes} B  out {stage.out_bytes} B"
             )
+            for tile in stage.tiles:
+                lines.append(
+                    f"    tile rows [{tile.rows[0]}, {tile.rows[1]}) cols [{tile.cols[0]}, {tile.cols[1]}) on "
+                    f"{tile.device}  compute {_ms(tile.compute_s)}  memory {tile.memory_bytes / 2**20:.1f} MiB  "
+                    f"in {tile.in_bytes} B  out {tile.out_bytes} B"
+                )
         return "\n".join(lines)
 
 

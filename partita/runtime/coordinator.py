@@ -81,9 +81,10 @@ def prepare(
     stages: Sequence[Any] | None = None,
     probe_links: bool | None = None,
     session: Session | None = None,
+    tiles: bool = False,
 ) -> Prepared:
     """Capture, measure, plan and split `model` for `cluster` (see `deploy` for the arguments)."""
-    from partita.model import capture, split
+    from partita.model import capture
     from partita.plan import plan as make_plan
     from partita.plan import predict
 
@@ -100,12 +101,24 @@ def prepare(
         chosen = predict(graph, planned_spec, stages, objective=objective, segment_times_s=measurements.segment_times_s)
     else:
         chosen = make_plan(graph, planned_spec, objective=objective, planner=planner, max_stages=max_stages,
-                           replicate=replicate, segment_times_s=measurements.segment_times_s)
+                           replicate=replicate, segment_times_s=measurements.segment_times_s, tiles=tiles)
     clock.start("split_s")
-    programs = tuple(split(graph, chosen.cuts()))
+    programs = _programs(graph, chosen)
     clock.stop()
     return Prepared(graph, measurements, chosen, programs, objective, planner, max_stages, replicate,
                     pinned=stages is not None, timings=timings)
+
+
+def _programs(graph: Any, chosen: Any) -> tuple[Any, ...]:
+    """The stage programs of `chosen`: split at its cuts; a tiled first stage gets one program per tile."""
+    from partita.model import split
+    from partita.model.tiles import tile_programs
+
+    programs: list[Any] = list(split(graph, chosen.cuts()))
+    first = chosen.stages[0]
+    if first.kind == "tiled":
+        programs[0] = tuple(tile_programs(graph, first.start, first.end, [(t.rows, t.cols) for t in first.tiles]))
+    return tuple(programs)
 
 
 def launch(
@@ -208,6 +221,7 @@ def deploy(
     supervise: Any = True,
     probe_links: bool | None = None,
     replace: bool = True,
+    tiles: bool = False,
 ) -> Pipeline:
     """Deploy `model` onto `cluster` and return a running `Pipeline`: `prepare`, then `launch`.
 
@@ -228,6 +242,9 @@ def deploy(
     `replace`: True (the default) closes the pipelines already on `cluster` first; False deploys
     alongside them (one cluster serving several models; each keeps its own stages on the workers,
     so they must fit in memory together).
+    `tiles`: with objective "latency", let the planner split the first conv layers into fused tiles
+    over several devices (docs/tiles.md); `stages` may also pin a tiled stage. Re-plans after a
+    failure or drift plan chains.
     """
     from partita.runtime.codec import check_codec
 
@@ -240,7 +257,8 @@ def deploy(
     try:
         prepared = prepare(model, example_inputs, cluster, objective=objective, planner=planner,
                            max_stages=max_stages, replicate=replicate, reps=reps, graph=graph,
-                           measurements=measurements, stages=stages, probe_links=probe_links, session=session)
+                           measurements=measurements, stages=stages, probe_links=probe_links, session=session,
+                           tiles=tiles)
     except BaseException:
         session.close()
         raise

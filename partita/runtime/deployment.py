@@ -7,10 +7,9 @@ that does not handle it is found by the type checker.
 | kind          | what it is | routing | answers per request |
 |---|---|---|---|
 | `ChainStage`  | a contiguous run of segments [start, end) on one device, or on several replicas that take turns (replica `r % n` serves request `r`) | the previous stage's outputs go to one replica, round-robin | 1 |
+| `TiledStage`  | the first segments [0, end) as fused tiles: tile i computes its output region on devices[i] from its halo'd crop (docs/tiles.md) | the source sends every tile its crop; every tile answers the source, which stitches them and sends the map on | one per tile |
 
-Room is left for a tiled stage (one request's feature map split over several devices and stitched
-back: every tile receives the request, the stitch waits for all tiles) and a batched stage (a
-replica that runs several requests at once); they are not built yet.
+Room is left for a batched stage (a replica that runs several requests at once); it is not built yet.
 """
 
 from __future__ import annotations
@@ -46,7 +45,29 @@ class ChainStage:
         return 1
 
 
-Stage = ChainStage  # the closed union of stage kinds: ChainStage | TiledStage | ... as they arrive
+@dataclass(frozen=True)
+class TiledStage:
+    """Stage `index` (the first): tile i runs `tiles[i]` (a `partita.model.tiles.TileProgram`) on `devices[i]`.
+
+    The source crops each request for every tile (`tiles[i].take`), and stitches the tiles' outputs
+    (`partita.model.tiles.stitch`) before sending the map to the next stage, or returning it.
+    """
+
+    index: int
+    devices: tuple[str, ...]
+    tiles: tuple[Any, ...]
+    plan: StagePlan
+
+    def tile_of(self, device: str) -> int | None:
+        """The tile `device` runs, None when it runs none."""
+        return self.devices.index(device) if device in self.devices else None
+
+    @property
+    def answers_per_request(self) -> int:
+        return len(self.devices)
+
+
+Stage = ChainStage | TiledStage  # the closed union of stage kinds
 
 
 @dataclass(frozen=True)
@@ -74,12 +95,20 @@ class Deployment:
 
     @cached_property
     def stages(self) -> tuple[Stage, ...]:
+        """Each stage as its kind: `programs[k]` is a stage program, or for a tiled stage the tuple of its tiles."""
         return tuple(
-            ChainStage(index, devices, program, stage_plan)
+            TiledStage(index, devices, tuple(program), stage_plan) if stage_plan.kind == "tiled"
+            else ChainStage(index, devices, program, stage_plan)
             for index, (devices, program, stage_plan) in enumerate(
                 zip(self.placement, self.programs, self.plan.stages, strict=True)
             )
         )
+
+    @property
+    def tiled(self) -> TiledStage | None:
+        """The deployment's tiled stage (always the first), or None."""
+        first = self.stages[0]
+        return first if isinstance(first, TiledStage) else None
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -91,5 +120,5 @@ class Deployment:
         """Results the coordinator receives per request: the last stage's kind decides."""
         last = self.stages[-1]
         match last:
-            case ChainStage():
+            case ChainStage() | TiledStage():
                 return last.answers_per_request

@@ -31,7 +31,8 @@ import torch
 import zmq
 
 from partita.errors import PartitaError, RequestError, WireError
-from partita.runtime.deployment import ChainStage, Deployment
+from partita.model.tiles import stitch
+from partita.runtime.deployment import ChainStage, Deployment, TiledStage
 from partita.runtime.flow import LinkTimes, Outlink, next_wakeup
 from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Record, Replayed
 from partita.runtime.wire import Limits, decode, encode
@@ -86,6 +87,8 @@ class Pipeline:
         self._holding = False  # a switch is under way: requests wait for the next epoch
         self._halted: PartitaError | None = None  # no plan fits: requests fail with this
         self._ledger = Ledger()
+        # A tiled first stage: per request, the tiles' outputs received so far (tile index -> tensor).
+        self._tiles_in: dict[int, dict[int, torch.Tensor]] = {}
         self._submissions: queue.Queue[Accepted] = queue.Queue()
         self._next_id = 0
         self._id_lock = threading.Lock()
@@ -137,8 +140,11 @@ class Pipeline:
             if error is not None:
                 outer.set_exception(error)
                 return
+            last = self.deployment.programs[-1]
+            if isinstance(last, tuple):  # the tiles end the model: each carries its output structure
+                last = last[0].program
             try:
-                outer.set_result(self._unflatten(self.deployment.programs[-1], done.result()))
+                outer.set_result(self._unflatten(last, done.result()))
             except Exception as exc:  # noqa: BLE001 - a callback's exception would be lost; give it to the caller
                 outer.set_exception(RequestError(f"request {request}: could not rebuild the model's outputs: {exc}"))
 
@@ -207,6 +213,7 @@ class Pipeline:
         def hold() -> None:
             ledger, now = self._ledger, time.monotonic()
             ledger.apply(Replayed(epoch, now))
+            self._tiles_in.clear()  # tiles of the old epoch: the requests are sent again whole
             for request in sorted(ledger.pending):
                 ledger.apply(Dispatched(request, epoch, now))
             self._holding = True
@@ -287,6 +294,8 @@ class Pipeline:
             measured = [s["mean_device_s"] for s in per_device if s.get("requests")]
             stages.append({
                 "index": index,
+                "kind": stage_plan.kind,
+                **({"grid": list(stage_plan.grid)} if stage_plan.grid is not None else {}),
                 "devices": list(devices),
                 "segments": [stage_plan.start, stage_plan.end],
                 "predicted_compute_s": stage_plan.compute_s,
@@ -388,19 +397,28 @@ class Pipeline:
         deployment = self.deployment
         epoch = deployment.epoch
         first = deployment.stages[0]
+        request, tensors, ledger = record.request, record.inputs, self._ledger
         match first:
             case ChainStage():  # one replica serves the request, round-robin (the links are in replica order)
-                links = [self._first_links[first.devices.index(first.replica_for(record.request))]]
-        request, tensors, ledger = record.request, record.inputs, self._ledger
+                sends = [(self._first_links[first.devices.index(first.replica_for(request))], tensors)]
+            case TiledStage():  # every tile gets its halo'd crop (the links are in tile order)
+                self._tiles_in.pop(request, None)
+                sends = [(self._first_links[i], (tile.take(tensors[0]),)) for i, tile in enumerate(first.tiles)]
 
-        def build() -> list:
-            now = time.monotonic()
-            ledger.apply(Dispatched(request, epoch, now))
-            header = {"r": request, "e": epoch, "s": deployment.stage_id(0), "ts": time.time()}
-            return encode("act", header, tensors, codec=deployment.codec)
+        dispatched = [False]  # shared by the request's messages: tiles leave as each link's credits allow
 
-        for _, outlink in links:
-            outlink.put(build)
+        def build(payload: tuple[torch.Tensor, ...]) -> Callable[[], list]:
+            def message() -> list:
+                if not dispatched[0]:  # the first message to leave dispatches the request; latency counts from there
+                    dispatched[0] = True
+                    ledger.apply(Dispatched(request, epoch, time.monotonic()))
+                header = {"r": request, "e": epoch, "s": deployment.stage_id(0), "ts": time.time()}
+                return encode("act", header, payload, codec=deployment.codec)
+
+            return message
+
+        for (_, outlink), payload in sends:
+            outlink.put(build(payload))
 
     def _on_results(self) -> None:
         done_id = self.deployment.stage_id(len(self.deployment.placement))  # where the last stage's results go
@@ -418,7 +436,14 @@ class Pipeline:
                 continue
             self._results.send_multipart([sender, *encode("credit", {"n": 1})])
             h = msg.header
-            if not all(type(h.get(key)) is int for key in ("r", "e", "s")) or h["s"] != done_id:
+            if not all(type(h.get(key)) is int for key in ("r", "e", "s")):
+                self._counters["malformed"] += 1
+                continue
+            tiled = self.deployment.tiled
+            if tiled is not None and h["s"] == self.deployment.stage_id(1):
+                self._on_tile(tiled, sender, msg.kind, h, msg.tensors)
+                continue
+            if h["s"] != done_id:
                 self._counters["malformed"] += 1
                 continue
             now = time.monotonic()
@@ -429,6 +454,39 @@ class Pipeline:
             else:
                 outputs = tuple(t.clone() for t in msg.tensors)
                 self._ledger.apply(Delivered(h["r"], h["e"], outputs, now))
+
+    def _on_tile(self, tiled: TiledStage, sender: bytes, kind: str, h: dict, tensors: tuple[torch.Tensor, ...]) -> None:
+        """One tile's output: keep it; with every tile in, stitch them and send the map on (or deliver it)."""
+        request, epoch, now = h["r"], h["e"], time.monotonic()
+        record = self._ledger.pending.get(request)
+        if record is None or epoch != self.deployment.epoch or record.epoch != epoch:
+            self._ledger.stale += 1  # an answer of an older epoch, or of a request already answered
+            return
+        if kind == "fail":
+            self._tiles_in.pop(request, None)
+            self._ledger.apply(Failed(request, epoch, str(h.get("error", "failed in a tile")), now))
+            return
+        tile = tiled.tile_of(sender.decode(errors="replace").split("/")[0])
+        if tile is None or len(tensors) != 1:
+            self._counters["malformed"] += 1
+            return
+        received = self._tiles_in.setdefault(request, {})
+        received[tile] = tensors[0].clone()
+        if len(received) < len(tiled.tiles):
+            return
+        del self._tiles_in[request]
+        stitched = stitch(tiled.tiles, [received[i] for i in range(len(tiled.tiles))])
+        if len(self.deployment.stages) == 1:
+            self._ledger.apply(Delivered(request, epoch, (stitched,), now))
+            return
+        deployment = self.deployment
+        _, outlink = self._first_links[len(tiled.tiles)]
+
+        def message() -> list:
+            header = {"r": request, "e": epoch, "s": deployment.stage_id(1), "ts": time.time()}
+            return encode("act", header, (stitched,), codec=deployment.codec)
+
+        outlink.put(message)
 
     def _on_credit(self, sock: zmq.Socket, outlink: Outlink) -> None:
         while sock.poll(0):

@@ -46,9 +46,9 @@ class Decision(Protocol):
 def reuse_programs(fresh: tuple[Any, ...], old: tuple[Any, ...] | dict[tuple[int, int], Any]) -> tuple[Any, ...]:
     """`fresh` stage programs, each replaced by the old program of the same segments (renumbered if needed).
 
-    `old`: programs, or programs by (start, end).
+    `old`: programs, or programs by (start, end). A tiled stage's entry (its tiles) is never reused.
     """
-    kept = old if isinstance(old, dict) else {(p.start, p.end): p for p in old}
+    kept = old if isinstance(old, dict) else {(p.start, p.end): p for p in old if hasattr(p, "start")}
     out = []
     for program in fresh:
         previous = kept.get((program.start, program.end))
@@ -80,7 +80,8 @@ class Switcher:
         with self._library_lock:
             library = dict(self.library)
             for program in programs:
-                library.setdefault((program.start, program.end), program)
+                if hasattr(program, "start"):  # a tiled stage's entry is its tiles: chains are kept only
+                    library.setdefault((program.start, program.end), program)
             self.library = library  # replaced, not edited: readers in other threads see a whole dict
 
     def programs_for(self, plan: Plan) -> tuple[Any, ...]:

@@ -41,7 +41,7 @@ from partita.cluster import ClusterSpec, LinkSpec
 from partita.errors import DeployError, WorkerError
 from partita.plan.diff import PlanDiff, diff_holdings
 from partita.runtime import protocol
-from partita.runtime.deployment import STAGE_SPAN, ChainStage, Deployment
+from partita.runtime.deployment import STAGE_SPAN, ChainStage, Deployment, TiledStage
 from partita.runtime.emulation import LinkShaper, shaper_for
 from partita.runtime.flow import Outlink, socket_sender
 from partita.runtime.handle import ClusterHandle
@@ -170,6 +170,7 @@ class Ship:
     reference_host_s: float | None
     segments: tuple[int, int]
     cached: bool = False
+    tile: bool = False  # a tile of a tiled stage (paced by its own measured time when emulated)
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,10 @@ def plan_transition(
     missing = sorted(d for d in target.devices if d not in live)
     if missing:
         raise DeployError(f"the new plan uses {missing}, which have no live worker")
-    programs = {stage.index: stage.program for stage in target.stages}
+    if target.tiled is not None:
+        return _tiled_transition(held, target, network, live)
+    chain = [stage for stage in target.stages if isinstance(stage, ChainStage)]  # every stage, here
+    programs = {stage.index: stage.program for stage in chain}
     # A device whose program differs from the target's (another model's, a stale split) is reloaded.
     current = {
         device: (h.stage, h.segments) for device, h in held.items()
@@ -269,7 +273,7 @@ def plan_transition(
         old, new = change.old_stage, change.new_stage
         if change.action == "keep" and old is not None and new is not None and old != new:
             actions.append(Renumber(change.device, old, new))
-    for stage in target.stages:
+    for stage in chain:
         for device in stage.devices:
             change = next(c for c in diff.changes if c.device == device)
             if change.action == "load":
@@ -285,6 +289,67 @@ def plan_transition(
     for device in sorted(live):
         actions.append(Route(device, routes.get(device, idle)))
     return Transition(target, diff, tuple(actions), tuple(predicted))
+
+
+#: What a device that holds a tile (and maybe the stage after it) is recorded as holding: no chain
+#: program matches it, so the next transition reloads or drops it.
+TILES_HELD = "tiles"
+
+
+def _tiled_transition(held: Mapping[str, Holding], target: Deployment, network: Network, live: set[str]) -> Transition:
+    """A target whose first stage is tiled: every device is reloaded (tile programs are not reused across plans).
+
+    Tile i's program goes to its device as stage 0 and answers the sink (the source stitches); the
+    stage after the tiles, if any, goes to its device as stage 1 and answers the sink too, so a device
+    can hold a tile and the rest of the model. Only the coordinator sends to these stages.
+    """
+    tiled = target.tiled
+    if tiled is None:
+        raise DeployError("internal: a tiled transition for a deployment without a tiled stage")
+    diff = diff_holdings({}, target.plan)  # every device loads
+    actions: list[Action] = [Drop(d) for d in sorted(held) if d in live]
+    for device, tile, tile_plan in zip(tiled.devices, tiled.tiles, tiled.plan.tiles, strict=True):
+        actions.append(Ship(device, 0, tile.program, float(tile_plan.memory_bytes), None,
+                            (tiled.plan.start, tiled.plan.end), tile=True))
+    for stage in target.stages[1:]:
+        if not isinstance(stage, ChainStage):
+            raise DeployError("a plan holds one tiled stage, the first")
+        for device in stage.devices:
+            actions.append(Ship(device, stage.index, stage.program, float(stage.plan.memory_bytes),
+                                network.reference_host_s(device, stage.plan), (stage.plan.start, stage.plan.end)))
+    source, sink = network.source, network.sink
+    entries: dict[str, list[protocol.StageRoute]] = {}
+    predicted: list[dict[str, Any]] = []
+    for stage in target.stages:
+        for device, nbytes_in, nbytes_out in _stage_bytes(stage):
+            dest = _destination(sink.name, sink.address, sink.public_key, network.links(device, source))
+            entries.setdefault(device, []).append(protocol.StageRoute(target.stage_id(stage.index), (dest,)))
+            predicted.append(predicted_link(source, device, nbytes_in, network.planned.link(source, device),
+                                            to_source=False))
+            predicted.append(predicted_link(device, source, nbytes_out, network.planned.link(device, source),
+                                            to_source=True))
+    actions.append(AuthorizeSink(tuple(k for d in sorted(entries) if (k := network.public_keys.get(d)))))
+    idle = protocol.Route(target.epoch, target.window, target.codec, pipeline=target.slot)
+    routes = {device: protocol.Route(target.epoch, target.window, target.codec, (), tuple(stage_routes),
+                                     pipeline=target.slot)
+              for device, stage_routes in entries.items()}
+    for device in sorted(live):
+        actions.append(Allow(device, (), target.slot))
+    for device in sorted(live):
+        actions.append(Route(device, routes.get(device, idle)))
+    return Transition(target, diff, tuple(actions), tuple(predicted))
+
+
+def _stage_bytes(stage: Any) -> list[tuple[str, int, int]]:
+    """(device, bytes in, bytes out) per device of a stage that the source feeds and that answers the source."""
+    match stage:
+        case TiledStage():
+            return [(t.device, t.in_bytes, t.out_bytes) for t in stage.plan.tiles]
+        case ChainStage():
+            if len(stage.devices) != 1:
+                raise DeployError("after a tiled stage the rest of the model runs on one device, not replicas")
+            return [(stage.devices[0], stage.plan.in_bytes, stage.plan.out_bytes)]
+    raise DeployError(f"unknown stage kind {stage!r}")
 
 
 def _same_program(held: Holding, device: str, target: Deployment, programs: Mapping[int, Any]) -> bool:
@@ -473,13 +538,16 @@ class TransitionEngine:
             unload = self._unload(device)
             self.held.pop(device, None)
             with self._busy(device):
-                for action in ships[device]:
+                for n, action in enumerate(ships[device]):
                     try:
-                        client.send(unload, timeout_s=COMMAND_TIMEOUT_S)
+                        if n == 0:  # a device given two stages (a tile and the rest) keeps the first
+                            client.send(unload, timeout_s=COMMAND_TIMEOUT_S)
                         self._load(device, action)
                     except WorkerError as exc:
                         raise DeployError(f"could not deploy stage {action.stage} to {device}: {exc}") from None
-                    self.held[device] = Holding(action.stage, action.segments, action.program.sha256)
+                    tiles = any(a.tile for a in ships[device])
+                    self.held[device] = Holding(action.stage, action.segments,
+                                                TILES_HELD if tiles else action.program.sha256)
 
         with ThreadPoolExecutor(max_workers=max(1, len(ships))) as pool:
             list(pool.map(ship, sorted(ships)))
@@ -565,15 +633,23 @@ class TransitionEngine:
 
     # -- the coordinator's own sends ----------------------------------------------------------------
     def open_first_links(self, deployment: Deployment) -> list[tuple[zmq.Socket, Outlink]]:
-        """A DEALER (behind an Outlink: credits and the emulated source link) to each first-stage replica."""
+        """A DEALER (behind an Outlink: credits and the emulated source link) to each first-stage replica.
+
+        With a tiled first stage: one per tile, in tile order, then one to the device of the stage after it.
+        """
         session, cluster = self.session, self.session.cluster
         source, keys = cluster.spec.source, session.keys
         public = session.public_keys()
         infos = session.hello()
         links = []
-        for device in deployment.stages[0].devices:
+        receivers = list(deployment.stages[0].devices)
+        if deployment.tiled is not None and len(deployment.stages) > 1:
+            receivers += deployment.stages[1].devices  # the source sends the stitched map on itself
+        for n, device in enumerate(receivers):
             sock = session.context.socket(zmq.DEALER)
-            sock.identity = f"{source}/{deployment.epoch}".encode()
+            # one identity per socket: a device can run a tile and the stage after it
+            suffix = "" if n < len(deployment.stages[0].devices) else "/next"
+            sock.identity = f"{source}/{deployment.epoch}{suffix}".encode()
             sock.sndhwm = 0
             key = public.get(device)
             plain = keys is None or not key
