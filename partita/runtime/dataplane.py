@@ -3,7 +3,8 @@
 Upstream peers (and the coordinator) send `act` (a request's tensors for one stage) and `fail` (a
 request that failed upstream) to the worker's data ROUTER; the data plane checks each activation
 against the loaded stage (epoch, input count, dtypes, shapes, the in-flight bound), hands it to the
-executor, returns a `credit` when the executor takes it, and answers `echo` probes. A finished job
+executor (or runs it at once when the stage is short, `StageExecutor.can_run_now`), returns a
+`credit` when the executor takes it, and answers `echo` probes. A finished job
 leaves through an `Outlink` per destination (credits, then the emulated link), round-robin over the
 next stage's replicas by request number.
 
@@ -195,7 +196,9 @@ class DataPlane:
         def build() -> list:
             return encode("act", {**header, "ts": time.time()}, outputs, codec=codec)
 
-        self._outlinks[key][1].put(build)
+        outlink = self._outlinks[key][1]
+        outlink.put(build)
+        outlink.pump()  # send now if it may go: the I/O loop pumps again only after its next poll
 
     def figures(self) -> dict[str, Any]:
         """Per-link figures for the `stats` reply (links out by destination, links in by sender)."""
@@ -219,7 +222,12 @@ class DataPlane:
             record = self._link_in.setdefault(sender.decode(errors="replace").split("/")[0], [0, 0.0])
             record[0] += 1
             record[1] += max(0.0, time.time() - sent_at)
-        self._executor.submit(Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic()))
+        job = Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic())
+        if self._executor.can_run_now(job.stage):  # a short stage: no hand-off to the compute thread and back
+            self.on_taken(job)
+            self.on_done(self._executor.run_now(job))
+        else:
+            self._executor.submit(job)
 
     def _check_act(self, header: dict, tensors: tuple[torch.Tensor, ...]) -> str | None:
         """Why this activation cannot be run here, or None if it can."""
