@@ -79,6 +79,7 @@ class DataPlane:
         self._outlinks: dict[str, tuple[zmq.Socket, Outlink]] = {}
         self._link_overrides: dict[str, dict[str, float]] = {}
         self._link_in: dict[str, list[float]] = {}  # sender -> [messages, sum of transfer seconds]
+        self._credits_due: dict[bytes, int] = {}  # sender -> credits of jobs run inline, returned after the burst
 
     # -- wiring (from control commands) -----------------------------------------------------------
     def allow(self, pipeline: int, peers: Sequence[str]) -> None:
@@ -169,6 +170,9 @@ class DataPlane:
                 self._on_act(sender, msg.header, msg.tensors)
             else:
                 self._on_fail(sender, msg.header)
+        for sender, n in self._credits_due.items():
+            self._reply(self._data, sender, "credit", {"n": n})
+        self._credits_due.clear()
 
     def on_outlinks(self, ready: Mapping[Any, int]) -> None:
         for sock, outlink in list(self._outlinks.values()):
@@ -224,8 +228,9 @@ class DataPlane:
             record[1] += max(0.0, time.time() - sent_at)
         job = Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic())
         if self._executor.can_run_now(job.stage):  # a short stage: no hand-off to the compute thread and back
-            self.on_taken(job)
+            # Its result leaves first; its credit goes back with the others of this burst (`on_data`).
             self.on_done(self._executor.run_now(job))
+            self._credits_due[sender] = self._credits_due.get(sender, 0) + 1
         else:
             self._executor.submit(job)
 

@@ -21,8 +21,10 @@ loaded stages must fit the worker's capacity.
 from __future__ import annotations
 
 import queue
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +36,8 @@ from partita.errors import WorkerError
 _STOP = object()
 #: A job runs in the I/O thread (no hand-off) when its stage's recent host time is at most this (seconds).
 INLINE_MAX_S = 0.002
-#: How much of a new host time enters a stage's running estimate (an exponential moving average).
-_RECENT_WEIGHT = 0.2
+#: How many recent host times a stage's estimate is the median of (a median ignores a run the OS preempted).
+_RECENT_RUNS = 9
 
 
 def _mib(nbytes: float) -> str:
@@ -121,7 +123,12 @@ class LoadedStage:
     reference_host_s: float | None
     stats: StageStats = field(default_factory=StageStats)
     warmed: bool = False
-    recent_host_s: float | None = None  # running estimate of the real compute time (None: not known yet)
+    recent_runs: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT_RUNS))  # host seconds
+
+    @property
+    def recent_host_s(self) -> float | None:
+        """The median host seconds of the last runs (warm-up included); None: never run."""
+        return statistics.median(self.recent_runs) if self.recent_runs else None
 
 
 class StageExecutor:
@@ -184,8 +191,9 @@ class StageExecutor:
             program = program.to(self.device)
         warmed_s = self._warm_up(program)
         with self._lock:
-            self._stages[index] = LoadedStage(program, need, reference_host_s, warmed=warmed_s is not None,
-                                              recent_host_s=warmed_s)
+            self._stages[index] = loaded = LoadedStage(program, need, reference_host_s, warmed=warmed_s is not None)
+            if warmed_s is not None:
+                loaded.recent_runs.append(warmed_s)
 
     def _warm_up(self, program: Any) -> float | None:
         """Run the stage on zeros of its input shapes (batch 1), so lazy set-up is not billed to a request.
@@ -275,12 +283,13 @@ class StageExecutor:
             if self._outstanding:
                 return False
             loaded = self._stages.get(stage)
-        if loaded is None or loaded.recent_host_s is None or loaded.recent_host_s > INLINE_MAX_S:
+        recent_s = loaded.recent_host_s if loaded is not None else None
+        if recent_s is None or recent_s > INLINE_MAX_S:
             return False
         if self.speed is None:
             return True
-        basis_s = loaded.reference_host_s if loaded.reference_host_s is not None else loaded.recent_host_s
-        return basis_s / self.speed * self.dilation <= max(loaded.recent_host_s, INLINE_MAX_S / 10)
+        basis_s = loaded.reference_host_s if loaded.reference_host_s is not None else recent_s
+        return basis_s / self.speed * self.dilation <= max(recent_s, INLINE_MAX_S / 10)
 
     def run_now(self, job: Job) -> Done:
         """Run `job` in the calling thread and return its outcome (callbacks are not called; see `can_run_now`)."""
@@ -324,8 +333,7 @@ class StageExecutor:
             loaded.stats.errors += 1
             return Done(job, None, f"stage {job.stage} failed: {type(exc).__name__}: {exc}", 0.0, 0.0)
         host_s = time.perf_counter() - started
-        recent = loaded.recent_host_s
-        loaded.recent_host_s = host_s if recent is None else recent + _RECENT_WEIGHT * (host_s - recent)
+        loaded.recent_runs.append(host_s)
         if self.speed is not None:
             basis_s = loaded.reference_host_s if loaded.reference_host_s is not None else host_s
             target_s = basis_s / self.speed * self.dilation
