@@ -15,12 +15,12 @@ from typing import Any
 from partita.cluster import ClusterSpec
 from partita.errors import PlanError
 from partita.plan.baselines import BASELINES, plan_baseline
-from partita.plan.cost import check_segment_times, predict
+from partita.plan.cost import HOP_OVERHEAD_S, check_hop_overhead, check_segment_times, predict
 from partita.plan.optimal import plan_optimal
 from partita.plan.profile import Profile, SegmentCost, load_profile
 from partita.plan.types import Plan, StagePlan
 
-__all__ = ["OBJECTIVES", "PLANNERS", "Plan", "Profile", "SegmentCost", "StagePlan", "load_profile", "plan",
+__all__ = ["HOP_OVERHEAD_S", "OBJECTIVES", "PLANNERS", "Plan", "Profile", "SegmentCost", "StagePlan", "load_profile", "plan",
            "predict"]
 
 OBJECTIVES = ("throughput", "latency")
@@ -29,7 +29,7 @@ PLANNERS = ("optimal", *BASELINES)
 
 def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throughput",
          planner: str = "optimal", max_stages: int | None = None, replicate: bool = True,
-         segment_times_s: Mapping[str, Sequence[float]] | None = None) -> Plan:
+         segment_times_s: Mapping[str, Sequence[float]] | None = None, hop_overhead_s: float = 0.0) -> Plan:
     """Choose stages and devices for the model on the cluster.
 
     objective: "throughput" minimises the period, "latency" the source-to-source latency.
@@ -38,6 +38,8 @@ def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throu
     replicate: let the optimal planner run a stage on several interchangeable devices (round-robin).
     segment_times_s: measured seconds per segment, per device name, at the profile's batch size;
         overrides flops / flops_per_s for the devices it names.
+    hop_overhead_s: the runtime's per-hop overhead (`partita.plan.cost`), included in the chosen
+        plan's figures (0: none; the runtime uses `HOP_OVERHEAD_S`). The choice itself is made without it.
     Raises PlanError when the model fits nowhere (the message says what is needed and what there is).
     """
     if objective not in OBJECTIVES:
@@ -48,8 +50,19 @@ def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throu
         raise PlanError(f"max_stages must be a whole number >= 1 or None, got {max_stages!r}")
     profile = load_profile(graph_or_profile)
     times = check_segment_times(profile, cluster, segment_times_s) or None
+    hop_s = check_hop_overhead(hop_overhead_s)
     if planner == "optimal":
-        return plan_optimal(profile, cluster, objective=objective, max_stages=max_stages, replicate=replicate,
-                            segment_times_s=times)
-    return plan_baseline(planner, profile, cluster, objective=objective, max_stages=max_stages,
-                         segment_times_s=times)
+        chosen = plan_optimal(profile, cluster, objective=objective, max_stages=max_stages, replicate=replicate,
+                              segment_times_s=times)
+    else:
+        chosen = plan_baseline(planner, profile, cluster, objective=objective, max_stages=max_stages,
+                               segment_times_s=times)
+    if hop_s == 0.0:
+        return chosen
+    # Every plan has at least two hops (source -> device -> source): the latency bound rises by 2h;
+    # the period bound stays a bound (h only adds).
+    latency_bound = chosen.lower_bound_latency_s
+    return predict(profile, cluster, chosen.stages, objective=objective, planner=chosen.planner,
+                   segment_times_s=times, lower_bound_period_s=chosen.lower_bound_period_s,
+                   lower_bound_latency_s=None if latency_bound is None else latency_bound + 2 * hop_s,
+                   hop_overhead_s=hop_s)

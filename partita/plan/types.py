@@ -60,6 +60,7 @@ class Plan:
     when the planner is not exact (None when it is exact, or for baselines).
     `lower_bound_latency_s` is the same for the latency objective: a latency no plan can beat.
     `source` is the node where requests enter and results return; `model` names the profile.
+    `hop_overhead_s` is the per-hop overhead the figures include (`partita.plan.cost`; 0: none).
     """
 
     stages: tuple[StagePlan, ...]
@@ -72,6 +73,7 @@ class Plan:
     source: str = ""
     model: str = ""
     lower_bound_latency_s: float | None = None
+    hop_overhead_s: float = 0.0
 
     def cuts(self) -> list[int]:
         """Indices of the segments after which a new stage starts (what `partita.model.split` takes).
@@ -112,6 +114,7 @@ class Plan:
             "stages": [stage.to_dict() for stage in self.stages],
             "source": self.source,
             "model": self.model,
+            "hop_overhead_s": self.hop_overhead_s,
         }
 
     def to_json(self, *, indent: int | None = None) -> str:
@@ -145,6 +148,7 @@ class Plan:
                 source=str(data.get("source", "")),
                 model=str(data.get("model", "")),
                 lower_bound_latency_s=None if latency_bound is None else float(latency_bound),
+                hop_overhead_s=float(data.get("hop_overhead_s", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             # Any of these means the JSON is not a plan; say which key is wrong rather than a bare KeyError.

@@ -81,11 +81,14 @@ def prepare(
     stages: Sequence[Any] | None = None,
     probe_links: bool | None = None,
     session: Session | None = None,
+    hop_overhead_s: float | None = None,
 ) -> Prepared:
     """Capture, measure, plan and split `model` for `cluster` (see `deploy` for the arguments)."""
     from partita.model import capture, split
+    from partita.plan import HOP_OVERHEAD_S, predict
     from partita.plan import plan as make_plan
-    from partita.plan import predict
+
+    hop_s = HOP_OVERHEAD_S if hop_overhead_s is None else hop_overhead_s
 
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
@@ -97,10 +100,11 @@ def prepare(
     clock.start("plan_s")
     planned_spec = measurements.cluster_spec(cluster.spec)  # the declared links, the probed ones replaced
     if stages is not None:
-        chosen = predict(graph, planned_spec, stages, objective=objective, segment_times_s=measurements.segment_times_s)
+        chosen = predict(graph, planned_spec, stages, objective=objective, segment_times_s=measurements.segment_times_s,
+                         hop_overhead_s=hop_s)
     else:
         chosen = make_plan(graph, planned_spec, objective=objective, planner=planner, max_stages=max_stages,
-                           replicate=replicate, segment_times_s=measurements.segment_times_s)
+                           replicate=replicate, segment_times_s=measurements.segment_times_s, hop_overhead_s=hop_s)
     clock.start("split_s")
     programs = tuple(split(graph, chosen.cuts()))
     clock.stop()
@@ -208,6 +212,7 @@ def deploy(
     supervise: Any = True,
     probe_links: bool | None = None,
     replace: bool = True,
+    hop_overhead_s: float | None = None,
 ) -> Pipeline:
     """Deploy `model` onto `cluster` and return a running `Pipeline`: `prepare`, then `launch`.
 
@@ -228,6 +233,8 @@ def deploy(
     `replace`: True (the default) closes the pipelines already on `cluster` first; False deploys
     alongside them (one cluster serving several models; each keeps its own stages on the workers,
     so they must fit in memory together).
+    `hop_overhead_s`: the runtime's per-hop overhead the plan's figures include (seconds; None: the
+    measured default `partita.plan.HOP_OVERHEAD_S`; see docs/runtime.md, "The cost model").
     """
     from partita.runtime.codec import check_codec
 
@@ -240,7 +247,8 @@ def deploy(
     try:
         prepared = prepare(model, example_inputs, cluster, objective=objective, planner=planner,
                            max_stages=max_stages, replicate=replicate, reps=reps, graph=graph,
-                           measurements=measurements, stages=stages, probe_links=probe_links, session=session)
+                           measurements=measurements, stages=stages, probe_links=probe_links, session=session,
+                           hop_overhead_s=hop_overhead_s)
     except BaseException:
         session.close()
         raise
