@@ -165,6 +165,21 @@ class Pipeline:
         for future in window:
             yield future.result()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet answered (a snapshot; the I/O thread changes it)."""
+        return len(self._ledger.pending) + self._submissions.qsize()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the requests in flight to be answered; True if none is left.
+
+        New requests may still be submitted meanwhile (they count too); `close` fails what is left.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.01)
+        return self.in_flight == 0
+
     def close(self) -> None:
         """Stop the I/O thread; requests still pending fail with RequestError. Idempotent."""
         if self._closed:
