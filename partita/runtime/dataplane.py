@@ -32,7 +32,7 @@ import zmq
 from partita.errors import WireError
 from partita.runtime.emulation import LinkShaper, shaper_for
 from partita.runtime.executor import Done, Job, StageExecutor
-from partita.runtime.flow import Outlink, socket_sender
+from partita.runtime.flow import Outlink, credits_at_once, socket_sender
 from partita.runtime.keys import apply_client, set_authorized
 from partita.runtime.protocol import Destination, LinkChange, Route
 from partita.runtime.wire import Limits, decode, encode
@@ -79,7 +79,9 @@ class DataPlane:
         self._outlinks: dict[str, tuple[zmq.Socket, Outlink]] = {}
         self._link_overrides: dict[str, dict[str, float]] = {}
         self._link_in: dict[str, list[float]] = {}  # sender -> [messages, sum of transfer seconds]
-        self._credits_due: dict[bytes, int] = {}  # sender -> credits of jobs run inline, returned after the burst
+        self._credits_due: dict[bytes, int] = {}  # sender -> credits of jobs run inline, not yet returned
+        self._windows: dict[int, int] = {}  # pipeline slot -> its credit window
+        self._credits_threshold: dict[bytes, int] = {}  # sender -> credits returned in one message
 
     # -- wiring (from control commands) -----------------------------------------------------------
     def allow(self, pipeline: int, peers: Sequence[str]) -> None:
@@ -102,6 +104,7 @@ class DataPlane:
             self._routes.pop(stage_id, None)
         self.epoch = self._epochs[pipeline] = route.epoch
         self._codecs[pipeline] = route.codec
+        self._windows[pipeline] = route.window
         self._link_in = {}  # figures are per deployment
         for stage in route.stages:
             self._owner[stage.stage] = pipeline
@@ -170,9 +173,14 @@ class DataPlane:
                 self._on_act(sender, msg.header, msg.tensors)
             else:
                 self._on_fail(sender, msg.header)
-        for sender, n in self._credits_due.items():
-            self._reply(self._data, sender, "credit", {"n": n})
-        self._credits_due.clear()
+        self._return_credits()
+
+    def _return_credits(self) -> None:
+        """Return the credits of jobs run inline, half a window at a time (see `credits_at_once`)."""
+        for sender, n in list(self._credits_due.items()):
+            if n >= self._credits_threshold.get(sender, 1):
+                self._reply(self._data, sender, "credit", {"n": n})
+                del self._credits_due[sender]
 
     def on_outlinks(self, ready: Mapping[Any, int]) -> None:
         for sock, outlink in list(self._outlinks.values()):
@@ -228,9 +236,11 @@ class DataPlane:
             record[1] += max(0.0, time.time() - sent_at)
         job = Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic())
         if self._executor.can_run_now(job.stage):  # a short stage: no hand-off to the compute thread and back
-            # Its result leaves first; its credit goes back with the others of this burst (`on_data`).
+            # Its result leaves first; its credit goes back with others (`_return_credits`).
             self.on_done(self._executor.run_now(job))
             self._credits_due[sender] = self._credits_due.get(sender, 0) + 1
+            window = self._windows.get(self._owner.get(job.stage, -1), 1)
+            self._credits_threshold[sender] = credits_at_once(window)
         else:
             self._executor.submit(job)
 

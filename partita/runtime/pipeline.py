@@ -32,7 +32,7 @@ import zmq
 
 from partita.errors import PartitaError, RequestError, WireError
 from partita.runtime.deployment import ChainStage, Deployment
-from partita.runtime.flow import Outlink, next_wakeup
+from partita.runtime.flow import Outlink, credits_at_once, next_wakeup
 from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Record, Replayed
 from partita.runtime.wire import Limits, decode, encode
 
@@ -94,6 +94,7 @@ class Pipeline:
         self._stream_from = 0
         self._counters = {"malformed": 0, "worker_errors": 0}
         self._link_in: dict[str, list[float]] = {}
+        self._credits_owed: dict[bytes, int] = {}  # last-stage sender -> credits not yet returned
         # The Supervisor (failures, drift, joins) attached by deploy, and the calls it runs in this
         # I/O thread (a switch to a new epoch touches the ledger and the sockets).
         self.supervisor: Any = None
@@ -239,6 +240,7 @@ class Pipeline:
             self._predicted_links = predicted_links
             self._holding = False
             self._halted = None
+            self._credits_owed.clear()  # owed to the old epoch's senders, which are gone
             self.replay()
 
         self.call_in_loop(install).result(timeout=timeout_s)
@@ -420,6 +422,7 @@ class Pipeline:
 
     def _on_results(self) -> None:
         done_id = self.deployment.stage_id(len(self.deployment.placement))  # where the last stage's results go
+        owed = self._credits_owed
         while self._results.poll(0):
             frames = self._results.recv_multipart(copy=False)
             sender = frames[0].bytes
@@ -432,7 +435,7 @@ class Pipeline:
             if msg.kind == "echo":
                 self._results.send_multipart([sender, *encode("echo", {})])
                 continue
-            self._results.send_multipart([sender, *encode("credit", {"n": 1})])
+            owed[sender] = owed.get(sender, 0) + 1
             h = msg.header
             if not all(type(h.get(key)) is int for key in ("r", "e", "s")) or h["s"] != done_id:
                 self._counters["malformed"] += 1
@@ -447,6 +450,11 @@ class Pipeline:
             else:
                 outputs = tuple(t.clone() for t in msg.tensors)
                 self._ledger.apply(Delivered(h["r"], h["e"], outputs, now))
+        at_once = credits_at_once(self.deployment.window)
+        for sender, n in list(owed.items()):  # credits go back half a window at a time (dataplane.credits_at_once)
+            if n >= at_once:
+                self._results.send_multipart([sender, *encode("credit", {"n": n})])
+                del owed[sender]
 
     def _on_credit(self, sock: zmq.Socket, outlink: Outlink) -> None:
         while sock.poll(0):
