@@ -103,6 +103,7 @@ class Pipeline:
         self._wake_in = context.socket(zmq.PULL)
         self._wake_in.bind(self._wake_addr)
         self._wake_lock = threading.Lock()
+        self._wake_sent = False  # a wake-up message is on its way to the I/O thread
         self._wake_out = context.socket(zmq.PUSH)
         self._wake_out.connect(self._wake_addr)
         self._thread = threading.Thread(target=self._loop, name="partita-pipeline", daemon=True)
@@ -346,8 +347,11 @@ class Pipeline:
 
     # -- the I/O thread ---------------------------------------------------------------------
     def _wake(self) -> None:
+        # One wake-up message until the I/O thread takes it: the thread clears `_wake_sent` before it
+        # reads its queues, so what was queued before this call is read whether or not it sends.
         with self._wake_lock:
-            if not self._wake_out.closed:
+            if not self._wake_sent and not self._wake_out.closed:
+                self._wake_sent = True
                 self._wake_out.send(b"w")
 
     def _make_poller(self) -> zmq.Poller:
@@ -374,6 +378,7 @@ class Pipeline:
         poller = self._make_poller()
         try:
             while not self._closing.is_set():
+                self._wake_sent = False
                 if self._run_calls():
                     poller = self._make_poller()
                 self._accept_submissions()
