@@ -40,10 +40,12 @@ from partita.plan.types import Plan, StagePlan
 __all__ = ["HOP_OVERHEAD_S", "CostTables", "check_segment_times", "check_hop_overhead", "hop_terms", "link_matrices",
            "predict", "stage_time_s"]
 
-#: The runtime's per-hop overhead in seconds (see the module docstring): the single-request latency
-#: of a 3-stage pipeline of ~20 µs stages on loopback, less its compute, over its 4 hops (CPU host, one
-#: torch thread per worker; `benchmarks/peers.py` prints it as "per-hop overhead"). A deploy uses it
-#: unless given another figure (`deploy(..., hop_overhead_s=...)`).
+#: The runtime's per-hop overhead in seconds (see the module docstring), as issue 10 measured it on a
+#: quiet 2-core x86 host, loopback, one torch thread per worker. `benchmarks/peers.py` prints the
+#: figure of the host it runs on ("per-hop overhead": single-request latency of a 3-stage MLP less
+#: its compute, over its 4 hops); on that host under a load average of 6-11 it read 0.5-1.4 ms,
+#: wake-ups waiting for a core. A deploy uses this default unless given another figure
+#: (`deploy(..., hop_overhead_s=...)`).
 HOP_OVERHEAD_S = 1.2e-4
 
 
