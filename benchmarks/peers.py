@@ -17,7 +17,11 @@ torchvision resnet50):
 3. Measure, after warm-up, in interleaved rounds (the order rotates each round, so the systems
    share the host's noise): throughput streaming `--requests` batch-1 requests with many in
    flight, and the latency of single requests sent one at a time (p50 over all rounds).
-   The table gives each peer's figures as ratios to partita's.
+   The table gives each peer's figures as ratios to partita's; a line under it gives partita's own
+   ratios to torch.distributed.pipelining (latency: partita / torch, lower is better; throughput:
+   partita / torch, higher is better), and partita's per-hop overhead: its single-request
+   latency, less the stages' compute (each stage program timed alone here, median), over its
+   stages + 1 hops (what `partita.plan.HOP_OVERHEAD_S` holds for the cost model).
 
 Run: `.venv/bin/python benchmarks/peers.py` (about 2 minutes on 2 cores; `--quick` about 30 s).
 Ray is optional (`pip install ray`): without it, its rows say why. Writes benchmarks/results/peers.json.
@@ -327,6 +331,15 @@ def bench_model(name: str, args, shared: dict) -> dict:
 
     summaries = {s: rows[s].summary() for s in SYSTEMS}
     base = summaries["partita"]
+    torch_pp = summaries["torch.pipelining"]
+    compute_s = sum(stage_compute_s(p, example) for p in programs) if base["latency_p50_s"] else None
+    versus = {
+        "latency_ratio": base["latency_p50_s"] / torch_pp["latency_p50_s"]
+        if base["latency_p50_s"] and torch_pp["latency_p50_s"] else None,
+        "throughput_ratio": base["throughput_rps"] / torch_pp["throughput_rps"]
+        if base["throughput_rps"] and torch_pp["throughput_rps"] else None,
+    }
+    hop_overhead_s = (base["latency_p50_s"] - compute_s) / (len(programs) + 1) if compute_s is not None else None
     for s in SYSTEMS:
         ok = base["throughput_rps"] and summaries[s]["throughput_rps"]
         summaries[s]["throughput_ratio"] = summaries[s]["throughput_rps"] / base["throughput_rps"] if ok else None
@@ -342,7 +355,25 @@ def bench_model(name: str, args, shared: dict) -> dict:
         "rounds": args.rounds,
         "in_flight": IN_FLIGHT,
         "systems": summaries,
+        "partita_vs_torch_pipelining": versus,
+        "stages_compute_s": compute_s,
+        "partita_hop_overhead_s": hop_overhead_s,
     }
+
+
+def stage_compute_s(program, example: tuple[torch.Tensor, ...], runs: int = 200) -> float:
+    """Median seconds of one stage program's `run` on its batch-1 inputs, here, one thread."""
+    inputs = tuple(torch.randn([1 if d is None else d for d in spec.shape], dtype=getattr(torch, spec.dtype))
+                   for spec in program.inputs)
+    runs = max(5, runs if example[0].numel() < 10**5 else 5)
+    times = []
+    with torch.no_grad():
+        program.run(*inputs)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            program.run(*inputs)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def print_table(result: dict) -> None:
@@ -367,6 +398,16 @@ def print_table(result: dict) -> None:
             r["notes"],
         )
     console.print(table)
+    versus = result["partita_vs_torch_pipelining"]
+    if versus["latency_ratio"] or versus["throughput_ratio"]:
+        latency = f"{versus['latency_ratio']:.2f}" if versus["latency_ratio"] else "-"
+        throughput = f"{versus['throughput_ratio']:.2f}" if versus["throughput_ratio"] else "-"
+        console.print(f"partita / torch.pipelining, same run: single-request latency {latency}x (<= 1: partita as fast "
+                      f"or faster), throughput {throughput}x (>= 1: partita as fast or faster)")
+    if result["partita_hop_overhead_s"] is not None:
+        console.print(f"partita per-hop overhead: {result['partita_hop_overhead_s'] * 1e3:.3f} ms "
+                      f"(latency p50 less {result['stages_compute_s'] * 1e3:.3f} ms of stage compute, over "
+                      f"{len(result['stages']) + 1} hops)")
 
 
 def main(argv: list[str] | None = None) -> int:

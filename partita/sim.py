@@ -2,7 +2,10 @@
 
 Every stage replica and every link a plan uses is a server with a FIFO queue: a replica computes one
 request at a time; a link sends one message at a time (its occupancy, bytes / bandwidth) and the
-message then takes the link's latency to arrive (latency does not hold the link). Request n is
+message then takes the link's latency to arrive (latency does not hold the link). The plan's
+per-hop overhead h (`Plan.hop_overhead_s`, see `partita.plan.cost`) is held as the cost model holds
+it: every replica spends h per request beside its compute (taking the message in and sending it on),
+and the source's own h delays the first hop, so one request alone pays h per hop. Request n is
 served at stage k by replica n mod r_k, as in the cost model. Requests arrive either closed-loop
 (`in_flight` at once, a new one whenever one completes) or as a Poisson stream of `arrival` req/s.
 
@@ -265,19 +268,19 @@ class _Route:
                 link = cluster.link(u, v)
                 ids.append(server(("hop", h, u, v), "link", f"{u}->{v}"))
                 service.append(cuts[h] / link.bandwidth_bytes_per_s)
-                delay.append(link.latency_s)
+                delay.append(link.latency_s + (plan.hop_overhead_s if h == 0 else 0.0))
             self.servers.append(ids)
             self.services.append(service)
             self.delays.append(delay)
             if h < len(plan.stages):
-                self._add_stage(plan.stages[h], cluster, profile, times, server)
+                self._add_stage(plan.stages[h], cluster, profile, times, server, plan.hop_overhead_s)
         self.n_servers = len(self.names)
         self.n_steps = len(self.servers)
 
-    def _add_stage(self, stage, cluster: ClusterSpec, profile, times, server) -> None:
+    def _add_stage(self, stage, cluster: ClusterSpec, profile, times, server, hop_s: float = 0.0) -> None:
         self.servers.append([server(("dev", d), "device", d) for d in stage.devices])
         self.services.append([
-            stage_time_s(profile, cluster.device(d), stage.start, stage.end, times) for d in stage.devices
+            stage_time_s(profile, cluster.device(d), stage.start, stage.end, times) + hop_s for d in stage.devices
         ])
         self.delays.append([0.0] * len(stage.devices))
 

@@ -78,7 +78,8 @@ def test_undeclared_links_of_real_workers_are_probed_and_planned_with(tmp_path, 
                     torch.set_num_threads(threads)
                 placement = [(s.devices, s.start, s.end) for s in pipe.plan.stages]
                 on_measured = predict(pipe.graph, pipe.measurements.cluster_spec(declared), placement,
-                                      segment_times_s=pipe.measurements.segment_times_s)
+                                      segment_times_s=pipe.measurements.segment_times_s,
+                                      hop_overhead_s=pipe.plan.hop_overhead_s)
                 on_declared = predict(pipe.graph, declared, placement, segment_times_s=pipe.measurements.segment_times_s)
         probed, measured = probe_address_only(tmp_path, lines, coordinator_secret, capsys)
     finally:

@@ -200,3 +200,32 @@ def test_planning_and_simulation_do_not_import_torch_or_zmq():
 def test_an_infinite_period_is_impossible_for_a_real_plan():
     chosen = plan(PROFILE, cluster())
     assert math.isfinite(chosen.period_s) and chosen.period_s > 0
+
+
+def test_the_per_hop_overhead_adds_to_every_hop_and_to_every_stage_by_hand():
+    # The hand example above with h = 0.1 s: 3 hops add 0.3 s of latency; stage x's 0.6 s becomes
+    # 0.7 s a request, the period.
+    h = 0.1
+    got = predict(PROFILE, cluster(), [("x", 0, 2), ("y", 2, 4)], hop_overhead_s=h)
+    assert got.period_s == pytest.approx(0.7)
+    assert got.latency_s == pytest.approx(0.6 + 0.35 + 0.01 + 0.051 + 0.005 + 3 * h)
+    assert got.hop_overhead_s == h
+    # Replicas share it like their compute: (0.35 + 0.1) / 2 for y and z together.
+    replicated = predict(PROFILE, cluster(), [("x", 0, 2), (("y", "z"), 2, 4)], hop_overhead_s=h)
+    assert replicated.period_s == pytest.approx(max(0.7, 0.45 / 2))
+
+
+def test_planning_with_a_hop_overhead_chooses_as_without_and_reports_it():
+    without = plan(PROFILE, cluster(), objective="latency")
+    with_h = plan(PROFILE, cluster(), objective="latency", hop_overhead_s=2e-3)
+    assert with_h.stages == without.stages
+    assert with_h == predict(PROFILE, cluster(), with_h.stages, objective="latency", planner=with_h.planner,
+                             lower_bound_latency_s=with_h.lower_bound_latency_s, hop_overhead_s=2e-3)
+    assert Plan.from_json(with_h.to_json()) == with_h
+    assert Plan.from_json(without.to_json()).hop_overhead_s == 0.0
+
+
+@pytest.mark.parametrize("bad", [-1e-4, math.inf, math.nan, True, "1ms"])
+def test_a_hop_overhead_that_is_not_seconds_is_refused(bad):
+    with pytest.raises(PlanError, match="hop_overhead_s"):
+        predict(PROFILE, cluster(), [("x", 0, 4)], hop_overhead_s=bad)

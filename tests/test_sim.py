@@ -93,3 +93,12 @@ def test_bad_arguments_raise_plan_error():
         simulate(chosen, cluster, profile, arrival="bursty")
     with pytest.raises(PlanError, match="arrival rate"):
         simulate(chosen, cluster, profile, arrival=-1.0)
+
+
+def test_the_simulation_pays_the_plans_per_hop_overhead_as_the_cost_model_does():
+    for _, profile, cluster in list(instances())[:3]:
+        chosen = plan(profile, cluster, hop_overhead_s=1e-3)
+        alone = simulate(chosen, cluster, profile, requests=1, in_flight=1)
+        assert alone.latency_p50_s == pytest.approx(chosen.latency_s, rel=1e-9)
+        streamed = simulate(chosen, cluster, profile, requests=1500)
+        assert streamed.throughput_rps == pytest.approx(chosen.throughput_rps, rel=0.02)

@@ -128,3 +128,63 @@ def test_an_emulated_device_is_never_faster_than_its_speed_allows():
         assert time.perf_counter() - started >= 5 * target_s
     finally:
         executor.stop()
+
+
+def wait_idle(executor: StageExecutor) -> None:
+    """Until the compute thread has finished its jobs (it counts one done just after handing it back)."""
+    deadline = time.monotonic() + 10
+    while executor.pending and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+@pytest.mark.usefixtures("one_torch_thread")  # as workers run (many threads on a loaded host are slow)
+def test_a_short_stage_runs_at_once_in_the_callers_thread_and_a_queued_or_emulated_one_does_not():
+    """A stage known to be short runs in the I/O thread (no hand-off); the compute thread keeps what must wait."""
+    import threading
+
+    from zoo import mlp
+
+    from partita.model import capture
+    from partita.runtime.executor import INLINE_MAX_S
+
+    model, x = mlp(), torch.randn(2, 64)
+    stage = split(capture(model, (x,)), [])[0]
+    done: queue.Queue[Done] = queue.Queue()
+    release = threading.Event()
+
+    def on_taken(job: Job) -> None:
+        if job.request == 99:  # hold the compute thread, as a long job would
+            release.wait(30)
+
+    executor = StageExecutor(torch.device("cpu"), capacity_bytes=2**30, on_taken=on_taken, on_done=done.put)
+    executor.load(0, stage, memory_bytes=0.0, reference_host_s=None, owner="test")
+    executor.start()
+    try:
+        for request in range(2, 11):  # through the compute thread: the median of these runs is the estimate
+            executor.submit(Job(0, request, 1, (x,), b"peer", 0.0))
+        for _ in range(2, 11):
+            done.get(timeout=60)
+        assert executor.stage(0).recent_host_s < INLINE_MAX_S  # an mlp is short
+        wait_idle(executor)
+        assert executor.can_run_now(0) and not executor.can_run_now(7)  # stage 7 is not loaded
+        now = executor.run_now(Job(0, 1, 1, (x,), b"peer", 0.0))
+        with torch.no_grad():
+            assert torch.equal(now.outputs[0], model(x)) and done.empty()  # no callbacks for a job run at once
+        executor.submit(Job(0, 99, 1, (x,), b"peer", 0.0))
+        assert not executor.can_run_now(0)  # one is queued or running: arrival order holds
+        release.set()
+        done.get(timeout=60)
+        wait_idle(executor)
+        assert executor.can_run_now(0)
+        executor.set_speed(0.5)  # emulating a device half as fast: the wait belongs in the compute thread
+        assert not executor.can_run_now(0)
+        executor.set_speed(1.0)
+        assert executor.can_run_now(0)
+    finally:
+        executor.stop()
+
+
+def test_credits_come_back_half_a_window_at_a_time():
+    from partita.runtime.flow import credits_at_once
+
+    assert [credits_at_once(w) for w in (1, 2, 3, 4, 8)] == [1, 1, 1, 2, 4]

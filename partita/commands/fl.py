@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from partita.commands.interrupt import Stopping, exit_interrupted, interruptible
 from partita.errors import FLError
 
 STRATEGY_NAMES = ("fedavg", "fedprox", "fednova")
@@ -136,7 +137,11 @@ def fl(
         deadline=deadline, profiles=profiles, mu=mu, seed=seed, secret_key=secret_key, insecure=insecure,
         secure_aggregation=secure_aggregation,
     )
-    histories = _train(run, console)
+    try:
+        histories = _train(run, console)
+    except KeyboardInterrupt:  # Ctrl-C: _train said what it stops and stopped it (partita.commands.interrupt)
+        console.print("[yellow]stopped[/]")
+        exit_interrupted()
     result = _result(task, fl_task, histories)
     for name, history in histories.items():
         path = weights_path(out, task, name, several=len(names) > 1)
@@ -196,10 +201,13 @@ def _train(run: FLRun, console) -> dict:
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
     )
+    stopping = Stopping()
     with (
+        interruptible(stopping, say=lambda line: console.print(f"[yellow]{line}[/]", highlight=False)),
         open_cluster(run.cluster, secret_key=run.secret_key, insecure=run.insecure) as handle,
         Progress(*columns, console=console, transient=False) as progress,
     ):
+        stopping.cluster = handle
         for name in run.strategies:
             strategy = FedProx(run.mu) if name == "fedprox" else STRATEGIES[name]()
             bar = progress.add_task(name, total=run.rounds, status="")

@@ -3,7 +3,8 @@
 Devices of the file that have an `address` are real workers (connected with the coordinator's
 --secret-key, or --insecure); the others are emulated on this machine in a LocalCluster. After
 streaming, a table puts measured figures next to the planner's predictions per stage, per link
-and in total; `--check` compares every output with the unsplit model run here.
+and in total; `--check` compares every output with the unsplit model run here. Ctrl-C says what it
+stops and exits 130 within seconds; a second Ctrl-C stops at once (partita.commands.interrupt).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from partita.commands.inspect import parse_input_shapes
+from partita.commands.interrupt import DRAIN_S, Stopping, exit_interrupted, interruptible
 
 DISTINCT_INPUTS = 8  # requests cycle through this many random inputs, so --check runs the model 8 times
 
@@ -73,11 +75,19 @@ def run(
     module = load_ref(model)
     torch.manual_seed(0)
     inputs = [tuple(torch.randn(s) for s in shapes) for _ in range(DISTINCT_INPUTS)]
-    with open_cluster(cluster, secret_key=secret_key, insecure=insecure) as handle:
-        result = deploy_and_stream(
-            module, inputs, handle, requests=requests, objective=objective, planner=planner, codec=codec,
-            console=console, name=model, supervise=supervise, tiles=objective == "latency" and not no_tiles,
-        )
+    stopping = Stopping()
+    try:
+        with interruptible(stopping, say=lambda line: console.print(f"[yellow]{line}[/]", highlight=False)):
+            stopping.cluster = open_cluster(cluster, secret_key=secret_key, insecure=insecure)
+            with stopping.cluster as handle:
+                result = deploy_and_stream(
+                    module, inputs, handle, requests=requests, objective=objective, planner=planner, codec=codec,
+                    console=console, name=model, supervise=supervise, stopping=stopping,
+                    tiles=objective == "latency" and not no_tiles,
+                )
+    except KeyboardInterrupt:
+        console.print("[yellow]stopped[/]")
+        exit_interrupted()
     outputs = result.pop("_outputs")
     result.pop("_graph")
     result.pop("_measurements")
@@ -104,7 +114,7 @@ def run(
 def deploy_and_stream(
     module: Any, inputs: list[tuple], cluster: Any, *, requests: int, objective: str, planner: str, codec: str,
     console: Any, name: str, graph: Any = None, measurements: Any = None, label: str | None = None,
-    singles_count: int = 3, supervise: Any = True, tiles: bool = False,
+    singles_count: int = 3, supervise: Any = True, tiles: bool = False, stopping: Stopping | None = None,
 ) -> dict[str, Any]:
     """Deploy, time a few single requests (latency), stream `requests` (throughput); return the figures.
 
@@ -112,7 +122,9 @@ def deploy_and_stream(
     (every output, in order) and `_graph` / `_measurements` for reuse by another deploy.
     `supervise` is deploy's: True (default supervision), a `Supervision`, or False to keep the plan
     fixed (no re-planning on drift or failure), to measure a plan. `tiles`: let the latency planner
-    choose fused tiles (docs/tiles.md).
+    choose fused tiles (docs/tiles.md). `stopping` is told the pipeline,
+    so that a Ctrl-C can say how many requests it drains (partita.commands.interrupt); on Ctrl-C the
+    requests in flight get `DRAIN_S` to come back before the pipeline closes.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -123,6 +135,8 @@ def deploy_and_stream(
         pipe = deploy(module, inputs[0], cluster, objective=objective, planner=planner, codec=codec,
                       graph=graph, measurements=measurements, supervise=supervise, tiles=tiles)
         deploy_s = time.perf_counter() - started
+    if stopping is not None:
+        stopping.pipe = pipe
     try:
         singles = []
         for x in inputs[:singles_count]:
@@ -142,6 +156,9 @@ def deploy_and_stream(
                 console.print(f"[red]streaming stopped: {exc}[/]")
         stats = pipe.stats()
         standby = pipe.supervisor.standby.state() if pipe.supervisor and pipe.supervisor.standby else None
+    except KeyboardInterrupt:
+        pipe.drain(DRAIN_S)
+        raise
     finally:
         pipe.close()
     measured = dict(stats["measured"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -65,6 +66,11 @@ def worker(
         memory_bytes=memory_bytes, limits=limits, ready_file=str(ready_file) if ready_file else None, threads=threads,
         max_in_flight=max_in_flight, jobs=_jobs(),
     ))
+    # Drained, sockets and context closed. The interpreter's exit would now walk torch's object
+    # graph once more (seconds on a loaded host, which every Ctrl-C and cluster close waits for).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _jobs() -> dict:

@@ -17,14 +17,14 @@ from partita.cluster import ClusterSpec
 from partita.errors import PlanError
 from partita.plan.baselines import BASELINES, plan_baseline
 from partita.plan.basis import describe_basis, prediction_basis
-from partita.plan.cost import check_segment_times, predict
+from partita.plan.cost import HOP_OVERHEAD_S, check_hop_overhead, check_segment_times, predict
 from partita.plan.optimal import plan_optimal
 from partita.plan.profile import Profile, SegmentCost, load_profile
 from partita.plan.tiles import best_latency_plan
 from partita.plan.types import Plan, StagePlan, TilePlan
 
-__all__ = ["OBJECTIVES", "PLANNERS", "Plan", "Profile", "SegmentCost", "StagePlan", "TilePlan", "describe_basis",
-           "load_profile", "plan", "predict", "prediction_basis"]
+__all__ = ["HOP_OVERHEAD_S", "OBJECTIVES", "PLANNERS", "Plan", "Profile", "SegmentCost", "StagePlan", "TilePlan",
+           "describe_basis", "load_profile", "plan", "predict", "prediction_basis"]
 
 OBJECTIVES = ("throughput", "latency")
 PLANNERS = ("optimal", *BASELINES)
@@ -32,7 +32,8 @@ PLANNERS = ("optimal", *BASELINES)
 
 def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throughput",
          planner: str = "optimal", max_stages: int | None = None, replicate: bool = True,
-         segment_times_s: Mapping[str, Sequence[float]] | None = None, tiles: bool = True) -> Plan:
+         segment_times_s: Mapping[str, Sequence[float]] | None = None, tiles: bool = True,
+         hop_overhead_s: float = 0.0) -> Plan:
     """Choose stages and devices for the model on the cluster.
 
     objective: "throughput" minimises the period, "latency" the source-to-source latency.
@@ -44,6 +45,8 @@ def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throu
     tiles: for the latency objective with the optimal planner, also consider fused tiles of the model's
         first layers over several devices when the profile carries block geometry (see
         `partita.plan.tiles`); the plan with the lower predicted latency wins.
+    hop_overhead_s: the runtime's per-hop overhead (`partita.plan.cost`), included in the chosen
+        plan's figures (0: none; the runtime uses `HOP_OVERHEAD_S`). The choice itself is made without it.
     Raises PlanError when the model fits nowhere (the message says what is needed and what there is).
     """
     if objective not in OBJECTIVES:
@@ -54,6 +57,7 @@ def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throu
         raise PlanError(f"max_stages must be a whole number >= 1 or None, got {max_stages!r}")
     profile = load_profile(graph_or_profile)
     times = check_segment_times(profile, cluster, segment_times_s) or None
+    hop_s = check_hop_overhead(hop_overhead_s)
     if planner == "optimal":
         with_tiles = tiles and objective == "latency" and bool(profile.blocks) and (max_stages or 2) >= 2
         try:
@@ -69,4 +73,12 @@ def plan(graph_or_profile: Any, cluster: ClusterSpec, *, objective: str = "throu
     else:
         chosen = plan_baseline(planner, profile, cluster, objective=objective, max_stages=max_stages,
                                segment_times_s=times)
+    if hop_s != 0.0 and not any(stage.kind == "tiled" for stage in chosen.stages):
+        # Every plan has at least two hops (source -> device -> source): the latency bound rises by 2h;
+        # the period bound stays a bound (h only adds). (Tiled stages' cost model has no per-hop term yet.)
+        latency_bound = chosen.lower_bound_latency_s
+        chosen = predict(profile, cluster, chosen.stages, objective=objective, planner=chosen.planner,
+                         segment_times_s=times, lower_bound_period_s=chosen.lower_bound_period_s,
+                         lower_bound_latency_s=None if latency_bound is None else latency_bound + 2 * hop_s,
+                         hop_overhead_s=hop_s)
     return dataclasses.replace(chosen, basis=prediction_basis(chosen, cluster, times or ()))

@@ -12,10 +12,15 @@ the order listed). So a replica sees 1/r_k of the requests, and the link between
 a and replica j of stage b carries 1/lcm(r_a, r_b) of them when i = j (mod gcd(r_a, r_b)), none
 otherwise. For a pipeline source -> s1 -> ... -> sk -> source:
 
-- period   = max( max_k compute_k / r_k , max over hops and used pairs of B / (lcm * bandwidth) )
-- latency  = sum_k compute_k + sum over hops of max over used pairs (latency + B / bandwidth)
+- period   = max( max_k (compute_k + h) / r_k , max over hops and used pairs of B / (lcm * bandwidth) )
+- latency  = sum_k compute_k + sum over hops of (h + max over used pairs (latency + B / bandwidth))
 
-where compute_k is the stage's slowest replica. With interchangeable replicas (the only kind the
+where compute_k is the stage's slowest replica and h is the per-hop overhead (`hop_overhead_s`): the
+time a message spends in the runtime's own software on each hop (encoding, the socket's threads,
+wake-ups, decoding, its credit), which no link figure holds. A stage's worker spends it on each
+request it takes in and sends on, so it also bounds the period. The pure planning default is 0 (the
+model above as the planners search it); the runtime plans with `HOP_OVERHEAD_S`, measured on this
+runtime, or what a deploy is given. The planners choose stages without h; a plan's figures include it. With interchangeable replicas (the only kind the
 planners build) this latency is every request's latency; with unequal replicas it is an upper bound.
 """
 
@@ -34,7 +39,24 @@ from partita.plan.basis import prediction_basis
 from partita.plan.profile import Profile, load_profile
 from partita.plan.types import Plan, StagePlan
 
-__all__ = ["CostTables", "check_segment_times", "hop_terms", "link_matrices", "predict", "stage_time_s"]
+__all__ = ["HOP_OVERHEAD_S", "CostTables", "check_segment_times", "check_hop_overhead", "hop_terms", "link_matrices",
+           "predict", "stage_time_s"]
+
+#: The runtime's per-hop overhead in seconds (see the module docstring), as issue 10 measured it on a
+#: quiet 2-core x86 host, loopback, one torch thread per worker. `benchmarks/peers.py` prints the
+#: figure of the host it runs on ("per-hop overhead": single-request latency of a 3-stage MLP less
+#: its compute, over its 4 hops); on that host under a load average of 6-11 it read 0.5-1.4 ms,
+#: wake-ups waiting for a core. A deploy uses this default unless given another figure
+#: (`deploy(..., hop_overhead_s=...)`).
+HOP_OVERHEAD_S = 1.2e-4
+
+
+def check_hop_overhead(hop_overhead_s: float) -> float:
+    """`hop_overhead_s` as a float; PlanError unless it is a finite number of seconds >= 0."""
+    if isinstance(hop_overhead_s, bool) or not isinstance(hop_overhead_s, int | float) \
+            or not math.isfinite(hop_overhead_s) or hop_overhead_s < 0:
+        raise PlanError(f"hop_overhead_s must be a finite number of seconds >= 0, got {hop_overhead_s!r}")
+    return float(hop_overhead_s)
 
 
 def check_segment_times(profile: Profile, cluster: ClusterSpec, times: Mapping[str, Sequence[float]] | None):
@@ -115,8 +137,10 @@ def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], 
             objective: str = "throughput", planner: str = "custom",
             segment_times_s: Mapping[str, Sequence[float]] | None = None,
             lower_bound_period_s: float | None = None, check_memory: bool = True,
-            lower_bound_latency_s: float | None = None) -> Plan:
+            lower_bound_latency_s: float | None = None, hop_overhead_s: float = 0.0) -> Plan:
     """The cost model's Plan for a given assignment.
+
+    `hop_overhead_s` is the per-hop overhead h of the module docstring (0: none, the planners' model).
 
     `stages` holds, in pipeline order, `(devices, start, end)` tuples or objects with those
     attributes (such as `StagePlan`); `devices` is a name or a tuple of replica names. The stages must
@@ -126,6 +150,7 @@ def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], 
     """
     profile = load_profile(graph_or_profile)
     times = check_segment_times(profile, cluster, segment_times_s)
+    hop_s = check_hop_overhead(hop_overhead_s)
     stages = list(stages)  # a generator is read once: here and below
     if any(getattr(s, "kind", "chain") == "tiled" for s in stages):
         # tiles builds on this module: import it here, not at the top
@@ -149,8 +174,8 @@ def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], 
         compute = max(stage_time_s(profile, spec, start, end, times) for spec in specs)
         plans.append(StagePlan(devices, start, end, compute, float(memory),
                                profile.cut_bytes(start), profile.cut_bytes(end)))
-    period = max(stage.compute_s / stage.replicas for stage in plans)
-    latency = sum(stage.compute_s for stage in plans)
+    period = max((stage.compute_s + hop_s) / stage.replicas for stage in plans)
+    latency = sum(stage.compute_s for stage in plans) + hop_s * (len(plans) + 1)
     groups = [(cluster.source,)] + [stage.devices for stage in plans] + [(cluster.source,)]
     for k in range(len(groups) - 1):
         nbytes = profile.cut_bytes(plans[k].start) if k < len(plans) else profile.cut_bytes(len(profile.segments))
@@ -159,7 +184,7 @@ def predict(graph_or_profile: Any, cluster: ClusterSpec, stages: Sequence[Any], 
         latency += transfer
     throughput = math.inf if period == 0 else 1.0 / period
     chosen = Plan(tuple(plans), period, throughput, latency, objective, planner, lower_bound_period_s,
-                  cluster.source, profile.model, lower_bound_latency_s)
+                  cluster.source, profile.model, lower_bound_latency_s, hop_overhead_s=hop_s)
     return dataclasses.replace(chosen, basis=prediction_basis(chosen, cluster, times))
 
 

@@ -132,7 +132,8 @@ class ReplanPolicy:
             raise PlanError(f"the current plan uses {', '.join(missing)}, which the cluster does not have")
         # tiles=False: the runtime deploys chain stages only (tiled stages are planned and simulated; docs/tiles.md)
         self._options: dict[str, Any] = {"objective": objective or current.objective, "planner": planner,
-                         "max_stages": max_stages, "replicate": replicate, "tiles": False}
+                         "max_stages": max_stages, "replicate": replicate, "tiles": False,
+                         "hop_overhead_s": current.hop_overhead_s}
         self.rule = rule
         self.min_gain = float(min_gain)
         self.cooldown_s = float(cooldown_s)
@@ -448,7 +449,8 @@ class ReplanPolicy:
         if self._plan is None or not set(self._plan.devices) <= set(cluster.names):
             return None
         return predict(self._profile, cluster, self._plan.stages, objective=self._plan.objective,
-                       planner=self._plan.planner, segment_times_s=times or None)
+                       planner=self._plan.planner, segment_times_s=times or None,
+                       hop_overhead_s=self._plan.hop_overhead_s)
 
     def _believed(self) -> ClusterSpec:
         """The cluster as now believed; PlanError when no device is left to plan on."""

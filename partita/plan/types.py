@@ -133,6 +133,7 @@ class Plan:
     `basis` names where the figures behind the prediction came from, per kind: {"compute": ...,
     "memory": ..., "links": ...}, each `declared`, `catalog`, `measured` or `mixed` (see
     `partita.plan.basis`); None when not known (a plan built without a cluster's provenance).
+    `hop_overhead_s` is the per-hop overhead the figures include (`partita.plan.cost`; 0: none).
     """
 
     stages: tuple[StagePlan, ...]
@@ -146,6 +147,7 @@ class Plan:
     model: str = ""
     lower_bound_latency_s: float | None = None
     basis: Mapping[str, str] | None = field(default=None, compare=False)
+    hop_overhead_s: float = 0.0
 
     def cuts(self) -> list[int]:
         """Indices of the segments after which a new stage starts (what `partita.model.split` takes).
@@ -187,6 +189,7 @@ class Plan:
             "source": self.source,
             "model": self.model,
             "basis": dict(self.basis) if self.basis is not None else None,
+            "hop_overhead_s": self.hop_overhead_s,
         }
 
     def to_json(self, *, indent: int | None = None) -> str:
@@ -210,6 +213,7 @@ class Plan:
                 model=str(data.get("model", "")),
                 lower_bound_latency_s=None if latency_bound is None else float(latency_bound),
                 basis=_basis(data.get("basis")),
+                hop_overhead_s=float(data.get("hop_overhead_s", 0.0)),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             # Any of these means the JSON is not a plan; say which key is wrong rather than a bare KeyError.

@@ -82,11 +82,14 @@ def prepare(
     probe_links: bool | None = None,
     session: Session | None = None,
     tiles: bool = False,
+    hop_overhead_s: float | None = None,
 ) -> Prepared:
     """Capture, measure, plan and split `model` for `cluster` (see `deploy` for the arguments)."""
     from partita.model import capture
+    from partita.plan import HOP_OVERHEAD_S, predict
     from partita.plan import plan as make_plan
-    from partita.plan import predict
+
+    hop_s = HOP_OVERHEAD_S if hop_overhead_s is None else hop_overhead_s
 
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
@@ -98,10 +101,12 @@ def prepare(
     clock.start("plan_s")
     planned_spec = measurements.cluster_spec(cluster.spec)  # the declared links, the probed ones replaced
     if stages is not None:
-        chosen = predict(graph, planned_spec, stages, objective=objective, segment_times_s=measurements.segment_times_s)
+        chosen = predict(graph, planned_spec, stages, objective=objective, segment_times_s=measurements.segment_times_s,
+                         hop_overhead_s=hop_s)
     else:
         chosen = make_plan(graph, planned_spec, objective=objective, planner=planner, max_stages=max_stages,
-                           replicate=replicate, segment_times_s=measurements.segment_times_s, tiles=tiles)
+                           replicate=replicate, segment_times_s=measurements.segment_times_s, tiles=tiles,
+                           hop_overhead_s=hop_s)
     clock.start("split_s")
     programs = _programs(graph, chosen)
     clock.stop()
@@ -222,6 +227,7 @@ def deploy(
     probe_links: bool | None = None,
     replace: bool = True,
     tiles: bool = False,
+    hop_overhead_s: float | None = None,
 ) -> Pipeline:
     """Deploy `model` onto `cluster` and return a running `Pipeline`: `prepare`, then `launch`.
 
@@ -245,6 +251,8 @@ def deploy(
     `tiles`: with objective "latency", let the planner split the first conv layers into fused tiles
     over several devices (docs/tiles.md); `stages` may also pin a tiled stage. Re-plans after a
     failure or drift plan chains.
+    `hop_overhead_s`: the runtime's per-hop overhead the plan's figures include (seconds; None: the
+    measured default `partita.plan.HOP_OVERHEAD_S`; see docs/runtime.md, "The cost model").
     """
     from partita.runtime.codec import check_codec
 
@@ -258,7 +266,7 @@ def deploy(
         prepared = prepare(model, example_inputs, cluster, objective=objective, planner=planner,
                            max_stages=max_stages, replicate=replicate, reps=reps, graph=graph,
                            measurements=measurements, stages=stages, probe_links=probe_links, session=session,
-                           tiles=tiles)
+                           tiles=tiles, hop_overhead_s=hop_overhead_s)
     except BaseException:
         session.close()
         raise

@@ -3,7 +3,8 @@
 Upstream peers (and the coordinator) send `act` (a request's tensors for one stage) and `fail` (a
 request that failed upstream) to the worker's data ROUTER; the data plane checks each activation
 against the loaded stage (epoch, input count, dtypes, shapes, the in-flight bound), hands it to the
-executor, returns a `credit` when the executor takes it, and answers `echo` probes. A finished job
+executor (or runs it at once when the stage is short, `StageExecutor.can_run_now`), returns a
+`credit` when the executor takes it, and answers `echo` probes. A finished job
 leaves through an `Outlink` per destination (credits, then the emulated link), round-robin over the
 next stage's replicas by request number.
 
@@ -31,7 +32,7 @@ import zmq
 from partita.errors import WireError
 from partita.runtime.emulation import LinkShaper, shaper_for
 from partita.runtime.executor import Done, Job, StageExecutor
-from partita.runtime.flow import LinkTimes, Outlink, socket_sender
+from partita.runtime.flow import LinkTimes, Outlink, credits_at_once, socket_sender
 from partita.runtime.keys import apply_client, set_authorized
 from partita.runtime.protocol import Destination, LinkChange, Route
 from partita.runtime.wire import Limits, blob_tensor, decode, encode
@@ -78,6 +79,9 @@ class DataPlane:
         self._outlinks: dict[str, tuple[zmq.Socket, Outlink]] = {}
         self._link_overrides: dict[str, dict[str, float]] = {}
         self._link_in = LinkTimes()  # per sender: messages and the seconds the link carried them
+        self._credits_due: dict[bytes, int] = {}  # sender -> credits of jobs run inline, not yet returned
+        self._windows: dict[int, int] = {}  # pipeline slot -> its credit window
+        self._credits_threshold: dict[bytes, int] = {}  # sender -> credits returned in one message
 
     # -- wiring (from control commands) -----------------------------------------------------------
     def allow(self, pipeline: int, peers: Sequence[str]) -> None:
@@ -100,6 +104,7 @@ class DataPlane:
             self._routes.pop(stage_id, None)
         self.epoch = self._epochs[pipeline] = route.epoch
         self._codecs[pipeline] = route.codec
+        self._windows[pipeline] = route.window
         self._link_in.reset()  # figures are per deployment
         for stage in route.stages:
             self._owner[stage.stage] = pipeline
@@ -168,6 +173,14 @@ class DataPlane:
                 self._on_act(sender, msg.header, msg.tensors)
             else:
                 self._on_fail(sender, msg.header)
+        self._return_credits()
+
+    def _return_credits(self) -> None:
+        """Return the credits of jobs run inline, half a window at a time (see `credits_at_once`)."""
+        for sender, n in list(self._credits_due.items()):
+            if n >= self._credits_threshold.get(sender, 1):
+                self._reply(self._data, sender, "credit", {"n": n})
+                del self._credits_due[sender]
 
     def on_outlinks(self, ready: Mapping[Any, int]) -> None:
         for sock, outlink in list(self._outlinks.values()):
@@ -206,7 +219,9 @@ class DataPlane:
         def build() -> list:
             return encode("act", {**header, "ts": time.time()}, outputs, codec=codec)
 
-        self._outlinks[key][1].put(build)
+        outlink = self._outlinks[key][1]
+        outlink.put(build)
+        outlink.pump()  # send now if it may go: the I/O loop pumps again only after its next poll
 
     def figures(self) -> dict[str, Any]:
         """Per-link figures for the `stats` reply (links out by destination, links in by sender)."""
@@ -227,7 +242,15 @@ class DataPlane:
         sent_at = header.get("ts")
         if isinstance(sent_at, float):
             self._link_in.record(sender.decode(errors="replace").split("/")[0], sent_at, time.time())
-        self._executor.submit(Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic()))
+        job = Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic())
+        if self._executor.can_run_now(job.stage):  # a short stage: no hand-off to the compute thread and back
+            # Its result leaves first; its credit goes back with others (`_return_credits`).
+            self.on_done(self._executor.run_now(job))
+            self._credits_due[sender] = self._credits_due.get(sender, 0) + 1
+            window = self._windows.get(self._owner.get(job.stage, -1), 1)
+            self._credits_threshold[sender] = credits_at_once(window)
+        else:
+            self._executor.submit(job)
 
     def _check_act(self, header: dict, tensors: tuple[torch.Tensor, ...]) -> str | None:
         """Why this activation cannot be run here, or None if it can."""

@@ -6,6 +6,13 @@ submits `Job`s; the compute thread takes them in arrival order, tells the I/O th
 hands back a `Done` (`on_done`). torch releases the GIL while it computes, so receiving and
 sending go on in the I/O thread at the same time.
 
+A short job skips the compute thread: when nothing is queued or running, the stage usually takes
+under `INLINE_MAX_S` and the emulated speed would make it wait for nothing, `run_now` runs it in
+the caller's (the I/O) thread. Two thread hand-offs cost more than such a stage itself (each is a
+wake-up that waits for a core on a loaded host), and they are most of a small request's latency.
+A long stage, an emulated wait, or a job behind others still goes through the queue, so the I/O
+thread stays free to answer heartbeats and jobs keep their arrival order.
+
 Memory is checked here, because here is where stages live: a stage needs `memory_bytes` (the
 planner's weights + peak activations, at least the archive's parameter bytes) and the sum over
 loaded stages must fit the worker's capacity.
@@ -14,8 +21,10 @@ loaded stages must fit the worker's capacity.
 from __future__ import annotations
 
 import queue
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +34,10 @@ import torch
 from partita.errors import WorkerError
 
 _STOP = object()
+#: A job runs in the I/O thread (no hand-off) when its stage's recent host time is at most this (seconds).
+INLINE_MAX_S = 0.002
+#: How many recent host times a stage's estimate is the median of (a median ignores a run the OS preempted).
+_RECENT_RUNS = 9
 
 
 def _mib(nbytes: float) -> str:
@@ -110,6 +123,12 @@ class LoadedStage:
     reference_host_s: float | None
     stats: StageStats = field(default_factory=StageStats)
     warmed: bool = False
+    recent_runs: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT_RUNS))  # host seconds
+
+    @property
+    def recent_host_s(self) -> float | None:
+        """The median host seconds of the last runs (warm-up included); None: never run."""
+        return statistics.median(self.recent_runs) if self.recent_runs else None
 
 
 class StageExecutor:
@@ -139,7 +158,7 @@ class StageExecutor:
         self._stages: dict[int, LoadedStage] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._busy = False
+        self._outstanding = 0  # jobs submitted to the compute thread and not yet done
         # When the emulated device finishes its latest job on its own schedule (perf_counter
         # seconds): the device is a FIFO server, so the next job cannot finish before this + its time.
         self._free_at = 0.0
@@ -170,29 +189,38 @@ class StageExecutor:
                     "(StageProgram has no .to(device)); start the worker with --device cpu"
                 )
             program = program.to(self.device)
-        warmed = self._warm_up(program)
+        warmed_s = self._warm_up(program)
         with self._lock:
-            self._stages[index] = LoadedStage(program, need, reference_host_s, warmed=warmed)
+            self._stages[index] = loaded = LoadedStage(program, need, reference_host_s, warmed=warmed_s is not None)
+            if warmed_s is not None:
+                loaded.recent_runs.append(warmed_s)
 
-    def _warm_up(self, program: Any) -> bool:
-        """Run the stage once on zeros of its input shapes (batch 1), so lazy set-up is not billed to a request.
+    def _warm_up(self, program: Any) -> float | None:
+        """Run the stage on zeros of its input shapes (batch 1), so lazy set-up is not billed to a request.
 
-        Returns False when the stage cannot run on zeros; that is not an error (real inputs may
-        be fine), the first request then pays the set-up.
+        Returns the host seconds of the run after the set-up (a first estimate of the stage's time;
+        a long first run is not repeated), or None when the stage cannot run on zeros; that is not
+        an error (real inputs may be fine), the first request then pays the set-up.
         """
         specs = getattr(program, "inputs", None)
         if specs is None:
-            return False
+            return None
         try:
             zeros = tuple(
                 torch.zeros([1 if d is None else d for d in spec.shape], dtype=getattr(torch, spec.dtype), device=self.device)
                 for spec in specs
             )
             with torch.no_grad():
+                started = time.perf_counter()
                 program.run(*zeros)
+                elapsed_s = time.perf_counter() - started
+                if elapsed_s <= 100 * INLINE_MAX_S:  # cheap enough to time again without the set-up
+                    started = time.perf_counter()
+                    program.run(*zeros)
+                    elapsed_s = time.perf_counter() - started
         except Exception:  # noqa: BLE001 - warm-up is an optimisation; a failure here only costs the first request
-            return False
-        return True
+            return None
+        return elapsed_s
 
     def unload(self, indices: list[int] | None = None) -> None:
         """Drop the given stages (None: all)."""
@@ -239,12 +267,40 @@ class StageExecutor:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
+        """Queue `job` for the compute thread (`on_taken`, then `on_done`, are called from there)."""
+        with self._lock:
+            self._outstanding += 1
         self._queue.put((time.perf_counter(), job))
+
+    def can_run_now(self, stage: int) -> bool:
+        """Whether a job of `stage` should run in the calling thread (`run_now`) rather than be queued.
+
+        Yes when the compute thread has nothing queued or running (so arrival order holds), the
+        stage is loaded and known to take at most `INLINE_MAX_S`, and the emulated speed would add
+        no wait beyond its real time (a wait belongs in the compute thread, not the I/O loop).
+        """
+        with self._lock:
+            if self._outstanding:
+                return False
+            loaded = self._stages.get(stage)
+        if loaded is None:
+            return False
+        recent_s = loaded.recent_host_s
+        if recent_s is None or recent_s > INLINE_MAX_S:
+            return False
+        if self.speed is None:
+            return True
+        basis_s = loaded.reference_host_s if loaded.reference_host_s is not None else recent_s
+        return basis_s / self.speed * self.dilation <= max(recent_s, INLINE_MAX_S / 10)
+
+    def run_now(self, job: Job) -> Done:
+        """Run `job` in the calling thread and return its outcome (callbacks are not called; see `can_run_now`)."""
+        return self._run(job, time.perf_counter())
 
     @property
     def pending(self) -> int:
-        """Jobs queued or running."""
-        return self._queue.qsize() + (1 if self._busy else 0)
+        """Jobs queued or running in the compute thread."""
+        return self._outstanding
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Finish the queued jobs, then stop the thread."""
@@ -258,12 +314,12 @@ class StageExecutor:
             if item is _STOP:
                 return
             queued_at, job = item
-            self._busy = True
             try:
                 self._on_taken(job)
                 self._on_done(self._run(job, queued_at))
             finally:
-                self._busy = False
+                with self._lock:
+                    self._outstanding -= 1
 
     def _run(self, job: Job, queued_at: float) -> Done:
         loaded = self.stage(job.stage)
@@ -279,6 +335,7 @@ class StageExecutor:
             loaded.stats.errors += 1
             return Done(job, None, f"stage {job.stage} failed: {type(exc).__name__}: {exc}", 0.0, 0.0)
         host_s = time.perf_counter() - started
+        loaded.recent_runs.append(host_s)
         if self.speed is not None:
             basis_s = loaded.reference_host_s if loaded.reference_host_s is not None else host_s
             target_s = basis_s / self.speed * self.dilation

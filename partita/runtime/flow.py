@@ -11,6 +11,9 @@ bounded and every link honest:
 * **The emulated link.** Once a message has a credit it enters the link: a token bucket at the
   sender (bandwidth) plus a fixed delay (latency) decide when it may leave. Several messages can
   be in the link at once, as on a real network: latency overlaps, bandwidth serialises.
+* **Credits come back in batches.** A receiver that ran a message at once may owe its sender a
+  few credits and return them in one message (`credits_at_once`): each credit message wakes the
+  sender, and on a loaded host a wake-up costs more than the message.
 
 `Outlink` holds this logic without sockets: it is given a `send(frames)` callable, and the owner's
 event loop calls `pump(now)` and sleeps until the returned due time. One thread owns an Outlink.
@@ -178,6 +181,16 @@ class Outlink:
         if self._in_link:
             return max(0.0, self._in_link[0].due_at - now)
         return None
+
+
+def credits_at_once(window: int) -> int:
+    """How many credits a receiver may owe a sender before it returns them, in one message.
+
+    Half the window: a sender that holds `window` credits is never stopped by it (while all its
+    credits are out, at least half of those messages have been taken, or will be), and a request
+    alone, or a stream, costs half the credit messages, each of which wakes the sender.
+    """
+    return max(1, window // 2)
 
 
 def next_wakeup(delays: Sequence[float | None], default_s: float) -> float:

@@ -33,7 +33,7 @@ import zmq
 from partita.errors import PartitaError, RequestError, WireError
 from partita.model.tiles import stitch
 from partita.runtime.deployment import ChainStage, Deployment, TiledStage
-from partita.runtime.flow import LinkTimes, Outlink, next_wakeup
+from partita.runtime.flow import LinkTimes, Outlink, credits_at_once, next_wakeup
 from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Record, Replayed
 from partita.runtime.wire import Limits, decode, encode
 
@@ -97,6 +97,7 @@ class Pipeline:
         self._stream_from = 0
         self._counters = {"malformed": 0, "worker_errors": 0}
         self._link_in = LinkTimes()  # the last stage's hops to this coordinator
+        self._credits_owed: dict[bytes, int] = {}  # last-stage sender -> credits not yet returned
         # The Supervisor (failures, drift, joins) attached by deploy, and the calls it runs in this
         # I/O thread (a switch to a new epoch touches the ledger and the sockets).
         self.supervisor: Any = None
@@ -105,6 +106,7 @@ class Pipeline:
         self._wake_in = context.socket(zmq.PULL)
         self._wake_in.bind(self._wake_addr)
         self._wake_lock = threading.Lock()
+        self._wake_sent = False  # a wake-up message is on its way to the I/O thread
         self._wake_out = context.socket(zmq.PUSH)
         self._wake_out.connect(self._wake_addr)
         self._thread = threading.Thread(target=self._loop, name="partita-pipeline", daemon=True)
@@ -171,6 +173,21 @@ class Pipeline:
         for future in window:
             yield future.result()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet answered (a snapshot; the I/O thread changes it)."""
+        return len(self._ledger.pending) + self._submissions.qsize()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the requests in flight to be answered; True if none is left.
+
+        New requests may still be submitted meanwhile (they count too); `close` fails what is left.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.01)
+        return self.in_flight == 0
+
     def close(self) -> None:
         """Stop the I/O thread; requests still pending fail with RequestError. Idempotent."""
         if self._closed:
@@ -231,6 +248,7 @@ class Pipeline:
             self._predicted_links = predicted_links
             self._holding = False
             self._halted = None
+            self._credits_owed.clear()  # owed to the old epoch's senders, which are gone
             self.replay()
 
         self.call_in_loop(install).result(timeout=timeout_s)
@@ -337,8 +355,11 @@ class Pipeline:
 
     # -- the I/O thread ---------------------------------------------------------------------
     def _wake(self) -> None:
+        # One wake-up message until the I/O thread takes it: the thread clears `_wake_sent` before it
+        # reads its queues, so what was queued before this call is read whether or not it sends.
         with self._wake_lock:
-            if not self._wake_out.closed:
+            if not self._wake_sent and not self._wake_out.closed:
+                self._wake_sent = True
                 self._wake_out.send(b"w")
 
     def _make_poller(self) -> zmq.Poller:
@@ -365,6 +386,7 @@ class Pipeline:
         poller = self._make_poller()
         try:
             while not self._closing.is_set():
+                self._wake_sent = False
                 if self._run_calls():
                     poller = self._make_poller()
                 self._accept_submissions()
@@ -422,6 +444,7 @@ class Pipeline:
 
     def _on_results(self) -> None:
         done_id = self.deployment.stage_id(len(self.deployment.placement))  # where the last stage's results go
+        owed = self._credits_owed
         while self._results.poll(0):
             frames = self._results.recv_multipart(copy=False)
             sender = frames[0].bytes
@@ -434,7 +457,7 @@ class Pipeline:
             if msg.kind == "echo":
                 self._results.send_multipart([sender, *encode("echo", {})])
                 continue
-            self._results.send_multipart([sender, *encode("credit", {"n": 1})])
+            owed[sender] = owed.get(sender, 0) + 1
             h = msg.header
             if not all(type(h.get(key)) is int for key in ("r", "e", "s")):
                 self._counters["malformed"] += 1
@@ -454,6 +477,11 @@ class Pipeline:
             else:
                 outputs = tuple(t.clone() for t in msg.tensors)
                 self._ledger.apply(Delivered(h["r"], h["e"], outputs, now))
+        at_once = credits_at_once(self.deployment.window)
+        for sender, n in list(owed.items()):  # credits go back half a window at a time (dataplane.credits_at_once)
+            if n >= at_once:
+                self._results.send_multipart([sender, *encode("credit", {"n": n})])
+                del owed[sender]
 
     def _on_tile(self, tiled: TiledStage, sender: bytes, kind: str, h: dict, tensors: tuple[torch.Tensor, ...]) -> None:
         """One tile's output: keep it; with every tile in, stitch them and send the map on (or deliver it)."""

@@ -21,6 +21,7 @@ counter, never a crash.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -147,6 +148,10 @@ class Worker:
                                             counters=self._figures_counters, stop=self.request_stop)
             self._announce()
             self.executor.start()
+            # What exists now (torch and its imports: millions of objects) lives as long as the
+            # process: out of the collector's sight, no collection pauses a request to walk it, and
+            # the exit does not spend seconds collecting it once more on a loaded host.
+            gc.freeze()
             self._loop()
         finally:
             self.executor.stop()
