@@ -30,7 +30,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from partita.errors import CaptureError, SplitError
-from partita.model.capture import ModelGraph, Segment
+from partita.model.capture import Segment
 from partita.model.stage import StageProgram, TensorSpec, dtype_name
 
 ROTARY = ("llama", "qwen2", "mistral", "qwen3")  # families whose layers take rotary position embeddings
@@ -121,7 +121,7 @@ class _PassCache:
         return torch.stack([self.new_k[i] for i in order]), torch.stack([self.new_v[i] for i in order])
 
 
-class _StageModule(torch.nn.Module):
+class DecoderStageModule(torch.nn.Module):
     """Layers [start, end) of a transformers causal LM as a function of (x, positions, past keys/values)."""
 
     def __init__(self, model: Any, family: str, start: int, end: int, layers: int, *, decode: bool) -> None:
@@ -167,7 +167,7 @@ class _StageModule(torch.nn.Module):
         return hidden, new_k, new_v
 
 
-def decoder_graph(spec: DecoderSpec, model: Any, *, sequences: int, prompt_tokens: int = 16) -> ModelGraph:
+def decoder_segments(spec: DecoderSpec, model: Any, *, sequences: int, prompt_tokens: int = 16) -> list[Segment]:
     """The decoder as a chain of segments (one per layer) for the planner, in decode-step terms.
 
     Per segment: `flops` of one decode step (2 per weight, plus attention over the context);
@@ -196,7 +196,7 @@ def decoder_graph(spec: DecoderSpec, model: Any, *, sequences: int, prompt_token
             out_bytes = spec.vocab * 4
         act = 8 * prompt_tokens * max(spec.hidden, spec.vocab if layer == len(blocks) - 1 else 0) * itemsize
         segments.append(Segment(f"layer{layer}", int(flops), int(weights + kv), int(act), int(out_bytes)))
-    return ModelGraph(spec.name, segments, input_bytes=8, dynamic_batch=False)
+    return segments
 
 
 def export_stage(model: Any, spec: DecoderSpec, start: int, end: int, *, index: int) -> tuple[StageProgram, StageProgram]:
@@ -218,7 +218,7 @@ def export_stage(model: Any, spec: DecoderSpec, start: int, end: int, *, index: 
     kv_spec = TensorSpec("keys", (n, 1, spec.kv_heads, None, spec.head_dim), spec.dtype)
     programs = []
     for decode in (False, True):
-        module = _StageModule(model, spec.family, start, end, spec.layers, decode=decode).eval()
+        module = DecoderStageModule(model, spec.family, start, end, spec.layers, decode=decode).eval()
         if decode:
             args = (x_decode, torch.zeros(1, dtype=torch.long), torch.zeros(kv_shape, dtype=dtype),
                     torch.zeros(kv_shape, dtype=dtype))

@@ -120,7 +120,7 @@ class ControlHandlers:
         return Pong(time.time(), self._executor.pending, self._data.epoch)
 
     def load(self, command: Load) -> Ok:
-        from partita.model import StageProgram
+        from partita.model.decoder_stage import load_stage_archive
 
         data = blob_bytes(command.archive)
         executor = self._executor
@@ -133,7 +133,7 @@ class ControlHandlers:
                 f"{executor.capacity_bytes / 2**20:.1f} MiB; "
                 "choose a plan that fits this device's memory or give it more (--memory)"
             )
-        program = StageProgram.from_bytes(data, expected_sha256=command.sha256)
+        program = load_stage_archive(data, expected_sha256=command.sha256)  # a plain stage or a decoder stage
         executor.load(command.stage, program, memory_bytes=command.memory_bytes,
                       reference_host_s=command.reference_host_s, owner=self.identity.name)
         return Ok({"stage": command.stage, "param_bytes": int(getattr(program, "param_bytes", 0))})
