@@ -269,13 +269,15 @@ class Generator:
 
 
 def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences: int = 8,
-                     stages: Sequence[Any] | None = None, objective: str = "throughput", window: int = 4,
+                     stages: Sequence[Any] | None = None, objective: str = "throughput", planner: str = "optimal",
+                     window: int = 4,
                      supervise: Any = True, reps: int = 5, prompt_tokens: int = 16) -> Generator:
     """Deploy a causal LM (`hf:PATH`, or a `partita.model.hf.CausalLM`) onto `cluster` for generation.
 
     context: positions per sequence (prompt + new tokens); sequences: sequences in flight at once
     (each stage holds that many caches of `context` positions). stages: `(devices, start, end)` per
-    stage over the layers, instead of planning. supervise: True re-plans on failures only (decoder
+    stage over the layers, instead of planning. planner: "optimal" or a baseline of `partita.plan.plan`
+    ("single": the best single device; "memory": layers in proportion to memory, as exo places them). supervise: True re-plans on failures only (decoder
     stages are not replicated and do not move on drift); a `Supervision` sets it; False: none.
     reps: timing repetitions per layer (the planner's decode-step times). prompt_tokens: the prompt
     length the TTFT prediction assumes.
@@ -311,11 +313,12 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
         if stages is not None:
             chosen = predict(graph, cluster.spec, stages, objective=objective, segment_times_s=decode_times)
         else:
-            chosen = make_plan(graph, cluster.spec, objective=objective, replicate=False, segment_times_s=decode_times)
+            chosen = make_plan(graph, cluster.spec, objective=objective, planner=planner, replicate=False,
+                               segment_times_s=decode_times)
         split_started = time.perf_counter()
         programs = tuple(split(graph, chosen.cuts()))
         timings = {"measure_s": measured_s, "split_s": time.perf_counter() - split_started}
-        prepared = Prepared(graph, measurements, chosen, programs, objective, "optimal", None, False,
+        prepared = Prepared(graph, measurements, chosen, programs, objective, planner, None, False,
                             pinned=stages is not None, timings=timings)
     except BaseException:
         session.close()
