@@ -240,3 +240,35 @@ def test_an_hf_reference_that_is_not_a_model_directory_is_one_clear_error(tmp_pa
     with pytest.raises(ModelRefError, match="config.json"):
         load_hf(f"hf:{tmp_path}")
 
+
+
+# --------------------------------------------------------------------------------- OpenAI-compatible API
+
+@pytest.mark.slow
+def test_openai_completions_and_chat_stream_the_same_tokens_as_generate(models, cluster):
+    from starlette.testclient import TestClient
+
+    from partita.serve.openai import create_openai_app
+
+    _, lm, expected = models["gpt2"]
+    with partita.deploy_generator(lm, cluster, context=64, sequences=2, stages=[("a", 0, 3)],
+                                  supervise=False) as generator:
+        client = TestClient(create_openai_app(generator, "tiny", api_key="k"))
+        auth = {"Authorization": "Bearer k"}
+        assert client.post("/v1/completions", json={"prompt": PROMPTS[0]}).status_code == 401
+        full = client.post("/v1/completions", headers=auth,
+                           json={"prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0}).json()
+        with client.stream("POST", "/v1/completions", headers=auth,
+                           json={"prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0, "stream": True}) as sse:
+            lines = [line for line in sse.iter_lines() if line.startswith("data: ")]
+        chat = client.post("/v1/chat/completions", headers=auth,
+                           json={"messages": [{"role": "user", "content": "the"}], "max_tokens": 3}).json()
+        bad = client.post("/v1/completions", headers=auth, json={"prompt": PROMPTS[0], "top_p": 2})
+    text = lm.tokenizer.decode(expected[0][:10])
+    assert full["choices"][0]["text"] == text and full["usage"]["completion_tokens"] == 10
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] == 3
+    assert bad.status_code == 400 and "top_p" in bad.json()["error"]["message"]

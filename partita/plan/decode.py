@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from partita.cluster import ClusterSpec
+from partita.errors import PlanError
 from partita.plan.cost import hop_terms, predict
 from partita.plan.profile import load_profile
 
@@ -175,3 +176,39 @@ def simulate_decode(decode: tuple[list[float], list[tuple[float, float]]],
     total = sequences * tokens
     return DecodeSimulation(sum(firsts) / len(firsts), sum(gaps) / len(gaps) if gaps else 0.0,
                             total / end if end > 0 else math.inf)
+
+
+def plan_decode(profile: Any, cluster: ClusterSpec, *, decode_times_s: Mapping[str, Sequence[float]],
+                prefill_times_s: Mapping[str, Sequence[float]], sequences: int, prompt_tokens: int,
+                objective: str = "throughput", planner: str = "optimal") -> Any:
+    """The plan for generation: the best token throughput with `sequences` in flight, or per-token latency.
+
+    A plan made for the period alone can spread the layers over more devices than `sequences`
+    steps can keep busy (throughput is min(n / latency, 1 / period)). So the candidates are the
+    optimal plans with at most k stages for every k, and the latency-optimal plan; the one the
+    decode cost model rates best wins (objective "throughput": most tokens/s at `sequences`,
+    ties to the lower per-token latency; "latency": least per-token latency). A baseline
+    `planner` ("single", "memory", ...) is returned as it is. Stages are never replicated: a
+    sequence's cache lives on one device per stage.
+    """
+    from partita.plan import plan as make_plan
+
+    times = decode_times_s or None
+    if planner != "optimal":
+        return make_plan(profile, cluster, objective=objective, planner=planner, replicate=False, segment_times_s=times)
+    candidates = [make_plan(profile, cluster, objective="latency", replicate=False, segment_times_s=times)]
+    for k in range(1, min(len(cluster.devices), len(load_profile(profile).segments)) + 1):
+        try:
+            candidates.append(make_plan(profile, cluster, objective="throughput", max_stages=k, replicate=False,
+                                        segment_times_s=times))
+        except PlanError:  # no plan of at most k stages fits the devices' memory; more stages may
+            continue
+
+    def rating(candidate: Any) -> tuple[float, float]:
+        p = predict_decode(profile, cluster, candidate, decode_times_s, prefill_times_s, prompt_tokens=prompt_tokens,
+                           sequences=sequences)
+        if objective == "latency":
+            return (p.per_token_s, -p.tokens_per_s)
+        return (-p.tokens_per_s, p.per_token_s)
+
+    return min(candidates, key=rating)

@@ -23,6 +23,7 @@ dilation.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
@@ -135,6 +136,9 @@ class Generator:
         self.sequences = sequences
         self.prediction = prediction
         self._next_sequence = 0  # sequence ids are unique over this generator's life (cache slots)
+        self._ids = threading.Lock()
+        # Calls from several threads (an HTTP server) share the stages' `sequences` cache slots.
+        self._slots = threading.BoundedSemaphore(sequences)
         self.last_run: dict[str, float] = {}
 
     @property
@@ -182,48 +186,60 @@ class Generator:
         new_tokens = 0
 
         def admit() -> None:
-            while waiting and sum(1 for s in sequences.values() if s.finish is None) < self.sequences:
+            while waiting:
+                running = any(s.finish is None for s in sequences.values())
+                if not self._slots.acquire(blocking=not running, timeout=None if running else STEP_TIMEOUT_S):
+                    if running:
+                        return  # every slot is taken: admit more when one of ours ends
+                    raise RequestError(f"no cache slot came free in {STEP_TIMEOUT_S:.0f} s")
                 index = waiting.pop(0)
                 seq = _Sequence(index, encoded[index], torch.Generator().manual_seed(sampling.seed + index))
                 seq.started = time.monotonic()
                 sequences[index] = seq
                 self._submit(seq, events, prefill=True)
 
-        admit()
-        while any(s.finish is None for s in sequences.values()) or waiting:
-            try:
-                seq, future = events.get(timeout=STEP_TIMEOUT_S)
-            except queue.Empty:
-                raise RequestError(f"no step came back in {STEP_TIMEOUT_S:.0f} s; the cluster is not answering") from None
-            try:
-                logits, _step = future.result()
-            except RequestError as exc:
-                if CACHE_MISSING not in str(exc):
-                    raise
-                seq.rebuilds += 1
-                if seq.rebuilds > MAX_REBUILDS:
-                    raise RequestError(f"sequence {seq.index} lost its KV cache {seq.rebuilds} times; giving up") from exc
-                self._submit(seq, events, prefill=True)  # replay every token so far through prefill
-                continue
-            token = sample(logits.reshape(-1).float(), sampling, seq.generator)
-            seq.new.append(token)
-            seq.times.append(time.monotonic())
-            new_tokens += 1
-            text = self._decode(seq.new)
-            yield Token(seq.index, len(seq.new) - 1, token, text[len(seq.text):])
-            seq.text = text
-            if token in self.spec.eos_token_ids:
-                seq.finish = "eos"
-            elif len(seq.new) >= sampling.max_new_tokens or len(seq.tokens) >= self.spec.context:
-                seq.finish = "length"
-            else:
-                self._submit(seq, events, prefill=False)
-            if seq.finish is not None:
-                done[seq.index] = self._result(seq, dilation)
-                admit()
-                while next_out in done:
-                    yield done.pop(next_out)
-                    next_out += 1
+        try:
+            admit()
+            while any(s.finish is None for s in sequences.values()) or waiting:
+                try:
+                    seq, future = events.get(timeout=STEP_TIMEOUT_S)
+                except queue.Empty:
+                    raise RequestError(f"no step came back in {STEP_TIMEOUT_S:.0f} s; the cluster is not answering") from None
+                try:
+                    logits, _step = future.result()
+                except RequestError as exc:
+                    if CACHE_MISSING not in str(exc):
+                        raise
+                    seq.rebuilds += 1
+                    if seq.rebuilds > MAX_REBUILDS:
+                        raise RequestError(f"sequence {seq.index} lost its KV cache {seq.rebuilds} times; giving up") from exc
+                    self._submit(seq, events, prefill=True)  # replay every token so far through prefill
+                    continue
+                token = sample(logits.reshape(-1).float(), sampling, seq.generator)
+                seq.new.append(token)
+                seq.times.append(time.monotonic())
+                new_tokens += 1
+                text = self._decode(seq.new)
+                yield Token(seq.index, len(seq.new) - 1, token, text[len(seq.text):])
+                seq.text = text
+                if token in self.spec.eos_token_ids:
+                    seq.finish = "eos"
+                elif len(seq.new) >= sampling.max_new_tokens or len(seq.tokens) >= self.spec.context:
+                    seq.finish = "length"
+                else:
+                    self._submit(seq, events, prefill=False)
+                if seq.finish is not None:
+                    self._slots.release()
+                    done[seq.index] = self._result(seq, dilation)
+                    admit()
+                    while next_out in done:
+                        yield done.pop(next_out)
+                        next_out += 1
+        finally:  # a caller that stops early (or an error) gives its unfinished sequences' slots back
+            for seq in sequences.values():
+                if seq.finish is None:
+                    seq.finish = "abandoned"
+                    self._slots.release()
         elapsed = (time.monotonic() - started) / dilation
         self.last_run = {"elapsed_s": elapsed, "new_tokens": float(new_tokens),
                          "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0}
@@ -234,8 +250,9 @@ class Generator:
     # -- internals ------------------------------------------------------------------------------
     def _submit(self, seq: _Sequence, events: queue.Queue, *, prefill: bool) -> None:
         if prefill:  # a new sequence, or a rebuild: every token so far, from position 0, in a fresh slot
-            seq.slot = self._next_sequence
-            self._next_sequence += 1
+            with self._ids:
+                seq.slot = self._next_sequence
+                self._next_sequence += 1
             x = torch.tensor([seq.tokens], dtype=torch.long)
             step = torch.tensor([seq.slot, 0], dtype=torch.long)
         else:
@@ -286,9 +303,8 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
     from partita.model.decoder import decoder_spec
     from partita.model.decoder_stage import DecoderGraph
     from partita.model.hf import CausalLM, load_hf
-    from partita.plan import plan as make_plan
     from partita.plan import predict
-    from partita.plan.decode import predict_decode
+    from partita.plan.decode import plan_decode, predict_decode
     from partita.runtime.coordinator import Prepared, launch
     from partita.runtime.measure import Measurements
     from partita.runtime.session import Session
@@ -308,16 +324,24 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
         speeds = dict(cluster.host_speeds)
         decode_times = {name: tuple(t / speed for t in decode_s) for name, speed in speeds.items()}
         prefill_times = {name: tuple(t / speed for t in prefill_s) for name, speed in speeds.items()}
-        measurements = Measurements(decode_times, None, infos)
         measured_s = time.perf_counter() - started
         if stages is not None:
             chosen = predict(graph, cluster.spec, stages, objective=objective, segment_times_s=decode_times)
         else:
-            chosen = make_plan(graph, cluster.spec, objective=objective, planner=planner, replicate=False,
-                               segment_times_s=decode_times)
+            chosen = plan_decode(graph, cluster.spec, decode_times_s=decode_times, prefill_times_s=prefill_times,
+                                 sequences=sequences, prompt_tokens=prompt_tokens, objective=objective,
+                                 planner=planner)
         split_started = time.perf_counter()
         programs = tuple(split(graph, chosen.cuts()))
         timings = {"measure_s": measured_s, "split_s": time.perf_counter() - split_started}
+        # The prediction uses the stage programs as they will run (the plan used per-layer estimates).
+        decode_s, prefill_s = calibrated(programs, decode_s, prefill_s, spec, prompt_tokens=prompt_tokens,
+                                         reps=reps, threads=cluster.threads_per_worker)
+        decode_times = {name: tuple(t / speed for t in decode_s) for name, speed in speeds.items()}
+        prefill_times = {name: tuple(t / speed for t in prefill_s) for name, speed in speeds.items()}
+        chosen = predict(graph, cluster.spec, [(s.devices, s.start, s.end) for s in chosen.stages],
+                         objective=objective, planner=chosen.planner, segment_times_s=decode_times)
+        measurements = Measurements(decode_times, None, infos)
         prepared = Prepared(graph, measurements, chosen, programs, objective, planner, None, False,
                             pinned=stages is not None, timings=timings)
     except BaseException:
@@ -326,9 +350,8 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
     if supervise is True:
         supervise = Supervision(drift=False, joins=False)
     pipe = launch(prepared, cluster, window=window, supervise=supervise, session=session)
-    prediction = predict_decode(graph, cluster.spec,
-                                chosen, decode_times, prefill_times, prompt_tokens=prompt_tokens,
-                                token_bytes=8, sequences=sequences)
+    prediction = predict_decode(graph, cluster.spec, chosen, decode_times, prefill_times, prompt_tokens=prompt_tokens,
+                                sequences=sequences)
     return Generator(pipe, lm.tokenizer, spec, sequences=sequences, prediction=prediction)
 
 
@@ -356,6 +379,39 @@ def layer_times(model: Any, spec: Any, *, reps: int, prompt_tokens: int, threads
             pos = torch.tensor([past])
             decode_out.append(_median_s(lambda step=step, x1=x1, kv=kv, pos=pos: step(x1, pos, kv, kv), reps))
             prefill_out.append(_median_s(lambda step=step, xp=xp: step(xp), reps))
+    finally:
+        torch.set_num_threads(previous)
+    return tuple(decode_out), tuple(prefill_out)
+
+
+def calibrated(programs: Sequence[Any], decode_s: Sequence[float], prefill_s: Sequence[float], spec: Any, *,
+               prompt_tokens: int, reps: int, threads: int = 1) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-layer times rescaled so that each stage's layers sum to its exported programs' measured time.
+
+    The eager per-layer times (`layer_times`) choose the plan; the exported programs are what the
+    workers run, and can be faster or slower. Each stage's decode program runs one token at half
+    the context, its prefill program `prompt_tokens` tokens, on `threads` torch threads.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, spec.dtype)
+    past = max(1, spec.context // 2)
+    decode_out, prefill_out = list(decode_s), list(prefill_s)
+    try:
+        for stage in programs:
+            n = stage.end - stage.start
+            first = stage.start == 0
+            x1 = torch.zeros(1, 1, dtype=torch.long) if first else torch.zeros(1, 1, spec.hidden, dtype=dtype)
+            xp = (torch.zeros(1, prompt_tokens, dtype=torch.long) if first
+                  else torch.zeros(1, prompt_tokens, spec.hidden, dtype=dtype))
+            kv = torch.zeros(n, 1, spec.kv_heads, past, spec.head_dim, dtype=dtype)
+            pos = torch.tensor([past])
+            for times, fn in ((decode_out, lambda stage=stage, x1=x1, kv=kv, pos=pos: stage.decode.run(x1, pos, kv, kv)),
+                              (prefill_out, lambda stage=stage, xp=xp: stage.prefill.run(xp))):
+                measured = _median_s(fn, reps)
+                estimated = sum(times[stage.start:stage.end])
+                for layer in range(stage.start, stage.end):
+                    times[layer] = times[layer] * measured / estimated if estimated > 0 else measured / n
     finally:
         torch.set_num_threads(previous)
     return tuple(decode_out), tuple(prefill_out)
