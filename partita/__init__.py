@@ -5,6 +5,7 @@ _LAZY = {
     "deploy": "partita.runtime.coordinator",
     "connect": "partita.runtime.connect",
     "LocalCluster": "partita.runtime.local",
+    "deploy_generator": "partita.runtime.generate",
 }
 
 

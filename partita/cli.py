@@ -92,6 +92,9 @@ def _register() -> None:
     from partita.commands import serve as serve_cmd
 
     app.command("serve")(serve_cmd.serve)
+    from partita.commands import generate as generate_cmd
+
+    app.command("generate")(generate_cmd.generate)
 
 
 _register()

@@ -47,7 +47,11 @@ def serve(
         bool, typer.Option("--standby", help="Pre-ship the stages each failure plan needs, so a failover ships nothing.")
     ] = False,
 ) -> None:
-    """Serve MODEL over HTTP (Open Inference Protocol v2) on the cluster, with dynamic batching and a dashboard."""
+    """Serve MODEL over HTTP (Open Inference Protocol v2) on the cluster, with dynamic batching and a dashboard.
+
+    An hf:PATH model (a causal LM) is served OpenAI-style instead: POST /v1/completions and
+    /v1/chat/completions, with server-sent-events streaming.
+    """
     require_serve_extra()
     from rich.console import Console
 
@@ -70,6 +74,14 @@ def serve(
         keys.insecure_already_reported()  # one warning, not one per socket
     if no_auth:
         console.print(f"[yellow]warning:[/] --no-auth: anyone who reaches {host} can send requests")
+    from partita.model.hf import is_hf_ref
+
+    if is_hf_ref(model):  # a causal LM: OpenAI-compatible /v1 completions (see partita.serve.openai)
+        from partita.serve.openai import serve_generator
+
+        serve_generator(model, cluster, name=name, host=host, port=port, api_key=api_key, secret_key=secret_key,
+                        insecure=insecure, detection_s=detection, console=console)
+        return
     shapes = parse_input_shapes(input_shape)
     module = load_ref(model)
     with open_cluster(cluster, secret_key=secret_key, insecure=insecure) as handle:

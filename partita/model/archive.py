@@ -80,6 +80,11 @@ _SYMBOL = re.compile(r"^(s|u|ps|zuf|zf|q|c|d|i|x|y|z|f|uf)\d+$")
 _SYMBOL_DECLARATION = re.compile(
     r"^Symbol\('([a-z]+\d+)'(?:, (?:positive|integer|nonnegative|real|finite)=(?:True|False))*\)$"
 )
+#: A size symbol or an integer inside a sympy srepr expression, e.g. Mul(Integer(64), Symbol('s27', positive=True)).
+_SREPR_SYMBOL = re.compile(r"Symbol\('([a-z]+\d+)'(?:, (?:positive|integer|nonnegative|real|finite)=(?:True|False))*\)")
+_SREPR_INTEGER = re.compile(r"Integer\((-?\d+)\)")
+#: sympy's arithmetic in srepr form (a decoder's sizes: 64 * tokens, past + 1).
+_SREPR_FUNCTIONS = {"Mul", "Add", "Pow"}
 _DOT_OUTSIDE_NUMBER = re.compile(r"(?<![0-9])\.|\.(?![0-9])")
 
 
@@ -213,11 +218,12 @@ def _check_expr(expr: Any) -> None:
         declared = _SYMBOL_DECLARATION.match(expr)
         if declared and _SYMBOL.match(declared.group(1)):
             return
+        expr = _SREPR_INTEGER.sub(r"\1", _SREPR_SYMBOL.sub(r"\1", expr))
     ok = isinstance(expr, str) and len(expr) < 10_000 and _EXPR_CHARS.match(expr) and "__" not in expr
     ok = ok and not _DOT_OUTSIDE_NUMBER.search(expr)
     if ok:
         for name in _EXPR_NAME.findall(expr):
-            if name not in _EXPR_FUNCTIONS and not _SYMBOL.match(name):
+            if name not in _EXPR_FUNCTIONS and name not in _SREPR_FUNCTIONS and not _SYMBOL.match(name):
                 ok = False
                 break
     if not ok:

@@ -41,6 +41,10 @@ def split(graph: ModelGraph, cuts: Sequence[int]) -> list[StageProgram]:
     each in [0, len(segments) - 2], strictly increasing. SplitError otherwise.
     Returns len(cuts) + 1 stages; run_stages(stages, *x) equals module(*x) exactly.
     """
+    from partita.model.decoder_stage import DecoderGraph
+
+    if isinstance(graph, DecoderGraph):  # a decoder splits into stages with a KV cache (prefill + decode)
+        return graph.split_stages(_check_cuts(cuts, len(graph.segments)))  # type: ignore[return-value]
     layout = graph.layout
     if layout is None:
         raise SplitError(

@@ -205,7 +205,7 @@ class DataPlane:
     def on_done(self, done: Done) -> None:
         job = done.job
         if done.error is not None:
-            self._forward_fail(job.stage + 1, job.request, job.epoch, f"{self.settings.name}: {done.error}")
+            self._forward_fail(job.stage, job.request, job.epoch, f"{self.settings.name}: {done.error}")
             return
         destinations = self._routes.get(job.stage)
         if not destinations:

@@ -136,7 +136,7 @@ class ControlHandlers:
 
     def load(self, command: Load) -> Ok:
         """Load the archive sent, or the cached one of `sha256` (`missing: true` when none is cached)."""
-        from partita.model import StageProgram
+        from partita.model.decoder_stage import load_stage_archive
 
         cached = command.archive is None
         data = self.archives.get(command.sha256) if cached else blob_bytes(command.archive)
@@ -152,7 +152,7 @@ class ControlHandlers:
                 f"{executor.capacity_bytes / 2**20:.1f} MiB; "
                 "choose a plan that fits this device's memory or give it more (--memory)"
             )
-        program = StageProgram.from_bytes(data, expected_sha256=command.sha256)
+        program = load_stage_archive(data, expected_sha256=command.sha256)  # a plain stage or a decoder stage
         executor.load(command.stage, program, memory_bytes=command.memory_bytes,
                       reference_host_s=command.reference_host_s, owner=self.identity.name)
         if not cached:

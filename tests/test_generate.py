@@ -1,0 +1,274 @@
+"""Generation across devices: decoder stages with per-sequence KV caches, through real workers on loopback.
+
+Tiny random Llama-, Qwen2- and GPT-2-style models are written with `save_tiny` and loaded as
+`hf:PATH`; the reference tokens are transformers' own greedy `generate` on the unsplit model, on
+this CPU, in float32, on one torch thread (as the workers run).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import partita  # noqa: E402
+from partita.cluster import ClusterSpec, DeviceSpec  # noqa: E402
+from partita.errors import ModelRefError, PlanError, RequestError, StageFormatError, StageInputError  # noqa: E402
+from partita.model.decoder import decoder_segments, decoder_spec  # noqa: E402
+from partita.model.decoder_stage import CACHE_MISSING, DecoderStage, decoder_stages  # noqa: E402
+from partita.model.hf import load_hf, save_tiny  # noqa: E402
+from partita.plan import plan as make_plan  # noqa: E402
+from partita.plan.decode import DecodePrediction, simulate_decode  # noqa: E402
+from partita.runtime.generate import Sampling, sample  # noqa: E402
+from partita.runtime.supervisor import Supervision  # noqa: E402
+
+NEW_TOKENS = 64
+PROMPTS = ("the first words of a long story", "we find our way home after school")
+LAYERS = {"llama": 3, "qwen2": 3, "gpt2": 3}
+DEVICES = ("a", "b", "c")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def reference(lm, prompt: str) -> list[int]:
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = lm.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, one_torch_thread):
+    """family -> (directory, loaded model, reference tokens per prompt)."""
+    out = {}
+    for family, layers in LAYERS.items():
+        path = save_tiny(tmp_path_factory.mktemp(family), family, layers=layers, hidden=64)
+        lm = load_hf(f"hf:{path}")
+        out[family] = (path, lm, [reference(lm, p) for p in PROMPTS])
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    spec = ClusterSpec.from_dict({
+        "source": "client",
+        "devices": [{"name": n, "flops_per_s": 1e9, "memory_bytes": 2**30, "speed": 1.0} for n in DEVICES],
+        "links": {"default": {"bandwidth": "1GB/s", "latency": "0.1ms"}},
+    })
+    with partita.LocalCluster(spec) as local:
+        yield local
+
+
+def stages(layers: int, count: int) -> list[tuple[str, int, int]]:
+    """`count` stages over the layers, on devices a, b, c in order."""
+    cuts = {(3, 3): (0, 1, 2, 3), (3, 2): (0, 1, 3)}[(layers, count)]
+    return [(DEVICES[k], cuts[k], cuts[k + 1]) for k in range(count)]
+
+
+# --------------------------------------------------------------------------------- through workers
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(LAYERS))
+def test_greedy_tokens_across_workers_equal_the_unsplit_models_generate(models, cluster, family):
+    _, lm, expected = models[family]
+    with partita.deploy_generator(lm, cluster, context=96, sequences=2, stages=stages(LAYERS[family], 2),
+                                  supervise=False) as generator:
+        results = generator.generate_many(list(PROMPTS), Sampling(max_new_tokens=NEW_TOKENS))
+        streamed = [t.token_id for t in generator.generate(PROMPTS[0], max_new_tokens=8, stream=True)]
+    assert [r.token_ids for r in results] == expected
+    assert streamed == expected[0][:8]
+    assert all(r.finish == "length" and r.rebuilds == 0 for r in results)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_decoding_loses_no_sequence_and_changes_no_token(models, cluster):
+    _, lm, expected = models["llama"]
+    # Loading stage archives keeps a busy 2-core machine's workers from answering for a while: 3 s, not 1.
+    supervision = Supervision(detection_s=3.0, drift=False, joins=False)
+    generator = partita.deploy_generator(lm, cluster, context=96, sequences=2, stages=stages(3, 3),
+                                         supervise=supervision)
+    try:
+        tokens: dict[int, list[int]] = {0: [], 1: []}
+        results = {}
+        killed = False
+        for event in generator.stream_many(list(PROMPTS), Sampling(max_new_tokens=NEW_TOKENS)):
+            if hasattr(event, "token_id"):
+                tokens[event.sequence].append(event.token_id)
+                if not killed and len(tokens[0]) + len(tokens[1]) == 20:
+                    cluster.processes["b"].send_signal(signal.SIGKILL)  # stage 1 (layers 1-2) and its caches die
+                    killed = True
+            else:
+                results[len(results)] = event
+        plan_after = generator.plan
+    finally:
+        generator.close()
+        cluster.add_worker(DeviceSpec("b", 1e9, 2**30, speed=1.0))
+    assert killed
+    assert [results[i].token_ids for i in range(2)] == expected
+    assert [tokens[0], tokens[1]] == expected  # streamed once each, in order: no token lost or repeated
+    assert sum(r.rebuilds for r in results.values()) >= 1
+    assert all("b" not in stage.devices for stage in plan_after.stages)
+
+
+@pytest.mark.slow
+def test_cli_generate_json_prints_the_contracted_fields(models, cluster, tmp_path, monkeypatch, capsys):
+    """The command on the module's workers: the cluster file's devices are those of `cluster`.
+
+    Opening a cluster file (LocalCluster or real workers) is `open_cluster`, shared with `partita
+    run` and tested there; here it hands back the running cluster to spare starting three workers.
+    """
+    import contextlib
+
+    import partita.runtime.connect
+    from partita.cli import main
+
+    monkeypatch.setattr(partita.runtime.connect, "open_cluster", lambda *a, **k: contextlib.nullcontext(cluster))
+    path, _, expected = models["gpt2"]
+    with pytest.raises(SystemExit) as info:
+        main(["generate", f"hf:{path}", "--cluster", str(tmp_path / "unused.yaml"), "--prompt", PROMPTS[1],
+              "--max-new-tokens", "12", "--context", "64", "--json"])
+    out, err = capsys.readouterr()
+    assert info.value.code in (0, None), err
+    printed = json.loads(out.strip().splitlines()[-1])
+    assert {"token_ids", "text", "plan", "ttft_s", "per_token_s", "tokens_per_s"} <= set(printed)
+    assert printed["token_ids"] == expected[1][:12]
+    assert printed["text"] == models["gpt2"][1].tokenizer.decode(expected[1][:12])
+    assert [d for stage in printed["plan"]["stages"] for d in stage["devices"]] <= list(DEVICES)
+    assert printed["ttft_s"] > 0 and printed["per_token_s"] > 0 and printed["tokens_per_s"] > 0
+
+
+def test_cli_generate_refuses_a_model_that_is_not_hf_with_one_line_and_exit_2(capsys, tmp_path):
+    from partita.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "torchvision:resnet18", "--cluster", str(tmp_path / "c.yaml"), "--prompt", "hello world"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "hf:PATH" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------- a stage in process
+
+@pytest.fixture(scope="module")
+def gpt2_stage(models):
+    _, lm, _ = models["gpt2"]
+    spec = decoder_spec(lm.model, context=32, name="gpt2")
+    (stage,) = decoder_stages(lm.model, spec, [(0, 3)], sequences=2)
+    return DecoderStage.from_bytes(stage.to_bytes(), expected_sha256=stage.sha256)
+
+
+def test_a_decode_step_is_idempotent_and_a_lost_cache_is_named(gpt2_stage):
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    logits, _ = gpt2_stage.run(prompt, torch.tensor([100, 0]))
+    token = torch.tensor([[int(logits.argmax())]])
+    first, _ = gpt2_stage.run(token, torch.tensor([100, 4]))
+    again, _ = gpt2_stage.run(token, torch.tensor([100, 4]))  # a replayed step overwrites position 4
+    assert torch.equal(first, again) and gpt2_stage.holds(100) == 5
+    with pytest.raises(StageInputError, match=CACHE_MISSING):
+        gpt2_stage.run(token, torch.tensor([101, 4]))  # a sequence this stage never saw
+    gpt2_stage.run(prompt, torch.tensor([102, 0]))
+    gpt2_stage.run(prompt, torch.tensor([103, 0]))  # two slots: sequence 100's is reused
+    with pytest.raises(StageInputError, match=CACHE_MISSING):
+        gpt2_stage.run(token, torch.tensor([100, 5]))
+
+
+def test_decoder_bundles_are_checked_before_loading(gpt2_stage):
+    import io
+    import zipfile
+
+    data = gpt2_stage.to_bytes()
+    with pytest.raises(StageFormatError, match="sha256"):
+        DecoderStage.from_bytes(data, expected_sha256="0" * 64)
+    extra = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(extra, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+        dst.writestr("payload.pkl", b"\x80\x04")
+    with pytest.raises(StageFormatError, match="exactly"):
+        DecoderStage.from_bytes(extra.getvalue())
+
+
+# --------------------------------------------------------------------------------- sampling, planning
+
+def test_sampling_is_greedy_at_zero_temperature_and_reproducible_with_a_seed():
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
+    assert sample(logits, Sampling(temperature=0.0), torch.Generator()) == 1
+    draws = [[sample(logits, Sampling(temperature=1.5), torch.Generator().manual_seed(7)) for _ in range(5)]
+             for _ in range(2)]
+    assert draws[0] == draws[1]
+    nucleus = {sample(logits, Sampling(temperature=1.0, top_p=0.3), torch.Generator().manual_seed(s)) for s in range(20)}
+    assert nucleus == {1}  # token 1 alone holds more than 30% of the mass
+    with pytest.raises(RequestError, match="top_p"):
+        Sampling(top_p=0.0).check()
+
+
+def test_a_stages_memory_includes_the_kv_cache_of_every_sequence(models):
+    _, lm, _ = models["llama"]
+    spec = decoder_spec(lm.model, context=64, name="llama")
+    one, eight = decoder_segments(spec, lm.model, sequences=1), decoder_segments(spec, lm.model, sequences=8)
+    per_layer = 2 * spec.kv_heads * spec.head_dim * 64 * 4  # keys and values, float32, 64 positions
+    assert [b.param_bytes - a.param_bytes for a, b in zip(one, eight, strict=True)] == [7 * per_layer] * 3
+    weights = sum(s.param_bytes for s in one) - 3 * per_layer + max(s.act_bytes for s in one)
+    room = ClusterSpec.from_dict({"source": "client", "devices": [
+        {"name": "small", "flops_per_s": 1e9, "memory_bytes": int(weights + 10 * per_layer)}],
+        "links": {"default": {"bandwidth": "1GB/s", "latency": "0.1ms"}}})
+    make_plan({"model": "m", "input_bytes": 8, "segments": [s.__dict__ for s in one]}, room)
+    with pytest.raises(PlanError):
+        make_plan({"model": "m", "input_bytes": 8, "segments": [s.__dict__ for s in eight]}, room)
+
+
+def test_the_decode_simulator_reaches_the_cost_models_latency_and_throughput():
+    compute = [0.010, 0.030, 0.020]
+    hops = [(0.001, 0.002), (0.0005, 0.002), (0.0005, 0.002), (0.002, 0.002)]
+    prediction = DecodePrediction(ttft_s=0.0, per_token_s=sum(compute) + sum(busy + delay for busy, delay in hops),
+                                  period_s=max(compute), sequences=8, prompt_tokens=1)
+    alone = simulate_decode((compute, hops), (compute, hops), sequences=1, tokens=50)
+    assert alone.per_token_s == pytest.approx(prediction.per_token_s)
+    assert alone.tokens_per_s == pytest.approx(prediction.tokens_per_s_at(1), rel=0.05)
+    many = simulate_decode((compute, hops), (compute, hops), sequences=8, tokens=200)
+    assert many.tokens_per_s == pytest.approx(prediction.tokens_per_s_at(8), rel=0.05)
+    assert prediction.tokens_per_s_at(8) == pytest.approx(1 / 0.030)
+
+
+def test_an_hf_reference_that_is_not_a_model_directory_is_one_clear_error(tmp_path):
+    with pytest.raises(ModelRefError, match="not a directory"):
+        load_hf(f"hf:{tmp_path / 'missing'}")
+    with pytest.raises(ModelRefError, match="config.json"):
+        load_hf(f"hf:{tmp_path}")
+
+
+
+# --------------------------------------------------------------------------------- OpenAI-compatible API
+
+@pytest.mark.slow
+def test_openai_completions_and_chat_stream_the_same_tokens_as_generate(models, cluster):
+    from starlette.testclient import TestClient
+
+    from partita.serve.openai import create_openai_app
+
+    _, lm, expected = models["gpt2"]
+    with partita.deploy_generator(lm, cluster, context=64, sequences=2, stages=[("a", 0, 3)],
+                                  supervise=False) as generator:
+        client = TestClient(create_openai_app(generator, "tiny", api_key="k"))
+        auth = {"Authorization": "Bearer k"}
+        assert client.post("/v1/completions", json={"prompt": PROMPTS[0]}).status_code == 401
+        full = client.post("/v1/completions", headers=auth,
+                           json={"prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0}).json()
+        with client.stream("POST", "/v1/completions", headers=auth,
+                           json={"prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0, "stream": True}) as sse:
+            lines = [line for line in sse.iter_lines() if line.startswith("data: ")]
+        chat = client.post("/v1/chat/completions", headers=auth,
+                           json={"messages": [{"role": "user", "content": "the"}], "max_tokens": 3}).json()
+        bad = client.post("/v1/completions", headers=auth, json={"prompt": PROMPTS[0], "top_p": 2})
+    text = lm.tokenizer.decode(expected[0][:10])
+    assert full["choices"][0]["text"] == text and full["usage"]["completion_tokens"] == 10
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] == 3
+    assert bad.status_code == 400 and "top_p" in bad.json()["error"]["message"]
