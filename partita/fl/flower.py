@@ -85,9 +85,11 @@ class FlowerStrategy(_FlowerFedAvg):
         super().summary()
 
 
-def FedNova(server_lr: float = 1.0, server_momentum: float = 0.5, tau_eff: str = "bounded", **options):  # noqa: N802
+def FedNova(  # noqa: N802
+    server_lr: float = 1.0, server_momentum: float = 0.5, tau_eff: str = "bounded", work: str = "realised", **options
+):
     """partita's FedNova as a Flower strategy (see `partita.fl.fednova.FedNova` for the arguments)."""
-    return FlowerStrategy(_PartitaFedNova(server_lr, server_momentum, tau_eff), **options)
+    return FlowerStrategy(_PartitaFedNova(server_lr, server_momentum, tau_eff, work), **options)
 
 
 def FedAvg(**options):  # noqa: N802 - named like the strategy it builds
