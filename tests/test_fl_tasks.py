@@ -181,6 +181,7 @@ def _robust_pair(job: tuple[int, bool, float, int]) -> tuple[float, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # about 75 s on two idle cores; far longer on a loaded machine
 def test_fednova_stays_within_a_point_of_fedavg_and_never_diverges_under_unequal_work_and_momentum():
     jobs = [(n, c, m, seed) for n, c, m in ROBUST_SETTINGS for seed in ROBUST_SEEDS]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
