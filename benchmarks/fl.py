@@ -14,11 +14,12 @@
    run the same rounds over 10 real worker processes on loopback (LocalCluster, CURVE): `fl-train` and
    `fl-update` through the workers' control sockets, one near-free local step each (`_fl_payload.py`).
 
-4. Robustness (issue 13): digits, Dirichlet(0.3), ten clients whose local steps are spread 2-30, in the
-   order of their data sizes ("correlated") or in a seeded random order ("uncorrelated"), with local momentum
-   0 and 0.9, at the default lr 0.05, 20 rounds: mean and worst final accuracy over the seeds for FedAvg, the
-   paper's FedNova (`FedNova.paper()`) and partita's default FedNova, and how many runs diverged (final
-   accuracy below 0.2; chance is 0.1).
+4. Robustness (issue 13): digits, Dirichlet(0.3), ten and five clients whose local steps are spread 2-30, in
+   the order of their data sizes ("correlated") or in a seeded random order ("uncorrelated"), with local
+   momentum 0 and 0.9, at the default lr 0.05, 20 rounds: mean and worst final accuracy over the seeds for
+   FedAvg, the paper's FedNova (`FedNova.paper()`), the bounded FedNova with the paper's normaliser A_i
+   (`FedNova(work="paper")`) and partita's default FedNova (realised work), and how many runs diverged (final
+   accuracy below 0.2; chance is 0.1). `--robust-clients 5` runs one block only.
 5. Secure aggregation's cost: rounds over real workers (LocalCluster, one client per worker), plain against
    `--secure-aggregation`, for FedAvg and FedNova: median ms per round and bytes per round on the
    coordinator's sockets (requests + replies, heartbeats excluded), as ratios to plain.
@@ -336,27 +337,34 @@ def spread_steps(sizes: list[int], low: int, high: int, correlated: bool, seed: 
     return out
 
 
-ROBUST_STRATEGIES = {"fedavg": FedAvg, "fednova (paper)": FedNova.paper, "fednova": FedNova}
+ROBUST_STRATEGIES = {
+    "fedavg": FedAvg,
+    "fednova (paper)": FedNova.paper,
+    "fednova (A_i)": lambda: FedNova(work="paper"),  # the previous default: bounded step, server momentum, A_i
+    "fednova": FedNova,
+}
+ROBUST_CLIENTS = (10, 5)
 
 
 def _robust_run(job: tuple) -> tuple:
-    correlated, momentum, label, seed, rounds = job
+    clients, correlated, momentum, label, seed, rounds = job
     torch.set_num_threads(1)
-    task = get_task("digits", num_clients=NUM_CLIENTS, seed=seed, alpha=0.3)
-    sizes = [task.client_data(i).num_examples for i in range(NUM_CLIENTS)]
+    task = get_task("digits", num_clients=clients, seed=seed, alpha=0.3)
+    sizes = [task.client_data(i).num_examples for i in range(clients)]
     steps = spread_steps(sizes, 2, 30, correlated, seed)
     profiles = {i: ClientProfile(local_steps=s, lr=0.05, momentum=momentum) for i, s in enumerate(steps)}
     final = run_in_process(task, ROBUST_STRATEGIES[label](), rounds, profiles=profiles, seed=seed).final
     return job, final.accuracy
 
 
-def robustness(seeds: list[int], rounds: int) -> dict:
-    """Final accuracy per (spread, momentum, strategy, seed); seeds spread over two processes."""
+def robustness(seeds: list[int], rounds: int, client_counts: tuple[int, ...] = ROBUST_CLIENTS) -> dict:
+    """Final accuracy per (clients, spread, momentum, strategy, seed); seeds spread over two processes."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [
-        (correlated, momentum, label, seed, rounds)
+        (clients, correlated, momentum, label, seed, rounds)
+        for clients in client_counts
         for correlated in (False, True)
         for momentum in (0.0, 0.9)
         for label in ROBUST_STRATEGIES
@@ -365,13 +373,13 @@ def robustness(seeds: list[int], rounds: int) -> dict:
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         finals = list(pool.map(_robust_run, jobs))
     rows: dict[tuple, list[float]] = {}
-    for (correlated, momentum, label, _seed, _), accuracy in finals:
-        rows.setdefault((correlated, momentum, label), []).append(accuracy)
+    for (clients, correlated, momentum, label, _seed, _), accuracy in finals:
+        rows.setdefault((clients, correlated, momentum, label), []).append(accuracy)
     return {
         "task": "digits", "alpha": 0.3, "steps": "2-30", "lr": 0.05, "rounds": rounds, "seeds": seeds,
         "rows": [
-            {"correlated": c, "momentum": m, "strategy": label, "accuracy": accs}
-            for (c, m, label), accs in rows.items()
+            {"clients": n, "correlated": c, "momentum": m, "strategy": label, "accuracy": accs}
+            for (n, c, m, label), accs in rows.items()
         ],
     }
 
@@ -381,22 +389,24 @@ def print_robustness(result: dict) -> None:
         title=f"digits, Dirichlet(0.3), local steps 2-30, lr 0.05, {result['rounds']} rounds: final accuracy over "
         f"seeds {result['seeds'][0]}-{result['seeds'][-1]}"
     )
-    for column in ("steps vs data", "momentum", "strategy", "mean", "worst", "diverged (<0.2)", "mean - fedavg"):
+    for column in ("clients", "steps vs data", "momentum", "strategy", "mean", "worst", "diverged (<0.2)",
+                   "mean - fedavg"):
         table.add_column(column, justify="right")
     baseline = {
-        (r["correlated"], r["momentum"]): statistics.fmean(r["accuracy"])
+        (r["clients"], r["correlated"], r["momentum"]): statistics.fmean(r["accuracy"])
         for r in result["rows"] if r["strategy"] == "fedavg"
     }
     for row in result["rows"]:
         mean = statistics.fmean(row["accuracy"])
         table.add_row(
+            str(row["clients"]),
             "correlated" if row["correlated"] else "uncorrelated",
             f"{row['momentum']:g}",
             row["strategy"],
             f"{mean:.3f}",
             f"{min(row['accuracy']):.3f}",
             str(sum(a < 0.2 for a in row["accuracy"])),
-            f"{mean - baseline[(row['correlated'], row['momentum'])]:+.3f}",
+            f"{mean - baseline[(row['clients'], row['correlated'], row['momentum'])]:+.3f}",
         )
     console.print(table)
 
@@ -471,6 +481,9 @@ def main() -> None:
     parser.add_argument(
         "--only", default="convergence,paired,overhead,robustness,secure", help="comma-separated parts to run"
     )
+    parser.add_argument(
+        "--robust-clients", default="10,5", help="client counts of the robustness table (comma-separated)"
+    )
     args = parser.parse_args()
     parts = set(args.only.split(","))
     torch.set_num_threads(1)  # tiny models: intra-op threads only add contention on a shared machine
@@ -504,7 +517,8 @@ def main() -> None:
         print_overhead(rows)
         results["overhead"] = rows
     if "robustness" in parts:
-        robust = robustness(list(range(2 if args.quick else 8)), rounds=20)
+        counts = tuple(int(n) for n in args.robust_clients.split(","))
+        robust = robustness(list(range(2 if args.quick else 8)), rounds=20, client_counts=counts)
         print_robustness(robust)
         results["robustness"] = robust
     if "secure" in parts:

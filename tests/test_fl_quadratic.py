@@ -5,10 +5,12 @@ local solver moves along x - e_i: Delta_i = x - x_i = c_i (x - e_i), with c_i fo
 solver on the scalar u = x - e_i (u_0 = 1). Then
 
     FedAvg:  x+ = x - sum_i p_i c_i (x - e_i)              fixed point  sum_i p_i c_i e_i / sum_i p_i c_i
-    FedNova: x+ = x - tau_eff sum_i p_i c_i/A_i (x - e_i)  fixed point  sum_i p_i (c_i/A_i) e_i / sum_i p_i c_i/A_i
+    FedNova: x+ = x - tau_eff sum_i p_i c_i/W_i (x - e_i)  fixed point  sum_i p_i (c_i/W_i) e_i / sum_i p_i c_i/W_i
 
-with A_i = eta_i ||a_i||_1 from the paper's closed forms. To first order in eta, c_i = eta_i tau_i and
-c_i / A_i = 1, hence FedAvg's tau-weighted point and FedNova's x* = sum_i p_i e_i.
+With the paper's normaliser (`FedNova(work="paper")`), W_i = A_i = eta_i ||a_i||_1 from the paper's closed forms:
+to first order in eta, c_i = eta_i tau_i and c_i / A_i = 1, hence FedAvg's tau-weighted point and FedNova's
+x* = sum_i p_i e_i up to an O(eta) residue. With the realised work (the default), W_i = ||Delta_i|| / ||g_i|| =
+|c_i| (the gradient at the round's start is x - e_i), so c_i / W_i = 1 and the fixed point is x* exactly.
 """
 
 from __future__ import annotations
@@ -76,28 +78,34 @@ def test_fedavg_converges_to_the_tau_weighted_point_and_fednova_to_the_optimum(s
     c = [contraction(t, lr, momentum, mu) for t, lr in zip(TAUS, lrs, strict=True)]
     norms = [paper_norm(t, lr, momentum, mu) for t, lr in zip(TAUS, lrs, strict=True)]
     fedavg_exact = weighted_point(c)
-    fednova_exact = weighted_point([ci / ai for ci, ai in zip(c, norms, strict=True)])
+    paper_exact = weighted_point([ci / ai for ci, ai in zip(c, norms, strict=True)])
+    realised_exact = weighted_point([ci / abs(ci) for ci in c])
 
     avg_strategy = FedProx(mu) if mu else FedAvg()
     x_avg, optimum = run(avg_strategy, lrs, momentum, mu)
+    x_paper, _ = run(FedNova(work="paper"), lrs, momentum, mu)
     x_nova, _ = run(FedNova(), lrs, momentum, mu)
 
     np.testing.assert_allclose(x_avg, fedavg_exact, atol=2e-4)
-    np.testing.assert_allclose(x_nova, fednova_exact, atol=2e-4)
+    np.testing.assert_allclose(x_paper, paper_exact, atol=2e-4)
+    np.testing.assert_allclose(x_nova, realised_exact, atol=2e-4)
+    np.testing.assert_allclose(realised_exact, optimum, atol=1e-12)
     # First order in the learning rate: FedAvg weights p_i eta_i tau_i, FedNova p_i.
     residue = max(lr * t for lr, t in zip(lrs, TAUS, strict=True))
     tau_weighted = weighted_point([lr * t for lr, t in zip(lrs, TAUS, strict=True)])
     assert np.linalg.norm(x_avg - tau_weighted) < residue
-    assert np.linalg.norm(x_nova - optimum) < residue / 2
-    assert np.linalg.norm(x_avg - optimum) > 3 * np.linalg.norm(x_nova - optimum)
+    assert np.linalg.norm(x_paper - optimum) < residue / 2
+    assert np.linalg.norm(x_avg - optimum) > 3 * np.linalg.norm(x_paper - optimum)
 
 
 def test_server_momentum_keeps_fednovas_fixed_point():
     lrs = [0.05] * 4
     c = [contraction(t, 0.05) for t in TAUS]
     exact = weighted_point([ci / paper_norm(t, 0.05) for ci, t in zip(c, TAUS, strict=True)])
-    x, _ = run(FedNova(server_lr=0.5, server_momentum=0.5), lrs, rounds=120)
+    x, _ = run(FedNova(server_lr=0.5, server_momentum=0.5, work="paper"), lrs, rounds=120)
     np.testing.assert_allclose(x, exact, atol=2e-4)
+    x, optimum = run(FedNova(server_lr=0.5, server_momentum=0.5), lrs, rounds=120)
+    np.testing.assert_allclose(x, optimum, atol=2e-4)
 
 
 def test_equal_work_makes_fednova_and_fedavg_agree():

@@ -144,13 +144,14 @@ def test_fednova_is_at_least_as_accurate_as_fedavg_on_non_iid_digits_with_unequa
 
 # Issue 13's robustness target: local steps spread 2-30, in the order of the clients' data sizes or not, with
 # local momentum 0.9, at the default lr. The paper's rule (FedNova.paper()) diverged here (mean accuracy 0.36
-# and 0.72; docs/fl.md); the default must stay within a point of FedAvg on the mean and never diverge. Paired:
-# FedAvg and FedNova see the same partition, initial weights and minibatches. The momentum-0 rows of the same
-# table (FedNova +2.6 and +2.0 points) are measured by benchmarks/fl.py; with them this test would take over
-# two minutes of CPU on two cores.
-ROBUST_CLIENTS = 10
+# and 0.72; docs/fl.md), and with five clients (uncorrelated) FedNova normalised by the paper's A_i fell to 0.908
+# mean, worst 0.694, against FedAvg's 0.960: the few-step clients carried the direction. The default (realised
+# work) must stay within a point of FedAvg on the mean and never diverge. Paired: FedAvg and FedNova see the
+# same partition, initial weights and minibatches. The momentum-0 rows and the five-client correlated rows of
+# the same table (FedNova +0.4 to +3.9 points) are measured by benchmarks/fl.py; with them this test would take
+# several minutes of CPU on two cores.
 ROBUST_SEEDS = range(8)
-ROBUST_SETTINGS = [(False, 0.9), (True, 0.9)]
+ROBUST_SETTINGS = [(10, False, 0.9), (10, True, 0.9), (5, False, 0.9)]  # (clients, correlated, momentum)
 
 
 def spread_steps(sizes: list[int], correlated: bool, seed: int) -> list[int]:
@@ -166,12 +167,12 @@ def spread_steps(sizes: list[int], correlated: bool, seed: int) -> list[int]:
     return out
 
 
-def _robust_pair(job: tuple[bool, float, int]) -> tuple[float, float]:
+def _robust_pair(job: tuple[int, bool, float, int]) -> tuple[float, float]:
     """FedAvg's and FedNova's final accuracy in one setting and seed (module level: runs in a worker process)."""
-    correlated, momentum, seed = job
+    clients, correlated, momentum, seed = job
     torch.set_num_threads(1)
-    task = get_task("digits", num_clients=ROBUST_CLIENTS, seed=seed, alpha=0.3)
-    sizes = [task.client_data(i).num_examples for i in range(ROBUST_CLIENTS)]
+    task = get_task("digits", num_clients=clients, seed=seed, alpha=0.3)
+    sizes = [task.client_data(i).num_examples for i in range(clients)]
     steps = spread_steps(sizes, correlated, seed)
     profiles = {i: ClientProfile(local_steps=s, lr=0.05, momentum=momentum) for i, s in enumerate(steps)}
     avg = run_in_process(task, FedAvg(), 20, profiles=profiles, seed=seed).final
@@ -180,14 +181,15 @@ def _robust_pair(job: tuple[bool, float, int]) -> tuple[float, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # about 75 s on two idle cores; far longer on a loaded machine
 def test_fednova_stays_within_a_point_of_fedavg_and_never_diverges_under_unequal_work_and_momentum():
-    jobs = [(c, m, seed) for c, m in ROBUST_SETTINGS for seed in ROBUST_SEEDS]
+    jobs = [(n, c, m, seed) for n, c, m in ROBUST_SETTINGS for seed in ROBUST_SEEDS]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = dict(zip(jobs, pool.map(_robust_pair, jobs), strict=True))
-    for correlated, momentum in ROBUST_SETTINGS:
-        pairs = [results[(correlated, momentum, seed)] for seed in ROBUST_SEEDS]
+    for clients, correlated, momentum in ROBUST_SETTINGS:
+        pairs = [results[(clients, correlated, momentum, seed)] for seed in ROBUST_SEEDS]
         fedavg, fednova = [p[0] for p in pairs], [p[1] for p in pairs]
-        figures = f"correlated={correlated} momentum={momentum}: " + ", ".join(
+        figures = f"{clients} clients, correlated={correlated}, momentum={momentum}: " + ", ".join(
             f"{a:.3f}->{b:.3f}" for a, b in pairs
         )
         assert np.mean(fednova) >= np.mean(fedavg) - 0.01, figures

@@ -32,9 +32,20 @@ The step length. The paper's tau_eff extrapolates every client's average gradien
 very unequal work (2 against 30 steps) the few-step clients' changes are multiplied up (8x, and about 35x with
 local momentum 0.9, whose ||a_i||_1 grows faster than tau_i) while the many-step clients' saturated
 trajectories give small d_i, so the paper's step overshoots (docs/fl.md: it diverged with momentum 0.9 on
-non-IID digits). The default keeps the paper's direction and bounds its length by FedAvg's step, a mean of
-real client trajectories; server momentum 0.5 recovers the speed. Near the fixed point sum_i p_i d_i -> 0, so
-the bound lifts and the paper's tau_eff applies.
+non-IID digits). The default keeps the direction and bounds its length by FedAvg's step, a mean of real client
+trajectories; server momentum 0.5 recovers the speed. Near the fixed point sum_i p_i d_i -> 0, so the bound
+lifts and the paper's tau_eff applies.
+
+The realised work (default `work="realised"`). A_i is the client's work *if its gradient stayed constant*
+along its trajectory (then Delta_i = A_i g_i exactly). Where the trajectory saturates (many steps, momentum)
+the client moves much less than A_i g_i, so d_i = Delta_i / A_i understates its gradient and the few-step
+clients carry the direction (with five clients, steps 2-30 and momentum 0.9, a 2-step client held 60-90% of
+it). Each client therefore measures its work: W_i = ||Delta_i|| / ||g_i,1|| (`ClientUpdate.work`), with g_i,1
+its first minibatch gradient, taken at the global weights. W_i = A_i when the gradient stays constant, and
+d_i = Delta_i / W_i always has the length of the client's own gradient at the round's start: no client's
+change is extrapolated beyond it. On `quadratic` W_i = c_i exactly, so the fixed point is the optimum at any
+learning rate (the paper's normaliser leaves an O(lr) residue). `work="paper"` uses A_i, as does a client
+that sends no `work`. W_i is a client's own scalar, so secure aggregation's weights stay linear.
 
 With equal learning rates eta this is the authors' code exactly: x^{t+1} = x^t - sum_i p_i (tau_eff/||a_i||_1)
 Delta_i with tau_eff = sum_i p_i ||a_i||_1. One detail follows their code rather than the general formula: for a
@@ -108,6 +119,7 @@ def works(report: ClientReport) -> bool:
 
 
 TAU_EFF_RULES = ("bounded", "paper")
+WORK_RULES = ("realised", "paper")
 
 
 class FedNova(Strategy):
@@ -116,29 +128,36 @@ class FedNova(Strategy):
     server_lr:       the server's step size on D (1.0 = the paper's).
     server_momentum: beta of the server momentum buffer v (0 = none); it persists across rounds until
                      `reset()`. Default 0.5.
+    work:            "realised" (default): normalise by the work the client measured (`ClientUpdate.work`,
+                     ||Delta_i|| / ||g_i,1||), falling back to A_i; "paper": by A_i = eta_i ||a_i||_1.
     tau_eff:         "bounded" (default): min(sum_i p_i A_i, ||S_avg|| / ||sum_i p_i d_i||), so the step is never
                      longer than FedAvg's would be; "paper": sum_i p_i A_i, as the paper and its code.
-    `FedNova.paper()` is the paper's plain rule (paper tau_eff, no server momentum).
+    `FedNova.paper()` is the paper's plain rule (paper normaliser and tau_eff, no server momentum).
     """
 
     name = "fednova"
 
-    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.5, tau_eff: str = "bounded") -> None:
+    def __init__(
+        self, server_lr: float = 1.0, server_momentum: float = 0.5, tau_eff: str = "bounded", work: str = "realised"
+    ) -> None:
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise FLError(f"FedNova server_lr must be > 0, got {server_lr!r}.")
         if not 0.0 <= server_momentum < 1.0:
             raise FLError(f"FedNova server_momentum must be in [0, 1), got {server_momentum!r}.")
         if tau_eff not in TAU_EFF_RULES:
             raise FLError(f"FedNova tau_eff must be one of {', '.join(TAU_EFF_RULES)}, got {tau_eff!r}.")
+        if work not in WORK_RULES:
+            raise FLError(f"FedNova work must be one of {', '.join(WORK_RULES)}, got {work!r}.")
         self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
         self.tau_eff = tau_eff
+        self.work = work
         self._velocity: dict[str, Tensor] = {}
 
     @classmethod
     def paper(cls) -> FedNova:
         """The rule of the paper and its code: tau_eff = sum_i p_i A_i, server_lr 1, no server momentum."""
-        return cls(server_lr=1.0, server_momentum=0.0, tau_eff="paper")
+        return cls(server_lr=1.0, server_momentum=0.0, tau_eff="paper", work="paper")
 
     def reset(self) -> None:
         self._velocity = {}
@@ -147,11 +166,17 @@ class FedNova(Strategy):
     def num_sums(self) -> int:
         return 2 if self.tau_eff == "bounded" else 1
 
+    def normaliser(self, report: ClientReport) -> float:
+        """W_i: the client's realised work when it measured one and `work="realised"`, else the paper's A_i."""
+        if self.work == "realised" and report.work is not None:
+            return float(report.work)
+        return lr_weighted_norm(report)
+
     def _raw_weights(self, report: ClientReport) -> tuple[float, ...]:
-        """(n_i / A_i) for the paper's rule; (n_i / A_i, n_i) when bounded (the second sum is FedAvg's step)."""
+        """(n_i / W_i) for the paper's rule; (n_i / W_i, n_i) when bounded (the second sum is FedAvg's step)."""
         if not works(report):
             return (0.0,) * self.num_sums
-        normalised = report.num_examples / lr_weighted_norm(report)
+        normalised = report.num_examples / self.normaliser(report)
         return (normalised, float(report.num_examples)) if self.tau_eff == "bounded" else (normalised,)
 
     def step_length(self, sums: Sequence[Mapping[str, Tensor]], reports: Sequence[ClientReport]) -> float:
@@ -160,7 +185,10 @@ class FedNova(Strategy):
         if not working:
             return 0.0
         total = sum(r.num_examples for r in working)
-        paper = sum(r.num_examples / total * effective_work(r) for r in working)
+        if self.work == "realised":
+            paper = sum(r.num_examples / total * self.normaliser(r) for r in working)
+        else:
+            paper = sum(r.num_examples / total * effective_work(r) for r in working)
         if self.tau_eff == "paper":
             return paper
         normalised = math.sqrt(sum(float((t * t).sum()) for t in sums[0].values()))
@@ -192,5 +220,5 @@ class FedNova(Strategy):
     def __repr__(self) -> str:
         return (
             f"FedNova(server_lr={self.server_lr}, server_momentum={self.server_momentum}, "
-            f"tau_eff={self.tau_eff!r})"
+            f"tau_eff={self.tau_eff!r}, work={self.work!r})"
         )

@@ -8,8 +8,9 @@ FedAvg but aggregates with partita's rule, so FedAvg, FedProx and FedNova normal
 `FedNova(...)`, `FedAvg()`, `FedProx(mu)` below.
 
 A reply's records use the names partita already uses (`partita.fl.update`): "arrays" (the client's weights
-after training) and "metrics" with "num-examples", "local-steps", "lr", "momentum", "prox-mu" and "a-norm"
-(the learning-rate-weighted ||a_i||_1; `client_app` always sends it), plus "client-id" so that replies are
+after training) and "metrics" with "num-examples", "local-steps", "lr", "momentum", "prox-mu", "a-norm"
+(the learning-rate-weighted ||a_i||_1; `client_app` always sends it) and "work" (the realised work that
+`train_local` measures, FedNova's default normaliser), plus "client-id" so that replies are
 aggregated in a fixed order whatever order they arrive in.
 
 `client_app(task, profiles)` is the matching ClientApp: node i (its `partition-id`) trains client i of the
@@ -85,9 +86,11 @@ class FlowerStrategy(_FlowerFedAvg):
         super().summary()
 
 
-def FedNova(server_lr: float = 1.0, server_momentum: float = 0.5, tau_eff: str = "bounded", **options):  # noqa: N802
+def FedNova(  # noqa: N802
+    server_lr: float = 1.0, server_momentum: float = 0.5, tau_eff: str = "bounded", work: str = "realised", **options
+):
     """partita's FedNova as a Flower strategy (see `partita.fl.fednova.FedNova` for the arguments)."""
-    return FlowerStrategy(_PartitaFedNova(server_lr, server_momentum, tau_eff), **options)
+    return FlowerStrategy(_PartitaFedNova(server_lr, server_momentum, tau_eff, work), **options)
 
 
 def FedAvg(**options):  # noqa: N802 - named like the strategy it builds

@@ -158,7 +158,7 @@ def train_local(
     batches = _minibatches(data.num_examples, config.batch_size, generator)
     planned = config.planned_steps(data.num_examples)
 
-    steps, emulated_s, host_total_s, loss_sum = 0, 0.0, 0.0, 0.0
+    steps, emulated_s, host_total_s, loss_sum, first_gradient = 0, 0.0, 0.0, 0.0, 0.0
     last_step_s = config.step_time_s
     while steps < planned:
         if (
@@ -174,6 +174,8 @@ def train_local(
         loss = task.loss(model, data.x[index], data.y[index])
         model.zero_grad(set_to_none=True)
         loss.backward()
+        if steps == 0:  # the first minibatch gradient, at the global weights: the unit of the realised work
+            first_gradient = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None))
         with torch.no_grad():
             for i, p in enumerate(params):
                 grad = torch.zeros_like(p) if p.grad is None else p.grad
@@ -204,6 +206,9 @@ def train_local(
         steps += 1
     if steps == 0 and planned > 0:
         return None
+    with torch.no_grad():
+        moved = math.sqrt(sum(float((p.double() - s.double()).square().sum()) for p, s in zip(params, start, strict=True)))
+    work = moved / first_gradient if steps and first_gradient > 0 and moved > 0 else None
     return ClientUpdate(
         weights=weights_of(model),
         num_examples=data.num_examples,
@@ -211,6 +216,7 @@ def train_local(
         lr=config.lr,
         momentum=config.momentum,
         prox_mu=config.prox_mu,
+        work=work if work is not None and math.isfinite(work) else None,
         metrics={
             "train-loss": loss_sum / max(steps, 1),
             "emulated-s": emulated_s,

@@ -36,15 +36,15 @@ CONFIG = "config"
 NUM_EXAMPLES = "num-examples"
 MISSED_DEADLINE = "missed-deadline"  # metric of a reply that carries no update
 
-_UPDATE_KEYS = ("num-examples", "local-steps", "lr", "momentum", "prox-mu", "a-norm")
+_UPDATE_KEYS = ("num-examples", "local-steps", "lr", "momentum", "prox-mu", "a-norm", "work")
 
 
 @dataclass(frozen=True)
 class ClientReport:
     """The scalars of one client's round that a strategy weighs it by (a `ClientUpdate` without weights).
 
-    Under secure aggregation this is all the server learns about one client: n_i, tau_i, its solver and
-    a_norm (see `ClientUpdate` for the fields' meaning).
+    Under secure aggregation this is all the server learns about one client: n_i, tau_i, its solver,
+    a_norm and its realised work (see `ClientUpdate` for the fields' meaning).
     """
 
     num_examples: int
@@ -53,6 +53,7 @@ class ClientReport:
     momentum: float = 0.0
     prox_mu: float = 0.0
     a_norm: float | None = None
+    work: float | None = None
 
     def to_metrics(self) -> dict:
         return {
@@ -62,6 +63,7 @@ class ClientReport:
             "momentum": float(self.momentum),
             "prox-mu": float(self.prox_mu),
             "a-norm": None if self.a_norm is None else float(self.a_norm),
+            "work": None if self.work is None else float(self.work),
         }
 
     @classmethod
@@ -73,6 +75,9 @@ class ClientReport:
         a_norm = metrics.get("a-norm")
         if a_norm is not None and not isinstance(a_norm, int | float):
             raise FLError("A client record's 'a-norm' must be a number or None.")
+        work = metrics.get("work")
+        if work is not None and not isinstance(work, int | float):
+            raise FLError("A client record's 'work' must be a number or None.")
         report = cls(
             num_examples=int(metrics["num-examples"]),
             local_steps=int(metrics["local-steps"]),
@@ -80,6 +85,7 @@ class ClientReport:
             momentum=float(metrics.get("momentum", 0.0)),
             prox_mu=float(metrics.get("prox-mu", 0.0)),
             a_norm=None if a_norm is None else float(a_norm),
+            work=None if work is None else float(work),
         )
         if report.num_examples <= 0 or report.local_steps < 0 or not (math.isfinite(report.lr) and report.lr > 0):
             raise FLError(f"A client record's metrics are out of range: {report}.")
@@ -87,6 +93,8 @@ class ClientReport:
             raise FLError(f"A client record's solver is out of range: {report}.")
         if report.a_norm is not None and not (math.isfinite(report.a_norm) and report.a_norm > 0):
             raise FLError(f"A client record's a-norm must be positive, got {report.a_norm!r}.")
+        if report.work is not None and not (math.isfinite(report.work) and report.work > 0):
+            raise FLError(f"A client record's work must be positive, got {report.work!r}.")
         return report
 
 
@@ -103,6 +111,9 @@ class ClientUpdate:
     prox_mu:      mu of the proximal term mu/2 * ||x - x_global||^2 (0 = none).
     a_norm:       None = derive eta_i * ||a_i||_1 from the fields above; a float overrides it and must be the
                   learning-rate-weighted norm sum_k eta_k * a_{i,k} (see `partita.fl.fednova`).
+    work:         the realised work ||x_0 - x_tau|| / ||g_1||: how far the client moved per unit of its first
+                  minibatch gradient (in learning-rate units, like a_norm; None = not measured). It equals
+                  a_norm when the gradient stays constant along the trajectory; FedNova normalises by it.
     metrics:      free-form scalar metrics of local training (e.g. "train-loss", "emulated-s").
     """
 
@@ -113,6 +124,7 @@ class ClientUpdate:
     momentum: float = 0.0
     prox_mu: float = 0.0
     a_norm: float | None = None
+    work: float | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -134,13 +146,15 @@ class ClientUpdate:
             raise FLError(
                 f"ClientUpdate.a_norm must be a positive finite number or None, got {self.a_norm!r}."
             )
+        if self.work is not None and not (math.isfinite(self.work) and self.work > 0):
+            raise FLError(f"ClientUpdate.work must be a positive finite number or None, got {self.work!r}.")
 
 
     @property
     def report(self) -> ClientReport:
         """The update's scalars, without the weights."""
         return ClientReport(
-            self.num_examples, self.local_steps, self.lr, self.momentum, self.prox_mu, self.a_norm
+            self.num_examples, self.local_steps, self.lr, self.momentum, self.prox_mu, self.a_norm, self.work
         )
 
 
@@ -203,6 +217,7 @@ def update_from_record(record: Mapping) -> ClientUpdate:
         momentum=float(metrics.get("momentum", 0.0)),
         prox_mu=float(metrics.get("prox-mu", 0.0)),
         a_norm=None if metrics.get("a-norm") is None else float(metrics["a-norm"]),
+        work=None if metrics.get("work") is None else float(metrics["work"]),
         metrics=extra,
     )
 
