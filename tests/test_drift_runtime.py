@@ -86,9 +86,27 @@ def stream_with_change(cluster, prepared, change, *, requests: int, change_at: i
                 change(pipe, first)
                 changed.append(time.monotonic())
         stats = pipe.stats()
+    return first, stats, outputs, mismatches(model, outputs, batches)
+
+
+def mismatches(model, outputs, batches) -> list[str]:
+    """Every output that is not torch.equal to the unsplit model on its batch: index, largest difference,
+    and (for the first 20) which other batch's result it is if it is one (a request given another's).
+
+    Rounding (a kernel on another code path) shows as ~1e-8 differences; a mix-up as large ones.
+    """
     with torch.no_grad():
-        exact = all(torch.equal(y, model(b)) for y, b in zip(outputs, batches, strict=True))
-    return first, stats, outputs, exact
+        expected = [model(b) for b in batches]
+    assert len(outputs) == len(expected), (len(outputs), len(expected))
+    wrong = []
+    for i, (y, want) in enumerate(zip(outputs, expected, strict=True)):
+        if torch.equal(y, want):
+            continue
+        diff = (y - want).abs().max().item() if y.shape == want.shape else float("nan")
+        other = [] if len(wrong) >= 20 else [
+            j for j, e in enumerate(expected) if j != i and y.shape == e.shape and torch.equal(y, e)]
+        wrong.append(f"#{i}: max |diff| {diff:.3g}" + (f", equals the output of #{other}" if other else ""))
+    return wrong
 
 
 def test_a_device_five_times_slower_mid_stream_leads_to_one_switch_and_no_lost_request(cluster, prepared):
@@ -100,10 +118,12 @@ def test_a_device_five_times_slower_mid_stream_leads_to_one_switch_and_no_lost_r
         cluster.set_device(busiest, speed=SPEED / 5)
 
     try:
-        first, stats, outputs, exact = stream_with_change(cluster, prepared, slow_down, requests=700, change_at=150)
+        first, stats, outputs, wrong = stream_with_change(cluster, prepared, slow_down, requests=700, change_at=150)
     finally:
         cluster.set_device(slowed.get("name", "a"), speed=SPEED)
-    assert exact and len(outputs) >= 700
+    assert not wrong, (f"{len(wrong)} of {len(outputs)} outputs differ from the unsplit model: {wrong[:20]}; "
+                       f"replans: {stats['replans']}")
+    assert len(outputs) >= 700
     assert stats["delivered"] == len(outputs) and stats["failed"] == 0 and stats["pending"] == 0
     drifts = [r for r in stats["replans"] if r["cause"] == "drift"]
     assert len(drifts) == 1, stats["replans"]  # hysteresis: a sustained change is acted on once
@@ -120,12 +140,14 @@ def test_a_link_ten_times_slower_mid_stream_leads_to_a_switch_and_no_lost_reques
         cluster.set_link(a, b, bandwidth=BANDWIDTH / 10)
 
     try:
-        first, stats, outputs, exact = stream_with_change(cluster, prepared, cut_link, requests=600, change_at=150)
+        first, stats, outputs, wrong = stream_with_change(cluster, prepared, cut_link, requests=600, change_at=150)
     finally:
         if cut:
             cluster.set_link(*cut["pair"], bandwidth=BANDWIDTH)
     assert len(first.stages) >= 2
-    assert exact and len(outputs) >= 600
+    assert not wrong, (f"{len(wrong)} of {len(outputs)} outputs differ from the unsplit model: {wrong[:20]}; "
+                       f"replans: {stats['replans']}")
+    assert len(outputs) >= 600
     assert stats["delivered"] == len(outputs) and stats["failed"] == 0 and stats["pending"] == 0
     drifts = [r for r in stats["replans"] if r["cause"] == "drift"]
     assert 1 <= len(drifts) <= 2, stats["replans"]

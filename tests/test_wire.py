@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from partita.errors import WireError
-from partita.runtime import wire
+from partita.runtime import codec, wire
 from partita.runtime.wire import Limits
 
 
@@ -86,9 +86,24 @@ def test_bytes_frames_decode_zero_copy_and_bytearray_frames_are_copied():
     data[:8] = bytes(8)
 
     assert from_bytearray[0].item() == 0 and from_bytearray[1].item() == 1
-    stable = bytes(payload[1])
+    stable = _bytes_aligned(bytes(payload[1]), True)
     from_bytes = wire.decode([head, stable]).tensors[0]
     assert from_bytes.untyped_storage().data_ptr() == torch.frombuffer(stable, dtype=torch.uint8).data_ptr()
+    # Bytes that are less aligned than torch aligns its tensors are copied (see codec.ALIGNMENT).
+    off = _bytes_aligned(bytes(payload[1]), False)
+    from_off = wire.decode([head, off]).tensors[0]
+    assert from_off.data_ptr() % codec.ALIGNMENT == 0 and torch.equal(from_off, torch.arange(16))
+
+
+def _bytes_aligned(data: bytes, aligned: bool) -> bytes:
+    """A copy of `data` as a bytes object whose buffer is (or is not) 64-byte aligned (found by allocating)."""
+    held = []
+    for _ in range(1000):
+        candidate = bytes(bytearray(data))
+        if (torch.frombuffer(candidate, dtype=torch.uint8).data_ptr() % codec.ALIGNMENT == 0) == aligned:
+            return candidate
+        held.append(candidate)  # kept, so that the next copy lands elsewhere
+    raise AssertionError("no bytes object with the wanted alignment in 1000 allocations")
 
 
 @pytest.mark.slow

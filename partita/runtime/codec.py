@@ -36,6 +36,13 @@ from partita.errors import WireError
 CODECS: frozenset[str] = frozenset({"none", "fp16", "int8", "lz4"})
 _LOSSY: frozenset[str] = frozenset({"fp16", "int8"})
 
+#: Bytes a decoded tensor's data is aligned to: what torch's CPU allocator gives every tensor. A view
+#: of a frame that is less aligned is copied. Kernels pick their code path by alignment: MKL's GEMM
+#: for a few output columns (a Linear(64, 5), say) rounds differently on an input that is not
+#: 16-byte aligned, so a stage fed such a view would differ from the unsplit model in the last bit.
+#: Received frames often are: libzmq puts a message's data right after its own header.
+ALIGNMENT = 64
+
 # Wire dtype name -> torch dtype. The allow-list: anything else is refused on both sides.
 DTYPES: Mapping[str, torch.dtype] = {
     "float32": torch.float32,
@@ -141,8 +148,8 @@ def decode_tensor(
 
     `max_bytes` bounds the decoded tensor's size (and so what lz4 may decompress to). With
     `copy=False` and codec ``none`` the tensor is a view of `payload` (which must then stay
-    unchanged for the tensor's lifetime, e.g. bytes or a received zmq.Frame); a misaligned
-    payload is still copied. Views of read-only buffers must not be modified in place.
+    unchanged for the tensor's lifetime, e.g. bytes or a received zmq.Frame); a payload not
+    aligned to `ALIGNMENT` bytes is still copied. Views of read-only buffers must not be modified in place.
     """
     dtype, shape, codec = check_meta(meta, max_ndim=max_ndim, max_bytes=max_bytes)
     view = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
@@ -237,8 +244,8 @@ def _from_raw(
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(buf, dtype=torch.uint8)
-    if copy or flat.data_ptr() % dtype.itemsize:
-        flat = flat.clone()  # an unstable or misaligned buffer: own the bytes
+    if copy or flat.data_ptr() % ALIGNMENT:
+        flat = flat.clone()  # an unstable or less aligned buffer: own the bytes (aligned as torch allocates)
     if dtype == torch.bool and bool((flat > 1).any()):
         raise WireError("bool tensor payload holds bytes other than 0 and 1")
     return flat.view(dtype).view(shape)

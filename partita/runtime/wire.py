@@ -12,9 +12,11 @@ payload, and it raises only `WireError`. Nothing is ever unpickled.
 
 Aliasing: a decoded tensor (codec ``none``) is a zero-copy view of its frame when that frame's memory
 is stable: a ``zmq.Frame`` (received with ``copy=False``: libzmq owns that message's memory until the
-Frame is released, and never reuses it while referenced) or ``bytes`` (immutable). Frames given as
-``bytearray`` or ``memoryview`` may be reused by their owner, so their tensors are copies. Views of
-received frames are read-only memory to Python: clone before modifying such a tensor in place.
+Frame is released, and never reuses it while referenced) or ``bytes`` (immutable); and only when it
+is 64-byte aligned, as torch aligns what it allocates (`partita.runtime.codec.ALIGNMENT`: some
+kernels round differently on less aligned inputs). Frames given as ``bytearray`` or ``memoryview``
+may be reused by their owner, so their tensors are copies. Views of received frames are read-only
+memory to Python: clone before modifying such a tensor in place.
 """
 
 from __future__ import annotations
