@@ -22,7 +22,7 @@ from partita.model.decoder import decoder_segments, decoder_spec  # noqa: E402
 from partita.model.decoder_stage import CACHE_MISSING, DecoderStage, decoder_stages  # noqa: E402
 from partita.model.hf import load_hf, save_tiny  # noqa: E402
 from partita.plan import plan as make_plan  # noqa: E402
-from partita.plan.decode import DecodePrediction, simulate_decode  # noqa: E402
+from partita.plan.decode import DecodePrediction, prefill_profile, simulate_decode  # noqa: E402
 from partita.runtime.generate import Sampling, sample  # noqa: E402
 from partita.runtime.supervisor import Supervision  # noqa: E402
 
@@ -232,6 +232,39 @@ def test_the_decode_simulator_reaches_the_cost_models_latency_and_throughput():
     many = simulate_decode((compute, hops), (compute, hops), sequences=8, tokens=200)
     assert many.tokens_per_s == pytest.approx(prediction.tokens_per_s_at(8), rel=0.05)
     assert prediction.tokens_per_s_at(8) == pytest.approx(1 / 0.030)
+
+
+def test_the_decode_cost_model_and_simulator_pay_the_per_hop_overhead_on_every_hop():
+    """Two stages (a: 10 ms, b: 20 ms per step) over 1 MB/s, 1 ms links, h = 0.5 ms; figures by hand."""
+    from partita.plan import predict
+    from partita.plan.decode import chain_terms, predict_decode
+
+    profile = {"model": "m", "input_bytes": 8, "segments": [
+        {"name": "s0", "flops": 10**7, "param_bytes": 0, "act_bytes": 0, "out_bytes": 1000},
+        {"name": "s1", "flops": 2 * 10**7, "param_bytes": 0, "act_bytes": 0, "out_bytes": 4000}]}
+    two = ClusterSpec.from_dict({"source": "client", "devices": [
+        {"name": n, "flops_per_s": 1e9, "memory_bytes": 2**30} for n in ("a", "b")],
+        "links": {"default": {"bandwidth": "1MB/s", "latency": "1ms"}}})
+    plan = predict(profile, two, [("a", 0, 1), ("b", 1, 2)])
+    h = 0.0005
+    without = predict_decode(profile, two, plan, {}, {}, prompt_tokens=4, sequences=8)
+    withh = predict_decode(profile, two, plan, {}, {}, prompt_tokens=4, sequences=8, hop_overhead_s=h)
+    # hops: client->a 8 B (1.008 ms), a->b 1000 B (2 ms), b->client 4000 B (5 ms); 3 hops pay h
+    assert without.per_token_s == pytest.approx(0.010 + 0.020 + 0.001008 + 0.002 + 0.005)
+    assert withh.per_token_s == pytest.approx(0.038008 + 3 * h)
+    assert (without.period_s, withh.period_s) == pytest.approx((0.020, 0.020 + h))  # stage b, with its h
+    # prefill of 4 tokens: 40 + 80 ms; 32 B, 4000 B, and the last stage's one position (4000 B)
+    assert withh.ttft_s == pytest.approx(0.040 + 0.080 + 0.001032 + 0.005 + 0.005 + 3 * h)
+    assert withh.tokens_per_s_at(8) == pytest.approx(1 / 0.0205)
+    assert withh.tokens_per_s_at(1) == pytest.approx(1 / 0.039508)
+    terms = chain_terms(profile, two, plan, None, hop_overhead_s=h)
+    assert terms[0] == pytest.approx([0.0105, 0.0205])
+    prefill = chain_terms(prefill_profile(profile, 4), two, plan, None, hop_overhead_s=h)
+    alone = simulate_decode(terms, prefill, sequences=1, tokens=20)
+    assert alone.per_token_s == pytest.approx(withh.per_token_s)
+    assert alone.ttft_s == pytest.approx(withh.ttft_s)
+    many = simulate_decode(terms, prefill, sequences=8, tokens=200)
+    assert many.tokens_per_s == pytest.approx(withh.tokens_per_s_at(8), rel=0.05)
 
 
 def test_an_hf_reference_that_is_not_a_model_directory_is_one_clear_error(tmp_path):
