@@ -289,7 +289,7 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
                      stages: Sequence[Any] | None = None, objective: str = "throughput", planner: str = "optimal",
                      window: int = 4,
                      supervise: Any = True, reps: int = 5, prompt_tokens: int = 16,
-                     hop_overhead_s: float | None = None) -> Generator:
+                     hop_overhead_s: float | None = None, replace: bool = True) -> Generator:
     """Deploy a causal LM (`hf:PATH`, or a `partita.model.hf.CausalLM`) onto `cluster` for generation.
 
     context: positions per sequence (prompt + new tokens); sequences: sequences in flight at once
@@ -300,6 +300,8 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
     reps: timing repetitions per layer (the planner's decode-step times). prompt_tokens: the prompt
     length the TTFT prediction assumes. hop_overhead_s: the runtime's per-hop overhead the plan and
     the prediction include (seconds; None: `partita.plan.HOP_OVERHEAD_S`, as `deploy` uses).
+    replace: as `deploy`'s: True closes the pipelines already on `cluster` first; False deploys
+    alongside them (their stages and caches must fit in the devices' memory together).
     """
     from partita.model import split
     from partita.model.decoder import decoder_spec
@@ -316,6 +318,8 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
         raise DeployError(f"sequences must be at least 1, got {sequences}")
     hop_s = check_hop_overhead(HOP_OVERHEAD_S if hop_overhead_s is None else hop_overhead_s)
     lm = model if isinstance(model, CausalLM) else load_hf(model)
+    if replace:
+        cluster.pipelines.close_all()
     spec = decoder_spec(lm.model, context=context, name=lm.name)
     graph = DecoderGraph.of(lm.model, spec, sequences=sequences)
     session = Session(cluster)
@@ -354,7 +358,7 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
         raise
     if supervise is True:
         supervise = Supervision(drift=False, joins=False)
-    pipe = launch(prepared, cluster, window=window, supervise=supervise, session=session)
+    pipe = launch(prepared, cluster, window=window, supervise=supervise, session=session, replace=replace)
     prediction = predict_decode(graph, cluster.spec, chosen, decode_times, prefill_times, prompt_tokens=prompt_tokens,
                                 sequences=sequences, hop_overhead_s=hop_s)
     return Generator(pipe, lm.tokenizer, spec, sequences=sequences, prediction=prediction)
