@@ -13,9 +13,12 @@ Each is measured with one sequence (time to first token, per-token latency, toke
 `--sequences` sequences at once (tokens/s), next to the cost model's predictions
 (`partita.plan.decode`). Greedy tokens of every run are checked against transformers' own
 `generate` on the unsplit model. Figures are device time (real seconds / the cluster's dilation).
+The predictions include the runtime's per-hop overhead h (`partita.plan.HOP_OVERHEAD_S`, or
+--hop-overhead-ms) on every hop, as the chain cost model does.
 Results go to benchmarks/results/generate.json.
 
     .venv/bin/python benchmarks/generate.py [--tokens 32] [--sequences 8] [--clusters home-edge mixed-4]
+        [--reps 9] [--hop-overhead-ms H]
 """
 
 from __future__ import annotations
@@ -78,8 +81,9 @@ def reference(lm, prompt: list[int], tokens: int) -> list[int]:
 def run_config(lm, cluster, label: str, planner: str, in_flight: int, args, refs, asked) -> dict:
     sampling = Sampling(max_new_tokens=args.tokens)
     started = time.perf_counter()
+    hop_s = None if args.hop_overhead_ms is None else args.hop_overhead_ms / 1e3
     with deploy_generator(lm, cluster, context=args.context, sequences=max(in_flight, 1), planner=planner,
-                          supervise=False, prompt_tokens=PROMPT_TOKENS, reps=9) as generator:
+                          supervise=False, prompt_tokens=PROMPT_TOKENS, reps=args.reps, hop_overhead_s=hop_s) as generator:
         deploy_s = time.perf_counter() - started
         generator.generate_many([asked[0]], Sampling(max_new_tokens=4))  # warm the workers' programs
         one = generator.generate_many([asked[0]], sampling)[0]
@@ -95,6 +99,7 @@ def run_config(lm, cluster, label: str, planner: str, in_flight: int, args, refs
         "in_flight": in_flight,
         "stages": [{"devices": list(s.devices), "layers": [s.start, s.end]} for s in plan.stages],
         "deploy_s": deploy_s,
+        "hop_overhead_s": plan.hop_overhead_s,
         "measured": {"ttft_s": one.ttft_s, "per_token_s": one.per_token_s, "tokens_per_s_one": one_rate,
                      "tokens_per_s_many": many_rate},
         "predicted": {"ttft_s": prediction.ttft_s, "per_token_s": prediction.per_token_s,
@@ -133,7 +138,7 @@ def ms(x: float | None) -> str:
 def report(results: dict, args, console: Console) -> None:
     for name, runs in results.items():
         table = Table(title=f"{name} (device time; dilation {runs['dilation']:g}; {args.tokens} tokens, "
-                            f"{args.sequences} sequences)")
+                            f"{args.sequences} sequences; h {runs['partita']['hop_overhead_s'] * 1e3:g} ms per hop)")
         for column in ("plan", "stages", "TTFT ms (pred)", "per-token ms (pred)", "per-token meas/pred",
                        "tok/s 1 seq (pred)", f"tok/s {args.sequences} seq (pred)", "exact"):
             table.add_column(column)
@@ -166,6 +171,9 @@ def main() -> None:
     parser.add_argument("--dilation", type=float, default=None,
                         help=f"fixed dilation (default: the cluster's choice, at least {MIN_DILATION:g})")
     parser.add_argument("--clusters", nargs="+", default=["home-edge", "mixed-4"])
+    parser.add_argument("--reps", type=int, default=9, help="timing repetitions per layer and stage program")
+    parser.add_argument("--hop-overhead-ms", type=float, default=None,
+                        help="the per-hop overhead h the plans include (default: partita.plan.HOP_OVERHEAD_S)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     console = Console()

@@ -22,33 +22,57 @@ from partita.model.decoder import decoder_segments, decoder_spec  # noqa: E402
 from partita.model.decoder_stage import CACHE_MISSING, DecoderStage, decoder_stages  # noqa: E402
 from partita.model.hf import load_hf, save_tiny  # noqa: E402
 from partita.plan import plan as make_plan  # noqa: E402
-from partita.plan.decode import DecodePrediction, simulate_decode  # noqa: E402
-from partita.runtime.generate import Sampling, sample  # noqa: E402
+from partita.plan.decode import DecodePrediction, prefill_profile, simulate_decode  # noqa: E402
+from partita.runtime.generate import Generator, Sampling, sample  # noqa: E402
 from partita.runtime.supervisor import Supervision  # noqa: E402
 
 NEW_TOKENS = 64
 PROMPTS = ("the first words of a long story", "we find our way home after school")
-LAYERS = {"llama": 3, "qwen2": 3, "gpt2": 3}
+FAMILIES = ("gpt2", "llama", "qwen2")
+LAYERS, CONTEXT = 2, 80
+HIDDEN = {"gpt2": 32, "llama": 32, "qwen2": 64}  # widths whose random weights give varied greedy tokens
 DEVICES = ("a", "b", "c")
+SPLIT = [("a", 0, 1), ("b", 1, 2)]  # the deployments the tests share
+EOS_FAMILY = "gpt2"  # its EOS id is a token its greedy decoding of PROMPTS[0] reaches (see `models`)
+# The llama deployment is the one the kill test fails over: its second stage sits on c, which no
+# other shared deployment uses, and it is supervised (loading stage archives keeps a busy 2-core
+# machine's workers from answering for a while: a worker is failed after 3 s of silence, not 1).
+KILLED = "c"
+LLAMA_SPLIT = [("a", 0, 1), (KILLED, 1, 2)]
+LLAMA_SUPERVISION = Supervision(detection_s=3.0, drift=False, joins=False)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def reference(lm, prompt: str) -> list[int]:
+def reference(lm, prompt: str, eos: int | None = None) -> list[int]:
     ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = lm.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+        out = lm.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos)
     return out[0, ids.shape[1]:].tolist()
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, one_torch_thread):
-    """family -> (directory, loaded model, reference tokens per prompt)."""
+    """family -> (directory, loaded model, reference tokens per prompt): transformers' greedy `generate`.
+
+    EOS_FAMILY's EOS id (in memory: its generation config) becomes the first token that its greedy
+    decoding of PROMPTS[0] produces at step 8 or later, new in that sequence and absent from
+    PROMPTS[1]'s 64 tokens; its references are `generate`'s with that EOS. So PROMPTS[0] ends early
+    on EOS and PROMPTS[1] runs its 64 tokens; the other families have no EOS (64 tokens each).
+    """
     out = {}
-    for family, layers in LAYERS.items():
-        path = save_tiny(tmp_path_factory.mktemp(family), family, layers=layers, hidden=64)
+    for family in FAMILIES:
+        path = save_tiny(tmp_path_factory.mktemp(family), family, layers=LAYERS, hidden=HIDDEN[family])
         lm = load_hf(f"hf:{path}")
-        out[family] = (path, lm, [reference(lm, p) for p in PROMPTS])
+        refs = [reference(lm, p) for p in PROMPTS]
+        assert all(len(set(r)) >= 8 for r in refs), f"{family}'s greedy tokens barely vary: {refs}"
+        if family == EOS_FAMILY:
+            eos = next(t for k, t in enumerate(refs[0]) if 8 <= k < NEW_TOKENS - 8 and t not in refs[0][:k]
+                       and t not in refs[1])
+            lm.model.generation_config.eos_token_id = eos
+            refs = [reference(lm, p, eos) for p in PROMPTS]
+            assert refs[0][-1] == eos and len(refs[0]) < NEW_TOKENS and len(refs[1]) == NEW_TOKENS
+        out[family] = (path, lm, refs)
     return out
 
 
@@ -63,34 +87,64 @@ def cluster():
         yield local
 
 
-def stages(layers: int, count: int) -> list[tuple[str, int, int]]:
-    """`count` stages over the layers, on devices a, b, c in order."""
-    cuts = {(3, 3): (0, 1, 2, 3), (3, 2): (0, 1, 3)}[(layers, count)]
-    return [(DEVICES[k], cuts[k], cuts[k + 1]) for k in range(count)]
+@pytest.fixture(scope="module")
+def deployed(models, cluster):
+    """family -> its deployment over two stages (made on first use, shared by the module's tests).
+
+    The deployments run side by side on the workers (`replace=False`)."""
+    made: dict[str, Generator] = {}
+
+    def get(family: str):
+        # `partita generate` (the CLI test) deploys as the command does, closing the cluster's pipelines
+        if family not in made or made[family].pipe not in list(cluster.pipelines):
+            llama = family == "llama"
+            made[family] = partita.deploy_generator(
+                models[family][1], cluster, context=CONTEXT, sequences=2, stages=LLAMA_SPLIT if llama else SPLIT,
+                supervise=LLAMA_SUPERVISION if llama else False, replace=False)
+        return made[family]
+
+    yield get
+    for generator in made.values():
+        generator.close()
 
 
 # --------------------------------------------------------------------------------- through workers
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(LAYERS))
-def test_greedy_tokens_across_workers_equal_the_unsplit_models_generate(models, cluster, family):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_across_workers_equal_the_unsplit_models_generate(models, deployed, family):
     _, lm, expected = models[family]
-    with partita.deploy_generator(lm, cluster, context=96, sequences=2, stages=stages(LAYERS[family], 2),
-                                  supervise=False) as generator:
-        results = generator.generate_many(list(PROMPTS), Sampling(max_new_tokens=NEW_TOKENS))
-        streamed = [t.token_id for t in generator.generate(PROMPTS[0], max_new_tokens=8, stream=True)]
+    generator = deployed(family)
+    results = generator.generate_many(list(PROMPTS), Sampling(max_new_tokens=NEW_TOKENS))
+    streamed = [t.token_id for t in generator.generate(PROMPTS[1], max_new_tokens=8, stream=True)]
     assert [r.token_ids for r in results] == expected
-    assert streamed == expected[0][:8]
-    assert all(r.finish == "length" and r.rebuilds == 0 for r in results)
+    assert len(expected[1]) == NEW_TOKENS  # 64 tokens compared on every architecture
+    assert streamed == expected[1][:8]
+    assert results[1].finish == "length" and all(r.rebuilds == 0 for r in results)
+    if family == EOS_FAMILY:
+        assert generator.spec.eos_token_ids == (expected[0][-1],)
+        assert results[0].finish == "eos" and len(results[0].token_ids) < NEW_TOKENS
+    else:
+        assert results[0].finish == "length"
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_decoding_loses_no_sequence_and_changes_no_token(models, cluster):
+def test_a_sequence_ends_on_its_eos_token(models, deployed):
+    """EOS_FAMILY's EOS id is a token its greedy decoding reaches at step k >= 8 (`models`): generation
+    stops there, with the EOS token last and finish "eos"; without it the sequence would run on."""
+    _, lm, expected = models[EOS_FAMILY]
+    eos = expected[0][-1]
+    result = deployed(EOS_FAMILY).generate(PROMPTS[0], max_new_tokens=NEW_TOKENS)
+    assert result.finish == "eos" and result.token_ids == expected[0]
+    assert 8 < len(result.token_ids) < NEW_TOKENS and eos not in result.token_ids[:-1]
+    assert len(reference(lm, PROMPTS[0])) == NEW_TOKENS  # the unsplit model without an EOS goes on past it
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_decoding_loses_no_sequence_and_changes_no_token(models, deployed, cluster):
     _, lm, expected = models["llama"]
-    # Loading stage archives keeps a busy 2-core machine's workers from answering for a while: 3 s, not 1.
-    supervision = Supervision(detection_s=3.0, drift=False, joins=False)
-    generator = partita.deploy_generator(lm, cluster, context=96, sequences=2, stages=stages(3, 3),
-                                         supervise=supervision)
+    generator = deployed("llama")  # supervised, its second stage (layer 1 and its caches) on KILLED
+    assert any(KILLED in stage.devices for stage in generator.plan.stages)
     try:
         tokens: dict[int, list[int]] = {0: [], 1: []}
         results = {}
@@ -99,19 +153,18 @@ def test_a_worker_killed_mid_decoding_loses_no_sequence_and_changes_no_token(mod
             if hasattr(event, "token_id"):
                 tokens[event.sequence].append(event.token_id)
                 if not killed and len(tokens[0]) + len(tokens[1]) == 20:
-                    cluster.processes["b"].send_signal(signal.SIGKILL)  # stage 1 (layers 1-2) and its caches die
+                    cluster.processes[KILLED].send_signal(signal.SIGKILL)
                     killed = True
             else:
                 results[len(results)] = event
         plan_after = generator.plan
     finally:
-        generator.close()
-        cluster.add_worker(DeviceSpec("b", 1e9, 2**30, speed=1.0))
+        cluster.add_worker(DeviceSpec(KILLED, 1e9, 2**30, speed=1.0))
     assert killed
     assert [results[i].token_ids for i in range(2)] == expected
     assert [tokens[0], tokens[1]] == expected  # streamed once each, in order: no token lost or repeated
     assert sum(r.rebuilds for r in results.values()) >= 1
-    assert all("b" not in stage.devices for stage in plan_after.stages)
+    assert all(KILLED not in stage.devices for stage in plan_after.stages)
 
 
 @pytest.mark.slow
@@ -157,7 +210,7 @@ def test_cli_generate_refuses_a_model_that_is_not_hf_with_one_line_and_exit_2(ca
 def gpt2_stage(models):
     _, lm, _ = models["gpt2"]
     spec = decoder_spec(lm.model, context=32, name="gpt2")
-    (stage,) = decoder_stages(lm.model, spec, [(0, 3)], sequences=2)
+    (stage,) = decoder_stages(lm.model, spec, [(0, LAYERS)], sequences=2)
     return DecoderStage.from_bytes(stage.to_bytes(), expected_sha256=stage.sha256)
 
 
@@ -211,8 +264,8 @@ def test_a_stages_memory_includes_the_kv_cache_of_every_sequence(models):
     spec = decoder_spec(lm.model, context=64, name="llama")
     one, eight = decoder_segments(spec, lm.model, sequences=1), decoder_segments(spec, lm.model, sequences=8)
     per_layer = 2 * spec.kv_heads * spec.head_dim * 64 * 4  # keys and values, float32, 64 positions
-    assert [b.param_bytes - a.param_bytes for a, b in zip(one, eight, strict=True)] == [7 * per_layer] * 3
-    weights = sum(s.param_bytes for s in one) - 3 * per_layer + max(s.act_bytes for s in one)
+    assert [b.param_bytes - a.param_bytes for a, b in zip(one, eight, strict=True)] == [7 * per_layer] * LAYERS
+    weights = sum(s.param_bytes for s in one) - LAYERS * per_layer + max(s.act_bytes for s in one)
     room = ClusterSpec.from_dict({"source": "client", "devices": [
         {"name": "small", "flops_per_s": 1e9, "memory_bytes": int(weights + 10 * per_layer)}],
         "links": {"default": {"bandwidth": "1GB/s", "latency": "0.1ms"}}})
@@ -234,6 +287,60 @@ def test_the_decode_simulator_reaches_the_cost_models_latency_and_throughput():
     assert prediction.tokens_per_s_at(8) == pytest.approx(1 / 0.030)
 
 
+def test_the_decode_cost_model_and_simulator_pay_the_per_hop_overhead_on_every_hop():
+    """Two stages (a: 10 ms, b: 20 ms per step) over 1 MB/s, 1 ms links, h = 0.5 ms; figures by hand."""
+    from partita.plan import predict
+    from partita.plan.decode import chain_terms, predict_decode
+
+    profile = {"model": "m", "input_bytes": 8, "segments": [
+        {"name": "s0", "flops": 10**7, "param_bytes": 0, "act_bytes": 0, "out_bytes": 1000},
+        {"name": "s1", "flops": 2 * 10**7, "param_bytes": 0, "act_bytes": 0, "out_bytes": 4000}]}
+    two = ClusterSpec.from_dict({"source": "client", "devices": [
+        {"name": n, "flops_per_s": 1e9, "memory_bytes": 2**30} for n in ("a", "b")],
+        "links": {"default": {"bandwidth": "1MB/s", "latency": "1ms"}}})
+    plan = predict(profile, two, [("a", 0, 1), ("b", 1, 2)])
+    h = 0.0005
+    without = predict_decode(profile, two, plan, {}, {}, prompt_tokens=4, sequences=8)
+    withh = predict_decode(profile, two, plan, {}, {}, prompt_tokens=4, sequences=8, hop_overhead_s=h)
+    # hops: client->a 8 B (1.008 ms), a->b 1000 B (2 ms), b->client 4000 B (5 ms); 3 hops pay h
+    assert without.per_token_s == pytest.approx(0.010 + 0.020 + 0.001008 + 0.002 + 0.005)
+    assert withh.per_token_s == pytest.approx(0.038008 + 3 * h)
+    assert (without.period_s, withh.period_s) == pytest.approx((0.020, 0.020 + h))  # stage b, with its h
+    # prefill of 4 tokens: 40 + 80 ms; 32 B, 4000 B, and the last stage's one position (4000 B)
+    assert withh.ttft_s == pytest.approx(0.040 + 0.080 + 0.001032 + 0.005 + 0.005 + 3 * h)
+    assert withh.tokens_per_s_at(8) == pytest.approx(1 / 0.0205)
+    assert withh.tokens_per_s_at(1) == pytest.approx(1 / 0.039508)
+    terms = chain_terms(profile, two, plan, None, hop_overhead_s=h)
+    assert terms[0] == pytest.approx([0.0105, 0.0205])
+    prefill = chain_terms(prefill_profile(profile, 4), two, plan, None, hop_overhead_s=h)
+    alone = simulate_decode(terms, prefill, sequences=1, tokens=20)
+    assert alone.per_token_s == pytest.approx(withh.per_token_s)
+    assert alone.ttft_s == pytest.approx(withh.ttft_s)
+    many = simulate_decode(terms, prefill, sequences=8, tokens=200)
+    assert many.tokens_per_s == pytest.approx(withh.tokens_per_s_at(8), rel=0.05)
+
+
+def test_partita_simulate_runs_an_hf_models_decode_plan_through_the_decode_simulator(models, capsys):
+    from pathlib import Path
+
+    from partita.cli import main
+
+    path, _, _ = models["llama"]
+    home_edge = Path(__file__).resolve().parents[1] / "examples" / "clusters" / "home-edge.yaml"
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", f"hf:{path}", "--cluster", str(home_edge), "--json", "--context", "32",
+              "--sequences", "4", "--max-new-tokens", "100", "--prompt-tokens", "8", "--planner", "memory"])
+    out, err = capsys.readouterr()
+    assert info.value.code in (0, None), err
+    printed = json.loads(out)
+    predicted, simulated = printed["predicted"], printed["simulated"]
+    assert [(s["start"], s["end"]) for s in printed["plan"]["stages"]] == [(0, 1), (1, 2)]  # laptop, jetson
+    assert predicted["sequences"] == 4 and predicted["prompt_tokens"] == 8
+    assert simulated["one"]["per_token_s"] == pytest.approx(predicted["per_token_s"])
+    assert simulated["one"]["ttft_s"] == pytest.approx(predicted["ttft_s"])
+    assert simulated["many"]["tokens_per_s"] == pytest.approx(predicted["tokens_per_s"], rel=0.1)
+
+
 def test_an_hf_reference_that_is_not_a_model_directory_is_one_clear_error(tmp_path):
     with pytest.raises(ModelRefError, match="not a directory"):
         load_hf(f"hf:{tmp_path / 'missing'}")
@@ -245,30 +352,29 @@ def test_an_hf_reference_that_is_not_a_model_directory_is_one_clear_error(tmp_pa
 # --------------------------------------------------------------------------------- OpenAI-compatible API
 
 @pytest.mark.slow
-def test_openai_completions_and_chat_stream_the_same_tokens_as_generate(models, cluster):
+def test_openai_completions_and_chat_stream_the_same_tokens_as_generate(models, deployed):
+    """On EOS_FAMILY's deployment: PROMPTS[0] ends on its EOS token, which the API calls "stop"."""
     from starlette.testclient import TestClient
 
     from partita.serve.openai import create_openai_app
 
-    _, lm, expected = models["gpt2"]
-    with partita.deploy_generator(lm, cluster, context=64, sequences=2, stages=[("a", 0, 3)],
-                                  supervise=False) as generator:
-        client = TestClient(create_openai_app(generator, "tiny", api_key="k"))
-        auth = {"Authorization": "Bearer k"}
-        assert client.post("/v1/completions", json={"prompt": PROMPTS[0]}).status_code == 401
-        full = client.post("/v1/completions", headers=auth,
-                           json={"prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0}).json()
-        with client.stream("POST", "/v1/completions", headers=auth,
-                           json={"prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0, "stream": True}) as sse:
-            lines = [line for line in sse.iter_lines() if line.startswith("data: ")]
-        chat = client.post("/v1/chat/completions", headers=auth,
-                           json={"messages": [{"role": "user", "content": "the"}], "max_tokens": 3}).json()
-        bad = client.post("/v1/completions", headers=auth, json={"prompt": PROMPTS[0], "top_p": 2})
-    text = lm.tokenizer.decode(expected[0][:10])
-    assert full["choices"][0]["text"] == text and full["usage"]["completion_tokens"] == 10
+    _, lm, expected = models[EOS_FAMILY]
+    client = TestClient(create_openai_app(deployed(EOS_FAMILY), "tiny", api_key="k"))
+    auth = {"Authorization": "Bearer k"}
+    assert client.post("/v1/completions", json={"prompt": PROMPTS[0]}).status_code == 401
+    full = client.post("/v1/completions", headers=auth,
+                       json={"prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0}).json()
+    with client.stream("POST", "/v1/completions", headers=auth,
+                       json={"prompt": PROMPTS[0], "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True}) as sse:
+        lines = [line for line in sse.iter_lines() if line.startswith("data: ")]
+    chat = client.post("/v1/chat/completions", headers=auth,
+                       json={"messages": [{"role": "user", "content": "the"}], "max_tokens": 3}).json()
+    bad = client.post("/v1/completions", headers=auth, json={"prompt": PROMPTS[0], "top_p": 2})
+    assert full["choices"][0]["text"] == lm.tokenizer.decode(expected[1][:10])
+    assert full["usage"]["completion_tokens"] == 10 and full["choices"][0]["finish_reason"] == "length"
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == text
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == lm.tokenizer.decode(expected[0])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"  # PROMPTS[0] ends on EOS
     assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] == 3
     assert bad.status_code == 400 and "top_p" in bad.json()["error"]["message"]

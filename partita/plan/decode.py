@@ -5,15 +5,20 @@ segment's time is one token's step through its layer, its `param_bytes` include 
 every sequence the stage holds, and what crosses a cut is one token's hidden state. On a plan of
 stages s_1..s_k (the source sends token ids to s_1, s_k returns logits to the source):
 
-- **per-token latency** (one sequence alone) = Σ_s decode compute_s + Σ_hop transfer_hop, the
+- **per-token latency** (one sequence alone) = Σ_s decode compute_s + Σ_hop (transfer_hop + h), the
   plan's `latency_s`: a sequence's next step cannot start before its token came back;
-- **period** = max(max_s compute_s, max_hop occupancy_hop), the plan's `period_s`;
+- **period** = max(max_s (compute_s + h), max_hop occupancy_hop), the plan's `period_s`;
 - **token throughput with n sequences in flight** (each with one step in the pipeline) =
   min(n / per-token latency, 1 / period): n steps circulate, and the slowest server caps them;
   exo-style execution (one sequence per pass) is n = 1;
 - **time to first token** = the same latency sum for the prefill: each stage's prefill time for a
   prompt of T tokens, and T tokens' hidden states on every hop (the last stage returns one
   position's logits).
+
+h is the runtime's per-hop overhead (`hop_overhead_s`, `partita.plan.HOP_OVERHEAD_S`; see
+`partita.plan.cost` and docs/runtime.md, "The cost model"): a plan of k stages pays it on each of its
+k + 1 hops, and each stage's worker spends it per step beside its compute. 0 (the default here):
+none; `deploy_generator` passes the runtime's figure.
 
 `simulate_decode` runs the same chain as a discrete-event simulation (FIFO servers for stages and
 links, latency after each link), for a number of sequences and tokens each.
@@ -29,7 +34,7 @@ from typing import Any
 
 from partita.cluster import ClusterSpec
 from partita.errors import PlanError
-from partita.plan.cost import hop_terms, predict
+from partita.plan.cost import check_hop_overhead, hop_terms, predict
 from partita.plan.profile import load_profile
 
 
@@ -74,18 +79,19 @@ def prefill_profile(profile: Mapping[str, Any], prompt_tokens: int) -> dict[str,
 
 def predict_decode(profile: Any, cluster: ClusterSpec, plan: Any, decode_times_s: Mapping[str, Sequence[float]],
                    prefill_times_s: Mapping[str, Sequence[float]], *, prompt_tokens: int, sequences: int,
-                   token_bytes: int = 8) -> DecodePrediction:
+                   token_bytes: int = 8, hop_overhead_s: float = 0.0) -> DecodePrediction:
     """The three predictions for `plan` (see the module docstring).
 
     profile: the decoder's profile (a ModelGraph or its JSON); decode_times_s / prefill_times_s:
     seconds per segment per device for one decode step / one prefill of `prompt_tokens` (devices
-    not named use flops / flops_per_s).
+    not named use flops / flops_per_s); hop_overhead_s: the per-hop overhead h.
     """
     data = load_profile(profile if not isinstance(profile, Mapping) else dict(profile)).to_dict()
     stages = [(stage.devices, stage.start, stage.end) for stage in plan.stages]
-    step = predict(data, cluster, stages, segment_times_s=decode_times_s or None, check_memory=False)
+    step = predict(data, cluster, stages, segment_times_s=decode_times_s or None, check_memory=False,
+                   hop_overhead_s=hop_overhead_s)
     prefill = predict(prefill_profile(data, prompt_tokens), cluster, stages, segment_times_s=prefill_times_s or None,
-                      check_memory=False)
+                      check_memory=False, hop_overhead_s=hop_overhead_s)
     del token_bytes  # the profile's input_bytes is the token a step carries
     return DecodePrediction(prefill.latency_s, step.latency_s, step.period_s, sequences, prompt_tokens)
 
@@ -99,19 +105,24 @@ class DecodeSimulation:
     tokens_per_s: float
 
 
-def chain_terms(profile: Any, cluster: ClusterSpec, plan: Any, times_s: Mapping[str, Sequence[float]] | None
-                ) -> tuple[list[float], list[tuple[float, float]]]:
-    """Per stage compute seconds, and per hop (occupancy, latency) seconds, of `plan` under the profile."""
+def chain_terms(profile: Any, cluster: ClusterSpec, plan: Any, times_s: Mapping[str, Sequence[float]] | None,
+                *, hop_overhead_s: float = 0.0) -> tuple[list[float], list[tuple[float, float]]]:
+    """Per stage service seconds, and per hop (occupancy, latency) seconds, of `plan` under the profile.
+
+    With a per-hop overhead h, as the cost model and `partita.sim` hold it: each stage serves a step
+    in compute + h, and the source's own h delays the first hop, so one step alone pays h per hop.
+    """
     data = load_profile(profile)
+    hop_s = check_hop_overhead(hop_overhead_s)
     stages = [(stage.devices, stage.start, stage.end) for stage in plan.stages]
     predicted = predict(data, cluster, stages, segment_times_s=times_s or None, check_memory=False)
-    compute = [stage.compute_s for stage in predicted.stages]
+    compute = [stage.compute_s + hop_s for stage in predicted.stages]
     groups = [(cluster.source,)] + [stage.devices for stage in predicted.stages] + [(cluster.source,)]
     hops = []
     for k in range(len(groups) - 1):
         nbytes = data.cut_bytes(predicted.stages[k].start) if k < len(predicted.stages) else data.cut_bytes(len(data.segments))
         occupancy, transfer = hop_terms(cluster, groups[k], groups[k + 1], nbytes)
-        hops.append((occupancy, transfer - occupancy))
+        hops.append((occupancy, transfer - occupancy + (hop_s if k == 0 else 0.0)))
     return compute, hops
 
 
@@ -180,7 +191,7 @@ def simulate_decode(decode: tuple[list[float], list[tuple[float, float]]],
 
 def plan_decode(profile: Any, cluster: ClusterSpec, *, decode_times_s: Mapping[str, Sequence[float]],
                 prefill_times_s: Mapping[str, Sequence[float]], sequences: int, prompt_tokens: int,
-                objective: str = "throughput", planner: str = "optimal") -> Any:
+                objective: str = "throughput", planner: str = "optimal", hop_overhead_s: float = 0.0) -> Any:
     """The plan for generation: the best token throughput with `sequences` in flight, or per-token latency.
 
     A plan made for the period alone can spread the layers over more devices than `sequences`
@@ -189,24 +200,27 @@ def plan_decode(profile: Any, cluster: ClusterSpec, *, decode_times_s: Mapping[s
     decode cost model rates best wins (objective "throughput": most tokens/s at `sequences`,
     ties to the lower per-token latency; "latency": least per-token latency). A baseline
     `planner` ("single", "memory", ...) is returned as it is. Stages are never replicated: a
-    sequence's cache lives on one device per stage.
+    sequence's cache lives on one device per stage. hop_overhead_s: the per-hop overhead h, in the
+    ratings and in the returned plan's figures (the chain planners choose without it).
     """
     from partita.plan import plan as make_plan
 
     times = decode_times_s or None
     if planner != "optimal":
-        return make_plan(profile, cluster, objective=objective, planner=planner, replicate=False, segment_times_s=times)
-    candidates = [make_plan(profile, cluster, objective="latency", replicate=False, segment_times_s=times)]
+        return make_plan(profile, cluster, objective=objective, planner=planner, replicate=False, segment_times_s=times,
+                         hop_overhead_s=hop_overhead_s)
+    candidates = [make_plan(profile, cluster, objective="latency", replicate=False, segment_times_s=times,
+                            hop_overhead_s=hop_overhead_s)]
     for k in range(1, min(len(cluster.devices), len(load_profile(profile).segments)) + 1):
         try:
             candidates.append(make_plan(profile, cluster, objective="throughput", max_stages=k, replicate=False,
-                                        segment_times_s=times))
+                                        segment_times_s=times, hop_overhead_s=hop_overhead_s))
         except PlanError:  # no plan of at most k stages fits the devices' memory; more stages may
             continue
 
     def rating(candidate: Any) -> tuple[float, float]:
         p = predict_decode(profile, cluster, candidate, decode_times_s, prefill_times_s, prompt_tokens=prompt_tokens,
-                           sequences=sequences)
+                           sequences=sequences, hop_overhead_s=hop_overhead_s)
         if objective == "latency":
             return (p.per_token_s, -p.tokens_per_s)
         return (-p.tokens_per_s, p.per_token_s)

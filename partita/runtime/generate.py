@@ -288,7 +288,8 @@ class Generator:
 def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences: int = 8,
                      stages: Sequence[Any] | None = None, objective: str = "throughput", planner: str = "optimal",
                      window: int = 4,
-                     supervise: Any = True, reps: int = 5, prompt_tokens: int = 16) -> Generator:
+                     supervise: Any = True, reps: int = 5, prompt_tokens: int = 16,
+                     hop_overhead_s: float | None = None, replace: bool = True) -> Generator:
     """Deploy a causal LM (`hf:PATH`, or a `partita.model.hf.CausalLM`) onto `cluster` for generation.
 
     context: positions per sequence (prompt + new tokens); sequences: sequences in flight at once
@@ -297,13 +298,16 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
     ("single": the best single device; "memory": layers in proportion to memory, as exo places them). supervise: True re-plans on failures only (decoder
     stages are not replicated and do not move on drift); a `Supervision` sets it; False: none.
     reps: timing repetitions per layer (the planner's decode-step times). prompt_tokens: the prompt
-    length the TTFT prediction assumes.
+    length the TTFT prediction assumes. hop_overhead_s: the runtime's per-hop overhead the plan and
+    the prediction include (seconds; None: `partita.plan.HOP_OVERHEAD_S`, as `deploy` uses).
+    replace: as `deploy`'s: True closes the pipelines already on `cluster` first; False deploys
+    alongside them (their stages and caches must fit in the devices' memory together).
     """
     from partita.model import split
     from partita.model.decoder import decoder_spec
     from partita.model.decoder_stage import DecoderGraph
     from partita.model.hf import CausalLM, load_hf
-    from partita.plan import predict
+    from partita.plan import HOP_OVERHEAD_S, check_hop_overhead, predict
     from partita.plan.decode import plan_decode, predict_decode
     from partita.runtime.coordinator import Prepared, launch
     from partita.runtime.measure import Measurements
@@ -312,7 +316,10 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
 
     if sequences < 1:
         raise DeployError(f"sequences must be at least 1, got {sequences}")
+    hop_s = check_hop_overhead(HOP_OVERHEAD_S if hop_overhead_s is None else hop_overhead_s)
     lm = model if isinstance(model, CausalLM) else load_hf(model)
+    if replace:
+        cluster.pipelines.close_all()
     spec = decoder_spec(lm.model, context=context, name=lm.name)
     graph = DecoderGraph.of(lm.model, spec, sequences=sequences)
     session = Session(cluster)
@@ -326,11 +333,12 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
         prefill_times = {name: tuple(t / speed for t in prefill_s) for name, speed in speeds.items()}
         measured_s = time.perf_counter() - started
         if stages is not None:
-            chosen = predict(graph, cluster.spec, stages, objective=objective, segment_times_s=decode_times)
+            chosen = predict(graph, cluster.spec, stages, objective=objective, segment_times_s=decode_times,
+                             hop_overhead_s=hop_s)
         else:
             chosen = plan_decode(graph, cluster.spec, decode_times_s=decode_times, prefill_times_s=prefill_times,
                                  sequences=sequences, prompt_tokens=prompt_tokens, objective=objective,
-                                 planner=planner)
+                                 planner=planner, hop_overhead_s=hop_s)
         split_started = time.perf_counter()
         programs = tuple(split(graph, chosen.cuts()))
         timings = {"measure_s": measured_s, "split_s": time.perf_counter() - split_started}
@@ -340,7 +348,8 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
         decode_times = {name: tuple(t / speed for t in decode_s) for name, speed in speeds.items()}
         prefill_times = {name: tuple(t / speed for t in prefill_s) for name, speed in speeds.items()}
         chosen = predict(graph, cluster.spec, [(s.devices, s.start, s.end) for s in chosen.stages],
-                         objective=objective, planner=chosen.planner, segment_times_s=decode_times)
+                         objective=objective, planner=chosen.planner, segment_times_s=decode_times,
+                         hop_overhead_s=hop_s)
         measurements = Measurements(decode_times, None, infos)
         prepared = Prepared(graph, measurements, chosen, programs, objective, planner, None, False,
                             pinned=stages is not None, timings=timings)
@@ -349,9 +358,9 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
         raise
     if supervise is True:
         supervise = Supervision(drift=False, joins=False)
-    pipe = launch(prepared, cluster, window=window, supervise=supervise, session=session)
+    pipe = launch(prepared, cluster, window=window, supervise=supervise, session=session, replace=replace)
     prediction = predict_decode(graph, cluster.spec, chosen, decode_times, prefill_times, prompt_tokens=prompt_tokens,
-                                sequences=sequences)
+                                sequences=sequences, hop_overhead_s=hop_s)
     return Generator(pipe, lm.tokenizer, spec, sequences=sequences, prediction=prediction)
 
 
