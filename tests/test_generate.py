@@ -15,6 +15,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from zoo import local_cluster  # noqa: E402
+
 import partita  # noqa: E402
 from partita.cluster import ClusterSpec, DeviceSpec  # noqa: E402
 from partita.errors import ModelRefError, PlanError, RequestError, StageFormatError, StageInputError  # noqa: E402
@@ -78,12 +80,7 @@ def models(tmp_path_factory, one_torch_thread):
 
 @pytest.fixture(scope="module")
 def cluster():
-    spec = ClusterSpec.from_dict({
-        "source": "client",
-        "devices": [{"name": n, "flops_per_s": 1e9, "memory_bytes": 2**30, "speed": 1.0} for n in DEVICES],
-        "links": {"default": {"bandwidth": "1GB/s", "latency": "0.1ms"}},
-    })
-    with partita.LocalCluster(spec) as local:
+    with local_cluster(DEVICES, speed=1.0, latency="0.1ms") as local:
         yield local
 
 

@@ -14,9 +14,8 @@ import signal
 import pytest
 import torch
 from torch import nn
+from zoo import local_cluster
 
-import partita
-from partita.cluster import ClusterSpec
 from partita.halo import tile_grid
 from partita.model import capture
 from partita.plan import load_profile
@@ -41,12 +40,7 @@ def conv_model() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def cluster():
-    spec = ClusterSpec.from_dict({
-        "source": "client",
-        "devices": [{"name": n, "flops_per_s": 1e9, "memory_bytes": 2**30, "speed": 0.5} for n in DEVICES],
-        "links": {"default": {"bandwidth": "1GB/s", "latency": "0.2ms"}},
-    })
-    with partita.LocalCluster(spec) as local:
+    with local_cluster(DEVICES) as local:
         yield local
 
 

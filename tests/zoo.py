@@ -201,3 +201,19 @@ def mlp() -> nn.Module:
     for _ in range(6):
         layers += [nn.Linear(64, 64), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(64, 5)).eval()
+
+
+def local_cluster(devices, *, speed: float = 0.5, latency: str = "0.2ms"):
+    """A LocalCluster of equal emulated devices on 1 GB/s links: the process-level tests' usual cluster.
+
+    Use as a context manager (`with local_cluster(("a", "b")) as cluster:`); it stops its workers on exit.
+    """
+    import partita
+    from partita.cluster import ClusterSpec
+
+    spec = ClusterSpec.from_dict({
+        "source": "client",
+        "devices": [{"name": n, "flops_per_s": 1e9, "memory_bytes": 2**30, "speed": speed} for n in devices],
+        "links": {"default": {"bandwidth": "1GB/s", "latency": latency}},
+    })
+    return partita.LocalCluster(spec)
