@@ -260,6 +260,19 @@ def overhead(payloads_bytes: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def median_round_ms(server: FLServer, weights: dict, repeats: int, label: str) -> float:
+    """Median milliseconds of `repeats` rounds of `server` from `weights` (warm it up first); raises if a
+    round leaves a client out, since that round measured less work."""
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        _, record = server.run_round(1, weights)
+        samples.append((time.perf_counter() - began) * 1e3)
+        if len(record.clients) != len(server.clients):
+            raise RuntimeError(f"{label} round left clients out: {record.dropped}")
+    return statistics.median(samples)
+
+
 def runtime_overhead(rows: list[dict], repeats: int) -> None:
     """Add `runtime_ms` to each row: a FedAvg round over NUM_CLIENTS real workers with that payload."""
     import os
@@ -279,14 +292,7 @@ def runtime_overhead(rows: list[dict], repeats: int) -> None:
             server = FLServer(FedAvg(), clients, profiles=profiles, evaluate=lambda w: {}, parallel=NUM_CLIENTS)
             weights = {"w": torch.zeros(options["numel"])}
             server.run_round(1, weights)  # warm-up: every worker builds the task
-            samples = []
-            for _ in range(repeats):
-                began = time.perf_counter()
-                _, record = server.run_round(1, weights)
-                samples.append((time.perf_counter() - began) * 1e3)
-                if len(record.clients) != NUM_CLIENTS:
-                    raise RuntimeError(f"runtime round left clients out: {record.dropped}")
-            row["runtime_ms"] = statistics.median(samples)
+            row["runtime_ms"] = median_round_ms(server, weights, repeats, "runtime")
             for client in clients:
                 client.close()
 
@@ -439,14 +445,7 @@ def secure_cost(payloads_bytes: list[int], clients_count: int, repeats: int) -> 
                     weights = {"w": torch.zeros(options["numel"])}
                     server.run_round(1, weights)  # warm-up: every worker builds the task
                     before = sum(c.bytes_sent + c.bytes_received for c in clients)
-                    samples = []
-                    for _ in range(repeats):
-                        began = time.perf_counter()
-                        _, record = server.run_round(1, weights)
-                        samples.append((time.perf_counter() - began) * 1e3)
-                        if len(record.clients) != clients_count:
-                            raise RuntimeError(f"{mode} round left clients out: {record.dropped}")
-                    row[f"{mode}_ms"] = statistics.median(samples)
+                    row[f"{mode}_ms"] = median_round_ms(server, weights, repeats, mode)
                     row[f"{mode}_bytes"] = (sum(c.bytes_sent + c.bytes_received for c in clients) - before) / repeats
                     for client in clients:
                         client.close()
