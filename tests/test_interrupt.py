@@ -130,3 +130,33 @@ def test_ctrl_c_says_what_it_stops_and_ends_promptly_and_twice_stops_at_once(tmp
     finally:
         stop(once, started)
         stop(twice, started)
+
+
+HANDLER_IN_A_PRINT = """
+import signal
+from rich.console import Console
+from partita.commands.interrupt import Stopping, exit_interrupted, interruptible
+console = Console()
+try:
+    with interruptible(Stopping(), say=lambda line: console.print(line, highlight=False)):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        finally:
+            with console:  # what Rich's Live.stop does while a progress bar ends: a print held in a buffer
+                console.print("the progress bar's last line")
+                signal.raise_signal(signal.SIGINT)
+except KeyboardInterrupt:
+    console.print("stopped")
+    exit_interrupted()
+"""
+
+
+def test_a_second_ctrl_c_during_a_buffered_print_still_says_it_stops_at_once():
+    """The CI failure of the test above: the second Ctrl-C landed while the progress bar ended, and its line was lost."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", HANDLER_IN_A_PRINT], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "stopping: closing the cluster" in done.stdout, done.stdout
+    assert "stopping at once" in done.stderr, done.stdout + done.stderr
+    assert "stopped" not in done.stdout  # it stopped at once, without the clean-up that ends in "stopped"

@@ -98,7 +98,10 @@ def interruptible(stopping: Stopping, say: Callable[[str], None] | None = None) 
         if presses == 1:
             say(stopping.describe() + " (Ctrl-C again to stop at once)")
             raise KeyboardInterrupt
-        say("stopping at once")
+        # Straight to the file descriptor: this handler may run inside the command's own print (Rich
+        # buffers a print while a progress bar ends), and os._exit below would drop what sits in a
+        # buffer; flushing a buffered stream from here could itself fail as a reentrant call.
+        os.write(sys.stderr.fileno(), b"stopping at once\n")
         stopping.kill()
         os._exit(EXIT_INTERRUPTED)
 
