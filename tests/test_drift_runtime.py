@@ -39,8 +39,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def prepared(cluster):
-    torch.set_num_threads(1)  # the workers run one torch thread: the same kernels, bit for bit
+def prepared(cluster, one_torch_thread):
     model, x = mlp(), torch.randn(32, 64)
     pipe = deploy(model, (x,), cluster, replicate=False, supervise=False)
     pipe.close()

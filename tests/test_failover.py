@@ -44,9 +44,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def prepared(cluster):
+def prepared(cluster, one_torch_thread):
     """The model and its capture + measurements, reused by every deploy of the module."""
-    torch.set_num_threads(1)  # the workers run one torch thread: the same kernels, bit for bit
     model, x = mlp(), torch.randn(4, 64)
     pipe = deploy(model, (x,), cluster, replicate=False, supervise=False)
     pipe.close()

@@ -28,16 +28,8 @@ from partita.fl import (  # noqa: E402
 )
 from partita.fl.update import weights_of  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Ray runs each ClientApp with one CPU (one intra-op thread); so does partita's side, for the same sums."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Ray runs each ClientApp with one CPU (one intra-op thread); so does partita's side, for the same sums.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 # Three clients of unequal work with local momentum (so that a_norm and the realised work matter), two rounds (so
 # that FedNova's server momentum carries over). Most of the test's time is Ray starting its one actor.

@@ -137,7 +137,7 @@ def plan(
     elif planner == "all":
         console.print(comparison_table(results, objective))
         first = next(result for _, result in results if not isinstance(result, Exception))
-        console.print(basis_line(first))
+        console.print(basis_line(first.basis))
     else:
         console.print(stage_table(results[0][1], spec, prof))
         console.print(summary_line(results[0][1]))
@@ -223,16 +223,16 @@ def summary_line(plan_value) -> str:
         line += " · tiles beat the best chain (no proven bound for tiled plans)"
     else:
         line += " · exact optimum" if plan_value.planner == "optimal" else ""
-    return line + "\n" + basis_line(plan_value)
+    return line + "\n" + basis_line(plan_value.basis)
 
 
-def basis_line(plan_value) -> str:
-    """What the prediction rests on, in words."""
+def basis_line(basis: dict[str, str] | None) -> str:
+    """What a prediction rests on (a plan's `basis`), in words; `partita plan` and `partita run` print it."""
     from partita.plan import describe_basis
 
     words = {"declared": "declared in the cluster file", "catalog": "from the device catalog",
              "measured": "measured", "mixed": "mixed (figures of more than one basis)", "none": "none used"}
-    basis = plan_value.basis or {}
+    basis = basis or {}
     parts = [f"{kind} {words.get(value, value)}" for kind, value in basis.items()]
     hint = ""
     if basis.get("compute") in ("declared", "catalog"):

@@ -336,10 +336,10 @@ def print_report(console: Any, result: dict[str, Any]) -> None:
         total.add_row("outputs vs unsplit model", "", check_verdict(result), "")
     for table in (stages, links, total):
         console.print(table)
-    basis = result["plan"].get("basis")
-    if basis:
-        console.print("prediction basis: " + "; ".join(f"{kind} {value}" for kind, value in basis.items()),
-                      highlight=False)
+    if result["plan"].get("basis"):
+        from partita.commands.plan import basis_line
+
+        console.print(basis_line(result["plan"]["basis"]), highlight=False)
     if result.get("replans"):
         replans = Table(title="re-plans (switch cost: predicted against measured, seconds)")
         for column in ("cause", "why", "predicted", "measured", "bytes shipped"):
