@@ -185,6 +185,14 @@ def test_records_use_flower_names_and_round_trip_through_the_wire_layout():
         record_from_wire({"arrays": ["w", "v"]}, tensors)
     with pytest.raises(FLError):
         update_from_record({"arrays": {"w": torch.zeros(1)}, "metrics": {}})
+    # a record from the wire is checked by the same rule as a ClientUpdate built in Python, and says which field
+    for key, bad, field in [("lr", -0.1, "lr"), ("momentum", 1.0, "momentum"), ("a-norm", float("nan"), "a_norm"),
+                            ("work", 0.0, "work"), ("num-examples", 0, "num_examples")]:
+        with pytest.raises(FLError, match=f"out of range: ClientReport.{field} must"):
+            update_from_record({"arrays": {"w": torch.zeros(1)}, "metrics": {**record["metrics"], key: bad}})
+        kwargs = {"n": 7, "steps": 3, "lr": 0.1, ("n" if field == "num_examples" else field): bad}
+        with pytest.raises(FLError, match=f"ClientUpdate.{field} must"):
+            upd([1.0], **kwargs)
 
 
 class FakeClient:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -37,6 +37,24 @@ NUM_EXAMPLES = "num-examples"
 MISSED_DEADLINE = "missed-deadline"  # metric of a reply that carries no update
 
 _UPDATE_KEYS = ("num-examples", "local-steps", "lr", "momentum", "prox-mu", "a-norm", "work")
+
+
+def _check_scalars(owner: str, scalars: ClientReport | ClientUpdate) -> None:
+    """FLError naming the first scalar of a client's round that is out of range (one check for both classes)."""
+    if int(scalars.num_examples) != scalars.num_examples or scalars.num_examples <= 0:
+        raise FLError(f"{owner}.num_examples must be a positive integer, got {scalars.num_examples!r}.")
+    if int(scalars.local_steps) != scalars.local_steps or scalars.local_steps < 0:
+        raise FLError(f"{owner}.local_steps must be a non-negative integer, got {scalars.local_steps!r}.")
+    if not (math.isfinite(scalars.lr) and scalars.lr > 0):
+        raise FLError(f"{owner}.lr must be a positive finite learning rate, got {scalars.lr!r}.")
+    if not 0.0 <= scalars.momentum < 1.0:
+        raise FLError(f"{owner}.momentum must be in [0, 1), got {scalars.momentum!r}.")
+    if not (math.isfinite(scalars.prox_mu) and scalars.prox_mu >= 0):
+        raise FLError(f"{owner}.prox_mu must be >= 0, got {scalars.prox_mu!r}.")
+    if scalars.a_norm is not None and not (math.isfinite(scalars.a_norm) and scalars.a_norm > 0):
+        raise FLError(f"{owner}.a_norm must be a positive finite number or None, got {scalars.a_norm!r}.")
+    if scalars.work is not None and not (math.isfinite(scalars.work) and scalars.work > 0):
+        raise FLError(f"{owner}.work must be a positive finite number or None, got {scalars.work!r}.")
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,9 @@ class ClientReport:
     a_norm: float | None = None
     work: float | None = None
 
+    def __post_init__(self) -> None:
+        _check_scalars("ClientReport", self)
+
     def to_metrics(self) -> dict:
         return {
             "num-examples": int(self.num_examples),
@@ -68,34 +89,27 @@ class ClientReport:
 
     @classmethod
     def from_metrics(cls, metrics: Mapping) -> ClientReport:
-        """From a record's metrics; FLError naming a missing or malformed field."""
+        """From a record's metrics; FLError naming a missing, malformed or out-of-range field."""
         for key in ("num-examples", "local-steps", "lr"):
             if not isinstance(metrics.get(key), int | float):
                 raise FLError(f"A client record's metrics lack a numeric {key!r}.")
-        a_norm = metrics.get("a-norm")
-        if a_norm is not None and not isinstance(a_norm, int | float):
-            raise FLError("A client record's 'a-norm' must be a number or None.")
-        work = metrics.get("work")
-        if work is not None and not isinstance(work, int | float):
-            raise FLError("A client record's 'work' must be a number or None.")
-        report = cls(
-            num_examples=int(metrics["num-examples"]),
-            local_steps=int(metrics["local-steps"]),
-            lr=float(metrics["lr"]),
-            momentum=float(metrics.get("momentum", 0.0)),
-            prox_mu=float(metrics.get("prox-mu", 0.0)),
-            a_norm=None if a_norm is None else float(a_norm),
-            work=None if work is None else float(work),
-        )
-        if report.num_examples <= 0 or report.local_steps < 0 or not (math.isfinite(report.lr) and report.lr > 0):
-            raise FLError(f"A client record's metrics are out of range: {report}.")
-        if not 0.0 <= report.momentum < 1.0 or report.prox_mu < 0:
-            raise FLError(f"A client record's solver is out of range: {report}.")
-        if report.a_norm is not None and not (math.isfinite(report.a_norm) and report.a_norm > 0):
-            raise FLError(f"A client record's a-norm must be positive, got {report.a_norm!r}.")
-        if report.work is not None and not (math.isfinite(report.work) and report.work > 0):
-            raise FLError(f"A client record's work must be positive, got {report.work!r}.")
-        return report
+        for key in ("momentum", "prox-mu", "a-norm", "work"):
+            value = metrics.get(key)
+            if value is not None and not isinstance(value, int | float):
+                raise FLError(f"A client record's {key!r} must be a number or None, got {value!r}.")
+        a_norm, work = metrics.get("a-norm"), metrics.get("work")
+        try:
+            return cls(
+                num_examples=int(metrics["num-examples"]),
+                local_steps=int(metrics["local-steps"]),
+                lr=float(metrics["lr"]),
+                momentum=float(metrics.get("momentum") or 0.0),
+                prox_mu=float(metrics.get("prox-mu") or 0.0),
+                a_norm=None if a_norm is None else float(a_norm),
+                work=None if work is None else float(work),
+            )
+        except FLError as exc:
+            raise FLError(f"A client record is out of range: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,8 @@ class ClientUpdate:
                   minibatch gradient (in learning-rate units, like a_norm; None = not measured). It equals
                   a_norm when the gradient stays constant along the trajectory; FedNova normalises by it.
     metrics:      free-form scalar metrics of local training (e.g. "train-loss", "emulated-s").
+
+    The scalar fields are `ClientReport`'s, in its order, checked by the same rule.
     """
 
     weights: dict[str, Tensor]
@@ -130,32 +146,12 @@ class ClientUpdate:
     def __post_init__(self) -> None:
         if not isinstance(self.weights, Mapping) or not self.weights:
             raise FLError("ClientUpdate.weights must be a non-empty dict of name -> tensor.")
-        if int(self.num_examples) != self.num_examples or self.num_examples <= 0:
-            raise FLError(f"ClientUpdate.num_examples must be a positive integer, got {self.num_examples!r}.")
-        if int(self.local_steps) != self.local_steps or self.local_steps < 0:
-            raise FLError(
-                f"ClientUpdate.local_steps must be a non-negative integer, got {self.local_steps!r}."
-            )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise FLError(f"ClientUpdate.lr must be a positive finite learning rate, got {self.lr!r}.")
-        if not 0.0 <= self.momentum < 1.0:
-            raise FLError(f"ClientUpdate.momentum must be in [0, 1), got {self.momentum!r}.")
-        if not (math.isfinite(self.prox_mu) and self.prox_mu >= 0):
-            raise FLError(f"ClientUpdate.prox_mu must be >= 0, got {self.prox_mu!r}.")
-        if self.a_norm is not None and not (math.isfinite(self.a_norm) and self.a_norm > 0):
-            raise FLError(
-                f"ClientUpdate.a_norm must be a positive finite number or None, got {self.a_norm!r}."
-            )
-        if self.work is not None and not (math.isfinite(self.work) and self.work > 0):
-            raise FLError(f"ClientUpdate.work must be a positive finite number or None, got {self.work!r}.")
-
+        _check_scalars("ClientUpdate", self)
 
     @property
     def report(self) -> ClientReport:
         """The update's scalars, without the weights."""
-        return ClientReport(
-            self.num_examples, self.local_steps, self.lr, self.momentum, self.prox_mu, self.a_norm, self.work
-        )
+        return ClientReport(**{f.name: getattr(self, f.name) for f in fields(ClientReport)})
 
 
 def check_compatible(global_weights: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> None:
@@ -202,24 +198,13 @@ def update_from_record(record: Mapping) -> ClientUpdate:
         raise FLError(
             f"A client record needs {ARRAYS!r} and {METRICS!r}; got {type(record).__name__}."
         ) from exc
-    for key in ("num-examples", "local-steps", "lr"):
-        if not isinstance(metrics.get(key), int | float):
-            raise FLError(f"A client record's metrics lack a numeric {key!r}.")
     for name, tensor in arrays.items():
         if not isinstance(tensor, Tensor):
             raise FLError(f"A client record's array {name!r} is a {type(tensor).__name__}, not a tensor.")
+    report = ClientReport.from_metrics(metrics)
     extra = {k: float(v) for k, v in metrics.items() if k not in _UPDATE_KEYS and isinstance(v, int | float)}
-    return ClientUpdate(
-        weights=dict(arrays),
-        num_examples=int(metrics["num-examples"]),
-        local_steps=int(metrics["local-steps"]),
-        lr=float(metrics["lr"]),
-        momentum=float(metrics.get("momentum", 0.0)),
-        prox_mu=float(metrics.get("prox-mu", 0.0)),
-        a_norm=None if metrics.get("a-norm") is None else float(metrics["a-norm"]),
-        work=None if metrics.get("work") is None else float(metrics["work"]),
-        metrics=extra,
-    )
+    scalars = {f.name: getattr(report, f.name) for f in fields(ClientReport)}
+    return ClientUpdate(weights=dict(arrays), **scalars, metrics=extra)
 
 
 def record_to_wire(record: Mapping) -> tuple[dict, tuple[Tensor, ...]]:
