@@ -23,8 +23,18 @@ def _imports(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _runtime_modules() -> dict[str, Path]:
+    """Dotted name -> file of every module of partita/runtime, its subpackages' too (a package is its __init__)."""
+    modules = {}
+    for path in (PACKAGE / "runtime").rglob("*.py"):
+        parts = [part for part in path.relative_to(PACKAGE / "runtime").with_suffix("").parts if part != "__init__"]
+        if parts:
+            modules["partita.runtime." + ".".join(parts)] = path
+    return modules
+
+
 def _runtime_graph() -> dict[str, set[str]]:
-    modules = {f"partita.runtime.{p.stem}": p for p in (PACKAGE / "runtime").glob("*.py") if p.stem != "__init__"}
+    modules = _runtime_modules()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
         for target, name in _imports(path):
@@ -59,6 +69,17 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_runtime_has_no_import_cycle():
     assert _cycle(_runtime_graph()) is None
+
+
+def test_the_cycle_check_sees_the_protocol_package_and_its_modules():
+    graph = _runtime_graph()
+    assert "partita.runtime.protocol.base" in graph["partita.runtime.protocol.commands"]
+    assert "partita.runtime.protocol" in graph["partita.runtime.worker"]
+
+
+def test_transitions_are_planned_without_sockets():
+    """`plan_transition` is pure (docs/runtime.md): the module that plans transitions imports no zmq."""
+    assert not [m for m, _ in _imports(PACKAGE / "runtime" / "transition.py") if m.split(".")[0] == "zmq"]
 
 
 def test_the_cycle_check_finds_a_cycle_when_there_is_one():

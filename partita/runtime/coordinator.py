@@ -40,7 +40,8 @@ from partita.runtime.keys import apply_server
 from partita.runtime.measure import Measurements, measure
 from partita.runtime.pipeline import Pipeline
 from partita.runtime.session import Session
-from partita.runtime.transition import Sink, TransitionEngine, next_epoch
+from partita.runtime.transition import Sink, next_epoch
+from partita.runtime.transition_engine import TransitionEngine
 
 __all__ = ["Measurements", "Prepared", "deploy", "launch", "measure", "prepare"]
 

@@ -44,7 +44,7 @@ from partita.runtime.pipeline import Pipeline
 from partita.runtime.session import Session
 from partita.runtime.standby import Standby
 from partita.runtime.switch import Switcher
-from partita.runtime.transition import TransitionEngine
+from partita.runtime.transition_engine import TransitionEngine
 
 TICK_S = 0.05
 

@@ -31,7 +31,8 @@ from partita.errors import PartitaError
 from partita.plan import Plan
 from partita.runtime.deployment import Deployment
 from partita.runtime.pipeline import Pipeline
-from partita.runtime.transition import TransitionEngine, next_epoch
+from partita.runtime.transition import next_epoch
+from partita.runtime.transition_engine import TransitionEngine
 
 SWITCH_TIMEOUT_S = 120.0
 
