@@ -114,8 +114,15 @@ def encode_tensor(t: torch.Tensor, codec: str = "none") -> tuple[dict, bytes | m
     if t.layout != torch.strided or t.is_quantized:
         raise WireError(f"only dense tensors go on the wire, got layout {t.layout}; call .to_dense() first")
     name = dtype_name(t.dtype)
-    t = t.detach().resolve_conj().resolve_neg()
-    if t.device.type != "cpu":
+    # Each call below is skipped when it would return the tensor unchanged: a message is encoded on
+    # every hop, and a tensor op costs more there than the check.
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_cpu:
         t = t.cpu()
     t = t.contiguous()
     used = codec if (codec in ("none", "lz4") or t.is_floating_point()) else "none"
@@ -231,11 +238,12 @@ def error_stats(exact: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
 
 def _raw_view(t: torch.Tensor) -> memoryview:
     """A flat byte memoryview of a contiguous CPU tensor's storage (no copy; keeps the tensor alive)."""
-    flat = t.reshape(-1)
-    if flat.dtype == torch.bfloat16:
-        flat = flat.view(torch.int16)  # numpy has no bfloat16; same bytes
-    array: Any = flat.numpy()  # numpy arrays are buffers; its stubs do not say so
-    return memoryview(array).cast("B")
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)  # numpy has no bfloat16; same bytes
+    if t.numel() == 0:  # memoryview cannot cast a shape with a zero in it; an empty flat view is the same bytes
+        t = t.reshape(-1)
+    array: Any = t.numpy()  # numpy arrays are buffers; its stubs do not say so
+    return memoryview(array).cast("B")  # C-contiguous: cast flattens it to bytes
 
 
 def _from_raw(
@@ -243,12 +251,16 @@ def _from_raw(
 ) -> torch.Tensor:
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(buf, dtype=torch.uint8)
+    boolean = dtype == torch.bool
+    # The caller checked that `buf` holds exactly numel items of `dtype` (bools are read as bytes first).
+    flat = torch.frombuffer(buf, dtype=torch.uint8 if boolean else dtype)
     if copy or flat.data_ptr() % ALIGNMENT:
         flat = flat.clone()  # an unstable or less aligned buffer: own the bytes (aligned as torch allocates)
-    if dtype == torch.bool and bool((flat > 1).any()):
-        raise WireError("bool tensor payload holds bytes other than 0 and 1")
-    return flat.view(dtype).view(shape)
+    if boolean:
+        if bool((flat > 1).any()):
+            raise WireError("bool tensor payload holds bytes other than 0 and 1")
+        flat = flat.view(dtype)
+    return flat if len(shape) == 1 else flat.view(shape)
 
 
 def _quantize_int8(t: torch.Tensor) -> tuple[memoryview, float, float]:
