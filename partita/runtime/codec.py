@@ -157,6 +157,7 @@ def decode_tensor(
     `copy=False` and codec ``none`` the tensor is a view of `payload` (which must then stay
     unchanged for the tensor's lifetime, e.g. bytes or a received zmq.Frame); a payload not
     aligned to `ALIGNMENT` bytes is still copied. Views of read-only buffers must not be modified in place.
+    With `copy=True` the tensor owns its memory, whatever the codec.
     """
     dtype, shape, codec = check_meta(meta, max_ndim=max_ndim, max_bytes=max_bytes)
     view = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
@@ -168,7 +169,7 @@ def decode_tensor(
         return _from_raw(view, dtype, shape, numel, copy=copy)
     if codec == "lz4":
         raw = _lz4_decompress(view, numel * dtype.itemsize)
-        return _from_raw(raw, dtype, shape, numel, copy=False)
+        return _from_raw(raw, dtype, shape, numel, copy=copy)  # `raw` is stable, but read-only: copy asks for owned memory
     if codec == "fp16":
         half = _from_raw(view, torch.float16, shape, numel, copy=copy and dtype == torch.float16)
         return half.to(dtype)

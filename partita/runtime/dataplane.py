@@ -32,7 +32,7 @@ import zmq
 from partita.errors import WireError
 from partita.runtime.emulation import LinkShaper, shaper_for
 from partita.runtime.executor import Done, Job, StageExecutor
-from partita.runtime.flow import LinkTimes, Outlink, credits_at_once, socket_sender
+from partita.runtime.flow import LinkTimes, Outlink, credits_at_once, readable, socket_sender
 from partita.runtime.keys import apply_client, set_authorized
 from partita.runtime.protocol import Destination, LinkChange, Route
 from partita.runtime.wire import Limits, blob_tensor, decode, encode
@@ -82,6 +82,7 @@ class DataPlane:
         self._credits_due: dict[bytes, int] = {}  # sender -> credits of jobs run inline, not yet returned
         self._windows: dict[int, int] = {}  # pipeline slot -> its credit window
         self._credits_threshold: dict[bytes, int] = {}  # sender -> credits returned in one message
+        self._senders: dict[bytes, str] = {}  # a sender's socket identity (`name/epoch`) -> its name
 
     # -- wiring (from control commands) -----------------------------------------------------------
     def allow(self, pipeline: int, peers: Sequence[str]) -> None:
@@ -158,7 +159,7 @@ class DataPlane:
             sock.close(linger=linger_ms)
 
     def on_data(self) -> None:
-        while self._data.poll(0):
+        while readable(self._data):
             frames = self._data.recv_multipart(copy=False)
             sender = frames[0].bytes
             try:
@@ -241,7 +242,10 @@ class DataPlane:
             return
         sent_at = header.get("ts")
         if isinstance(sent_at, float):
-            self._link_in.record(sender.decode(errors="replace").split("/")[0], sent_at, time.time())
+            name = self._senders.get(sender)
+            if name is None:
+                name = self._senders[sender] = sender.decode(errors="replace").split("/")[0]
+            self._link_in.record(name, sent_at, time.time())
         job = Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic())
         if self._executor.can_run_now(job.stage):  # a short stage: no hand-off to the compute thread and back
             # Its result leaves first; its credit goes back with others (`_return_credits`).
@@ -297,7 +301,7 @@ class DataPlane:
         self._outlinks[key][1].put(lambda: encode("fail", header))
 
     def _on_outlink(self, sock: zmq.Socket, outlink: Outlink) -> None:
-        while sock.poll(0):
+        while readable(sock):
             try:
                 msg = decode(sock.recv_multipart(copy=False), limits=self.settings.limits, kinds=OUTLINK_KINDS)
             except WireError:

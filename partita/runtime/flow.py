@@ -93,6 +93,15 @@ def socket_sender(sock: zmq.Socket) -> Callable[[Sequence[Any]], bool]:
     return send
 
 
+def readable(sock: zmq.Socket) -> bool:
+    """Whether `sock` has a message to receive now, without blocking.
+
+    The same answer as `sock.poll(0)`, for less: that builds a Poller on every call, and an event
+    loop asks once per message and once more to find its socket empty.
+    """
+    return bool(sock.get(zmq.EVENTS) & zmq.POLLIN)
+
+
 def frames_nbytes(frames: Sequence[Any]) -> int:
     """Total payload bytes of a multipart message (bytes, memoryviews or zmq.Frame)."""
     return sum(memoryview(f).nbytes for f in frames)

@@ -91,11 +91,15 @@ def encode(
     return [packed, *payloads]
 
 
-def decode(frames: Sequence, *, limits: Limits = Limits(), kinds: Collection[str] | None = None) -> Message:
+def decode(
+    frames: Sequence, *, limits: Limits = Limits(), kinds: Collection[str] | None = None, own: bool = False
+) -> Message:
     """Validate and decode received frames; raise WireError (and nothing else) on any problem.
 
     `kinds` is the allow-list of message kinds this receiver handles (None: any well-formed kind).
-    Frames may be bytes, bytearray, memoryview or zmq.Frame.
+    Frames may be bytes, bytearray, memoryview or zmq.Frame. `own` True: every decoded tensor owns
+    its memory (writable, outliving the frames), as a result handed to a user must; False: tensors
+    may be read-only views of stable frames (see the module docstring).
     """
     if type(frames) is not list and (not isinstance(frames, Sequence) or isinstance(frames, bytes | bytearray | memoryview | str)):
         raise WireError(f"a message is a sequence of frames, got {type(frames).__name__}")
@@ -121,7 +125,7 @@ def decode(frames: Sequence, *, limits: Limits = Limits(), kinds: Collection[str
         try:
             tensors.append(
                 decode_tensor(
-                    meta, buf, max_ndim=limits.max_ndim, max_bytes=limits.max_frame_bytes, copy=not stable
+                    meta, buf, max_ndim=limits.max_ndim, max_bytes=limits.max_frame_bytes, copy=own or not stable
                 )
             )
         except WireError as exc:
