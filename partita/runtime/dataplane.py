@@ -221,8 +221,7 @@ class DataPlane:
             return encode("act", {**header, "ts": time.time()}, outputs, codec=codec)
 
         outlink = self._outlinks[key][1]
-        outlink.put(build)
-        outlink.pump()  # send now if it may go: the I/O loop pumps again only after its next poll
+        outlink.offer(build)  # send now if it may go: the I/O loop pumps again only after its next poll
 
     def figures(self) -> dict[str, Any]:
         """Per-link figures for the `stats` reply (links out by destination, links in by sender)."""
