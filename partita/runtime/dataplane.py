@@ -239,12 +239,7 @@ class DataPlane:
             if is_int(header.get("r")) and is_int(header.get("s")) and is_int(header.get("e")):
                 self._forward_fail(header["s"], header["r"], header["e"], f"{self.settings.name} refused: {problem}")
             return
-        sent_at = header.get("ts")
-        if isinstance(sent_at, float):
-            name = self._senders.get(sender)
-            if name is None:
-                name = self._senders[sender] = sender.decode(errors="replace").split("/")[0]
-            self._link_in.record(name, sent_at, time.time())
+        arrived_at = time.time()
         job = Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic())
         if self._executor.can_run_now(job.stage):  # a short stage: no hand-off to the compute thread and back
             # Its result leaves first; its credit goes back with others (`_return_credits`).
@@ -254,6 +249,16 @@ class DataPlane:
             self._credits_threshold[sender] = credits_at_once(window)
         else:
             self._executor.submit(job)
+        self._record_link_in(sender, header.get("ts"), arrived_at)  # after the output left: not on its way
+
+    def _record_link_in(self, sender: bytes, sent_at: object, arrived_at: float) -> None:
+        """Count one message's transfer on the link from `sender` (`sent_at`: its stamp; not a float: none)."""
+        if not isinstance(sent_at, float):
+            return
+        name = self._senders.get(sender)
+        if name is None:
+            name = self._senders[sender] = sender.decode(errors="replace").split("/")[0]
+        self._link_in.record(name, sent_at, arrived_at)
 
     def _check_act(self, header: dict, tensors: tuple[torch.Tensor, ...]) -> str | None:
         """Why this activation cannot be run here, or None if it can."""
