@@ -8,7 +8,7 @@ torchvision resnet50):
    `partita.model.split` gives the stage programs every system runs, as the same archives:
    * partita: a `LocalCluster` of one worker process per stage, no emulation (speed 1.0 = host
      speed, dilation 1, unlimited links without latency), plaintext sockets (the peers do not
-     encrypt either), deployed with `deploy(..., stages=...)` at exactly these cuts;
+     encrypt either; `--secure` runs partita with its default CURVE encryption instead), deployed with `deploy(..., stages=...)` at exactly these cuts;
    * Ray: one actor per stage, a chain of actor calls per request (benchmarks/_peer_ray.py);
    * torch.distributed.pipelining: one gloo rank per stage, `PipelineStage` around
      `StageProgram.run`, `ScheduleGPipe` forward only (benchmarks/_peer_torchpp.py).
@@ -263,9 +263,9 @@ def bench_model(name: str, args, shared: dict) -> dict:
     }
     for system, reason in shared["errors"].items():
         rows[system].reason = reason
-    rows["partita"].notes = f"map, {IN_FLIGHT} in flight, plaintext"
+    rows["partita"].notes = f"map, {IN_FLIGHT} in flight, {'CURVE' if args.secure else 'plaintext'}"
     rows["ray"].notes = f"{IN_FLIGHT} chains in flight"
-    rows["torch.pipelining"].notes = "GPipe: 1 step, all as microbatches"
+    rows["torch.pipelining"].notes = "GPipe: 1 step, all as microbatches; gloo, unencrypted"
     start = time.perf_counter()
     try:
         for system, make in factories.items():
@@ -421,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: the mlp only, 1 round, a quarter of the requests")
     parser.add_argument("--no-ray", action="store_true", help="leave Ray out (its rows say so)")
+    parser.add_argument("--secure", action="store_true",
+                        help="run partita with CURVE encryption, its default (the peers do not encrypt; without "
+                             "this flag partita runs plaintext too, like with like)")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of peers that fail")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -453,9 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from partita.runtime import LocalCluster
 
-            logging.getLogger("partita.runtime.keys").setLevel(logging.ERROR)  # plaintext is chosen explicitly
+            if not args.secure:
+                logging.getLogger("partita.runtime.keys").setLevel(logging.ERROR)  # plaintext is chosen explicitly
             # One worker per stage at host speed (host_flops only names the unit: speed 1.0 is given).
-            shared["cluster"] = LocalCluster(homogeneous_cluster(args.stages), dilation=1.0, secure=False,
+            shared["cluster"] = LocalCluster(homogeneous_cluster(args.stages), dilation=1.0, secure=args.secure,
                                              host_flops=HOST_FLOPS).start()
         except Exception as exc:  # partita's rows say why; the peers still run
             shared["errors"]["partita"] = f"LocalCluster did not start: {_failure(exc)}"
@@ -475,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
                  "ray": shared.get("ray_version"), "cpus": __import__("os").cpu_count()},
         "budget": "one process per stage per system, torch.set_num_threads(1) each, loopback, no emulation",
+        "partita_encryption": "CURVE" if args.secure else "none (the peers do not encrypt)",
         "quick": args.quick,
         "wall_s": time.perf_counter() - started,
         "models": results,

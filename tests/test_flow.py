@@ -49,6 +49,36 @@ def test_a_message_the_socket_cannot_take_is_kept_in_order_and_offered_again():
     assert link.stats.messages == 3 and link.queued == 0
 
 
+def test_offer_sends_as_put_then_pump_would_and_keeps_what_the_socket_refuses():
+    """`offer` is put + pump: the same frames in the same order, the same credits and figures, a refusal kept."""
+    accept = [True]
+    by_offer: list = []
+
+    def send(frames):
+        if not accept[0]:
+            return False
+        by_offer.append(frames)
+        return True
+
+    offered = Outlink("next", send, 2, None, FakeClock())
+    pumped, by_pump = outlink(window=2)
+    for i in range(3):  # the third waits for a credit, in both
+        assert offered.offer(lambda i=i: [bytes([i])]) is None
+        pumped.put(lambda i=i: [bytes([i])])
+        pumped.pump()
+    assert by_offer == by_pump and [f[0] for f in by_offer] == [b"\x00", b"\x01"]
+    assert offered.credits == pumped.credits == 0 and offered.queued == pumped.queued == 1
+    assert offered.stats.to_dict() == pumped.stats.to_dict()
+    offered.grant(2)
+    offered.pump()
+    accept[0] = False
+    assert offered.offer(lambda: [b"\x03"]) == RETRY_S  # the socket cannot take it now: kept, not lost
+    assert offered.queued == 1 and offered.stats.refused_sends == 1
+    accept[0] = True
+    assert offered.pump() is None
+    assert [f[0] for f in by_offer] == [b"\x00", b"\x01", b"\x02", b"\x03"] and offered.queued == 0
+
+
 def test_a_sender_never_has_more_messages_out_than_its_credits():
     link, sent = outlink(window=2)
     for i in range(5):

@@ -95,6 +95,22 @@ def test_bytes_frames_decode_zero_copy_and_bytearray_frames_are_copied():
     assert from_off.data_ptr() % codec.ALIGNMENT == 0 and torch.equal(from_off, torch.arange(16))
 
 
+def test_decode_own_gives_tensors_that_own_their_memory_even_from_aligned_stable_frames():
+    """`own=True` (how the coordinator decodes results for the user): a copy, never a view of the frame."""
+    payload = wire.encode("act", None, [torch.arange(16, dtype=torch.int64)])
+    head, stable = bytes(payload[0]), _bytes_aligned(bytes(payload[1]), True)
+    frame_ptr = torch.frombuffer(stable, dtype=torch.uint8).data_ptr()
+
+    viewed = wire.decode([head, stable]).tensors[0]
+    owned = wire.decode([head, stable], own=True).tensors[0]
+
+    assert viewed.untyped_storage().data_ptr() == frame_ptr  # without `own`, the same frame gives a view
+    assert owned.untyped_storage().data_ptr() != frame_ptr
+    assert owned.data_ptr() % codec.ALIGNMENT == 0 and torch.equal(owned, torch.arange(16))
+    owned.add_(1)  # its own memory: the frame is untouched
+    assert torch.equal(wire.decode([head, stable]).tensors[0], torch.arange(16))
+
+
 def _bytes_aligned(data: bytes, aligned: bool) -> bytes:
     """A copy of `data` as a bytes object whose buffer is (or is not) 64-byte aligned (found by allocating)."""
     held = []

@@ -114,8 +114,15 @@ def encode_tensor(t: torch.Tensor, codec: str = "none") -> tuple[dict, bytes | m
     if t.layout != torch.strided or t.is_quantized:
         raise WireError(f"only dense tensors go on the wire, got layout {t.layout}; call .to_dense() first")
     name = dtype_name(t.dtype)
-    t = t.detach().resolve_conj().resolve_neg()
-    if t.device.type != "cpu":
+    # Each call below is skipped when it would return the tensor unchanged: a message is encoded on
+    # every hop, and a tensor op costs more there than the check.
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_cpu:
         t = t.cpu()
     t = t.contiguous()
     used = codec if (codec in ("none", "lz4") or t.is_floating_point()) else "none"
@@ -150,6 +157,7 @@ def decode_tensor(
     `copy=False` and codec ``none`` the tensor is a view of `payload` (which must then stay
     unchanged for the tensor's lifetime, e.g. bytes or a received zmq.Frame); a payload not
     aligned to `ALIGNMENT` bytes is still copied. Views of read-only buffers must not be modified in place.
+    With `copy=True` the tensor owns its memory, whatever the codec.
     """
     dtype, shape, codec = check_meta(meta, max_ndim=max_ndim, max_bytes=max_bytes)
     view = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
@@ -161,7 +169,7 @@ def decode_tensor(
         return _from_raw(view, dtype, shape, numel, copy=copy)
     if codec == "lz4":
         raw = _lz4_decompress(view, numel * dtype.itemsize)
-        return _from_raw(raw, dtype, shape, numel, copy=False)
+        return _from_raw(raw, dtype, shape, numel, copy=copy)  # `raw` is stable, but read-only: copy asks for owned memory
     if codec == "fp16":
         half = _from_raw(view, torch.float16, shape, numel, copy=copy and dtype == torch.float16)
         return half.to(dtype)
@@ -231,11 +239,12 @@ def error_stats(exact: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
 
 def _raw_view(t: torch.Tensor) -> memoryview:
     """A flat byte memoryview of a contiguous CPU tensor's storage (no copy; keeps the tensor alive)."""
-    flat = t.reshape(-1)
-    if flat.dtype == torch.bfloat16:
-        flat = flat.view(torch.int16)  # numpy has no bfloat16; same bytes
-    array: Any = flat.numpy()  # numpy arrays are buffers; its stubs do not say so
-    return memoryview(array).cast("B")
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)  # numpy has no bfloat16; same bytes
+    if t.numel() == 0:  # memoryview cannot cast a shape with a zero in it; an empty flat view is the same bytes
+        t = t.reshape(-1)
+    array: Any = t.numpy()  # numpy arrays are buffers; its stubs do not say so
+    return memoryview(array).cast("B")  # C-contiguous: cast flattens it to bytes
 
 
 def _from_raw(
@@ -243,12 +252,16 @@ def _from_raw(
 ) -> torch.Tensor:
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(buf, dtype=torch.uint8)
+    boolean = dtype == torch.bool
+    # The caller checked that `buf` holds exactly numel items of `dtype` (bools are read as bytes first).
+    flat = torch.frombuffer(buf, dtype=torch.uint8 if boolean else dtype)
     if copy or flat.data_ptr() % ALIGNMENT:
         flat = flat.clone()  # an unstable or less aligned buffer: own the bytes (aligned as torch allocates)
-    if dtype == torch.bool and bool((flat > 1).any()):
-        raise WireError("bool tensor payload holds bytes other than 0 and 1")
-    return flat.view(dtype).view(shape)
+    if boolean:
+        if bool((flat > 1).any()):
+            raise WireError("bool tensor payload holds bytes other than 0 and 1")
+        flat = flat.view(dtype)
+    return flat if len(shape) == 1 else flat.view(shape)
 
 
 def _quantize_int8(t: torch.Tensor) -> tuple[memoryview, float, float]:

@@ -32,7 +32,7 @@ import zmq
 from partita.errors import WireError
 from partita.runtime.emulation import LinkShaper, shaper_for
 from partita.runtime.executor import Done, Job, StageExecutor
-from partita.runtime.flow import LinkTimes, Outlink, credits_at_once, socket_sender
+from partita.runtime.flow import LinkTimes, Outlink, credits_at_once, readable, socket_sender
 from partita.runtime.keys import apply_client, set_authorized
 from partita.runtime.protocol import Destination, LinkChange, Route
 from partita.runtime.wire import Limits, blob_tensor, decode, encode
@@ -82,6 +82,7 @@ class DataPlane:
         self._credits_due: dict[bytes, int] = {}  # sender -> credits of jobs run inline, not yet returned
         self._windows: dict[int, int] = {}  # pipeline slot -> its credit window
         self._credits_threshold: dict[bytes, int] = {}  # sender -> credits returned in one message
+        self._senders: dict[bytes, str] = {}  # a sender's socket identity (`name/epoch`) -> its name
 
     # -- wiring (from control commands) -----------------------------------------------------------
     def allow(self, pipeline: int, peers: Sequence[str]) -> None:
@@ -158,7 +159,7 @@ class DataPlane:
             sock.close(linger=linger_ms)
 
     def on_data(self) -> None:
-        while self._data.poll(0):
+        while readable(self._data):
             frames = self._data.recv_multipart(copy=False)
             sender = frames[0].bytes
             try:
@@ -220,8 +221,7 @@ class DataPlane:
             return encode("act", {**header, "ts": time.time()}, outputs, codec=codec)
 
         outlink = self._outlinks[key][1]
-        outlink.put(build)
-        outlink.pump()  # send now if it may go: the I/O loop pumps again only after its next poll
+        outlink.offer(build)  # send now if it may go: the I/O loop pumps again only after its next poll
 
     def figures(self) -> dict[str, Any]:
         """Per-link figures for the `stats` reply (links out by destination, links in by sender)."""
@@ -239,9 +239,7 @@ class DataPlane:
             if is_int(header.get("r")) and is_int(header.get("s")) and is_int(header.get("e")):
                 self._forward_fail(header["s"], header["r"], header["e"], f"{self.settings.name} refused: {problem}")
             return
-        sent_at = header.get("ts")
-        if isinstance(sent_at, float):
-            self._link_in.record(sender.decode(errors="replace").split("/")[0], sent_at, time.time())
+        arrived_at = time.time()
         job = Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic())
         if self._executor.can_run_now(job.stage):  # a short stage: no hand-off to the compute thread and back
             # Its result leaves first; its credit goes back with others (`_return_credits`).
@@ -251,6 +249,16 @@ class DataPlane:
             self._credits_threshold[sender] = credits_at_once(window)
         else:
             self._executor.submit(job)
+        self._record_link_in(sender, header.get("ts"), arrived_at)  # after the output left: not on its way
+
+    def _record_link_in(self, sender: bytes, sent_at: object, arrived_at: float) -> None:
+        """Count one message's transfer on the link from `sender` (`sent_at`: its stamp; not a float: none)."""
+        if not isinstance(sent_at, float):
+            return
+        name = self._senders.get(sender)
+        if name is None:
+            name = self._senders[sender] = sender.decode(errors="replace").split("/")[0]
+        self._link_in.record(name, sent_at, arrived_at)
 
     def _check_act(self, header: dict, tensors: tuple[torch.Tensor, ...]) -> str | None:
         """Why this activation cannot be run here, or None if it can."""
@@ -297,7 +305,7 @@ class DataPlane:
         self._outlinks[key][1].put(lambda: encode("fail", header))
 
     def _on_outlink(self, sock: zmq.Socket, outlink: Outlink) -> None:
-        while sock.poll(0):
+        while readable(sock):
             try:
                 msg = decode(sock.recv_multipart(copy=False), limits=self.settings.limits, kinds=OUTLINK_KINDS)
             except WireError:

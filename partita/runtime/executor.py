@@ -21,7 +21,6 @@ loaded stages must fit the worker's capacity.
 from __future__ import annotations
 
 import queue
-import statistics
 import threading
 import time
 from collections import deque
@@ -124,11 +123,19 @@ class LoadedStage:
     stats: StageStats = field(default_factory=StageStats)
     warmed: bool = False
     recent_runs: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT_RUNS))  # host seconds
+    _recent_median_s: float | None = None
 
     @property
     def recent_host_s(self) -> float | None:
         """The median host seconds of the last runs (warm-up included); None: never run."""
-        return statistics.median(self.recent_runs) if self.recent_runs else None
+        return self._recent_median_s
+
+    def record_run(self, host_s: float) -> None:
+        """Add one run's host seconds to `recent_runs` (the median is kept: every request asks for it)."""
+        self.recent_runs.append(host_s)
+        ordered = sorted(self.recent_runs)  # the median as statistics.median takes it, without its checks
+        mid = len(ordered) // 2
+        self._recent_median_s = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 class StageExecutor:
@@ -193,7 +200,7 @@ class StageExecutor:
         with self._lock:
             self._stages[index] = loaded = LoadedStage(program, need, reference_host_s, warmed=warmed_s is not None)
             if warmed_s is not None:
-                loaded.recent_runs.append(warmed_s)
+                loaded.record_run(warmed_s)
 
     def _warm_up(self, program: Any) -> float | None:
         """Run the stage on zeros of its input shapes (batch 1), so lazy set-up is not billed to a request.
@@ -329,13 +336,16 @@ class StageExecutor:
         started = time.perf_counter()
         try:
             with torch.no_grad():
-                tensors = tuple(t.to(self.device) for t in job.tensors)
-                outputs = tuple(o.to("cpu") for o in loaded.program.run(*tensors))
+                if self.device.type == "cpu":  # `.to` would return the same tensors: skip its calls
+                    outputs = tuple(loaded.program.run(*job.tensors))
+                else:
+                    tensors = tuple(t.to(self.device) for t in job.tensors)
+                    outputs = tuple(o.to("cpu") for o in loaded.program.run(*tensors))
         except Exception as exc:  # noqa: BLE001 - any failure of user compute fails this request only
             loaded.stats.errors += 1
             return Done(job, None, f"stage {job.stage} failed: {type(exc).__name__}: {exc}", 0.0, 0.0)
         host_s = time.perf_counter() - started
-        loaded.recent_runs.append(host_s)
+        loaded.record_run(host_s)
         if self.speed is not None:
             basis_s = loaded.reference_host_s if loaded.reference_host_s is not None else host_s
             target_s = basis_s / self.speed * self.dilation

@@ -93,6 +93,15 @@ def socket_sender(sock: zmq.Socket) -> Callable[[Sequence[Any]], bool]:
     return send
 
 
+def readable(sock: zmq.Socket) -> bool:
+    """Whether `sock` has a message to receive now, without blocking.
+
+    The same answer as `sock.poll(0)`, for less: that builds a Poller on every call, and an event
+    loop asks once per message and once more to find its socket empty.
+    """
+    return bool(sock.get(zmq.EVENTS) & zmq.POLLIN)
+
+
 def frames_nbytes(frames: Sequence[Any]) -> int:
     """Total payload bytes of a multipart message (bytes, memoryviews or zmq.Frame)."""
     return sum(memoryview(f).nbytes for f in frames)
@@ -138,6 +147,32 @@ class Outlink:
         link, so a timestamp it writes marks that moment and a codec runs only on what is sent.
         """
         self._waiting.append(_Parcel(build, self.clock()))
+
+    def offer(self, build: Callable[[], Sequence[Any]]) -> float | None:
+        """Queue one message and move the queue along at once: `put(build)` then `pump()`, returning what pump does.
+
+        The common case, an unshaped link with a credit free and nothing queued ahead, sends the
+        message straight away without queueing it: the same outcome and figures as put then pump,
+        for less work on every hop.
+        """
+        if self._waiting or self._in_link or self._credits <= 0 or self.shaper is not None:
+            self.put(build)
+            return self.pump()
+        frames = build()
+        if self.send(frames) is False:  # kept, in order, and offered again by pump after RETRY_S
+            self.stats.refused_sends += 1
+            now = self.clock()
+            self._credits -= 1
+            self._in_link.append(_Parcel(build, now, frames, frames_nbytes(frames), now))
+            return RETRY_S
+        now = self.clock()
+        self._credits -= 1
+        self.stats.messages += 1
+        self.stats.bytes += frames_nbytes(frames)
+        if self.stats.first_sent_at is None:
+            self.stats.first_sent_at = now
+        self.stats.last_sent_at = now
+        return None
 
     def grant(self, n: int) -> None:
         """The receiver returned `n` credits."""

@@ -19,10 +19,10 @@ pending request, and every new one until the next `install`, with `error`).
 from __future__ import annotations
 
 import math
-import queue
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -33,7 +33,7 @@ import zmq
 from partita.errors import PartitaError, RequestError, WireError
 from partita.model.tiles import stitch
 from partita.runtime.deployment import ChainStage, Deployment, TiledStage
-from partita.runtime.flow import LinkTimes, Outlink, credits_at_once, next_wakeup
+from partita.runtime.flow import LinkTimes, Outlink, credits_at_once, next_wakeup, readable
 from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Record, Replayed
 from partita.runtime.wire import Limits, decode, encode
 
@@ -89,7 +89,8 @@ class Pipeline:
         self._ledger = Ledger()
         # A tiled first stage: per request, the tiles' outputs received so far (tile index -> tensor).
         self._tiles_in: dict[int, dict[int, torch.Tensor]] = {}
-        self._submissions: queue.Queue[Accepted] = queue.Queue()
+        # Filled by user threads, emptied by the I/O thread (deque's append and popleft are atomic).
+        self._submissions: deque[Accepted] = deque()
         self._next_id = 0
         self._id_lock = threading.Lock()
         self._closing = threading.Event()
@@ -101,7 +102,8 @@ class Pipeline:
         # The Supervisor (failures, drift, joins) attached by deploy, and the calls it runs in this
         # I/O thread (a switch to a new epoch touches the ledger and the sockets).
         self.supervisor: Any = None
-        self._calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._senders: dict[bytes, str] = {}  # a last-stage socket identity -> its device's name
         self._wake_addr = f"inproc://pipeline-{id(self)}"
         self._wake_in = context.socket(zmq.PULL)
         self._wake_in.bind(self._wake_addr)
@@ -126,15 +128,7 @@ class Pipeline:
 
     def submit(self, *inputs: Any) -> Future:
         """Send one request; the future resolves to the model's output structure (or RequestError)."""
-        if self._closing.is_set():
-            raise RequestError("this pipeline is closed; deploy again to send more requests")
-        tensors = tuple(t.detach().contiguous() for t in self._flatten(*inputs))
-        future: Future = Future()
-        with self._id_lock:
-            request = self._next_id
-            self._next_id += 1
-            self._submissions.put(Accepted(request, tensors, future, time.monotonic()))
-        self._wake()
+        request, future = self._send(inputs)
         outer: Future = Future()
 
         def _finish(done: Future) -> None:
@@ -142,20 +136,42 @@ class Pipeline:
             if error is not None:
                 outer.set_exception(error)
                 return
-            last = self.deployment.programs[-1]
-            if isinstance(last, tuple):  # the tiles end the model: each carries its output structure
-                last = last[0].program
             try:
-                outer.set_result(self._unflatten(last, done.result()))
-            except Exception as exc:  # noqa: BLE001 - a callback's exception would be lost; give it to the caller
-                outer.set_exception(RequestError(f"request {request}: could not rebuild the model's outputs: {exc}"))
+                outer.set_result(self._rebuild(request, done.result()))
+            except RequestError as exc:  # a callback's exception would be lost; give it to the caller
+                outer.set_exception(exc)
 
         future.add_done_callback(_finish)
         return outer
 
     def __call__(self, *inputs: Any, timeout_s: float | None = None) -> Any:
         """Run one request through the pipeline and return the model's output."""
-        return self.submit(*inputs).result(timeout=timeout_s)
+        # As submit(...).result(), less a second future: the outputs are rebuilt in this thread.
+        request, future = self._send(inputs)
+        return self._rebuild(request, future.result(timeout=timeout_s))
+
+    def _send(self, inputs: tuple[Any, ...]) -> tuple[int, Future]:
+        """Number one request and queue it for the I/O thread; its future gets the last stage's flat tensors."""
+        if self._closing.is_set():
+            raise RequestError("this pipeline is closed; deploy again to send more requests")
+        tensors = tuple(t.detach().contiguous() for t in self._flatten(*inputs))
+        future: Future = Future()
+        with self._id_lock:
+            request = self._next_id
+            self._next_id += 1
+            self._submissions.append(Accepted(request, tensors, future, time.monotonic()))
+        self._wake()
+        return request, future
+
+    def _rebuild(self, request: int, flat: tuple[torch.Tensor, ...]) -> Any:
+        """The model's output structure from the last stage's flat tensors (RequestError if that fails)."""
+        last = self.deployment.programs[-1]
+        if isinstance(last, tuple):  # the tiles end the model: each carries its output structure
+            last = last[0].program
+        try:
+            return self._unflatten(last, flat)
+        except Exception as exc:  # noqa: BLE001 - whatever the rebuild raised, the caller gets one RequestError
+            raise RequestError(f"request {request}: could not rebuild the model's outputs: {exc}") from exc
 
     def map(self, batches: Iterable[Any], *, in_flight: int | None = None) -> Iterator[Any]:
         """Stream requests, keeping up to `in_flight` submitted ahead; yield results in order.
@@ -176,7 +192,7 @@ class Pipeline:
     @property
     def in_flight(self) -> int:
         """Requests accepted and not yet answered (a snapshot; the I/O thread changes it)."""
-        return len(self._ledger.pending) + self._submissions.qsize()
+        return len(self._ledger.pending) + len(self._submissions)
 
     def drain(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for the requests in flight to be answered; True if none is left.
@@ -216,7 +232,7 @@ class Pipeline:
     def call_in_loop(self, fn: Callable[[], Any]) -> Future:
         """Run `fn()` in the I/O thread (which owns the ledger and the sockets); its result comes back in the future."""
         future: Future = Future()
-        self._calls.put((fn, future))
+        self._calls.append((fn, future))
         self._wake()
         return future
 
@@ -371,16 +387,15 @@ class Pipeline:
     def _run_calls(self) -> bool:
         """Run the queued `call_in_loop` calls; True if any ran (the sockets may have changed)."""
         ran = False
-        while True:
-            try:
-                fn, future = self._calls.get_nowait()
-            except queue.Empty:
-                return ran
+        calls = self._calls
+        while calls:
+            fn, future = calls.popleft()
             ran = True
             try:
                 future.set_result(fn())
             except BaseException as exc:  # noqa: BLE001 - the caller waits on the future and re-raises
                 future.set_exception(exc)
+        return ran
 
     def _loop(self) -> None:
         poller = self._make_poller()
@@ -393,7 +408,7 @@ class Pipeline:
                 delays = [outlink.pump() for _, outlink in self._first_links]
                 ready = dict(poller.poll(math.ceil(next_wakeup(delays, 0.1) * 1000)))
                 if self._wake_in in ready:
-                    while self._wake_in.poll(0):
+                    while readable(self._wake_in):
                         self._wake_in.recv()
                 if self._results in ready:
                     self._on_results()
@@ -404,12 +419,9 @@ class Pipeline:
             self._shutdown()
 
     def _accept_submissions(self) -> None:
-        while True:
-            try:
-                event = self._submissions.get_nowait()
-            except queue.Empty:
-                return
-            record = self._ledger.apply(event)
+        submissions = self._submissions
+        while submissions:
+            record = self._ledger.apply(submissions.popleft())
             if record is not None:
                 self._dispatch(record)
 
@@ -445,11 +457,12 @@ class Pipeline:
     def _on_results(self) -> None:
         done_id = self.deployment.stage_id(len(self.deployment.placement))  # where the last stage's results go
         owed = self._credits_owed
-        while self._results.poll(0):
+        while readable(self._results):
             frames = self._results.recv_multipart(copy=False)
             sender = frames[0].bytes
             try:
-                msg = decode(frames[1:], limits=self._limits, kinds=RESULT_KINDS)
+                # Results go to the user: each tensor owns its memory (one copy, not a view of the frame).
+                msg = decode(frames[1:], limits=self._limits, kinds=RESULT_KINDS, own=True)
             except WireError as exc:
                 self._counters["malformed"] += 1
                 self._results.send_multipart([sender, *encode("error", {"reason": str(exc)})])
@@ -471,17 +484,23 @@ class Pipeline:
                 continue
             now = time.monotonic()
             if isinstance(h.get("ts"), float):
-                self._link_in.record(sender.decode(errors="replace").split("/")[0], h["ts"], time.time())
+                self._link_in.record(self._sender_name(sender), h["ts"], time.time())
             if msg.kind == "fail":
                 self._ledger.apply(Failed(h["r"], h["e"], str(h.get("error", "failed in a stage")), now))
             else:
-                outputs = tuple(t.clone() for t in msg.tensors)
-                self._ledger.apply(Delivered(h["r"], h["e"], outputs, now))
+                self._ledger.apply(Delivered(h["r"], h["e"], msg.tensors, now))
         at_once = credits_at_once(self.deployment.window)
         for sender, n in list(owed.items()):  # credits go back half a window at a time (dataplane.credits_at_once)
             if n >= at_once:
                 self._results.send_multipart([sender, *encode("credit", {"n": n})])
                 del owed[sender]
+
+    def _sender_name(self, sender: bytes) -> str:
+        """The device name in a worker's socket identity (`name/epoch`), remembered per identity."""
+        name = self._senders.get(sender)
+        if name is None:
+            name = self._senders[sender] = sender.decode(errors="replace").split("/")[0]
+        return name
 
     def _on_tile(self, tiled: TiledStage, sender: bytes, kind: str, h: dict, tensors: tuple[torch.Tensor, ...]) -> None:
         """One tile's output: keep it; with every tile in, stitch them and send the map on (or deliver it)."""
@@ -494,12 +513,12 @@ class Pipeline:
             self._tiles_in.pop(request, None)
             self._ledger.apply(Failed(request, epoch, str(h.get("error", "failed in a tile")), now))
             return
-        tile = tiled.tile_of(sender.decode(errors="replace").split("/")[0])
+        tile = tiled.tile_of(self._sender_name(sender))
         if tile is None or len(tensors) != 1:
             self._counters["malformed"] += 1
             return
         received = self._tiles_in.setdefault(request, {})
-        received[tile] = tensors[0].clone()
+        received[tile] = tensors[0]  # decoded as owned memory (`_on_results`)
         if len(received) < len(tiled.tiles):
             return
         del self._tiles_in[request]
@@ -517,7 +536,7 @@ class Pipeline:
         outlink.put(message)
 
     def _on_credit(self, sock: zmq.Socket, outlink: Outlink) -> None:
-        while sock.poll(0):
+        while readable(sock):
             try:
                 msg = decode(sock.recv_multipart(copy=False), limits=self._limits, kinds=CREDIT_KINDS)
             except WireError:
@@ -532,11 +551,8 @@ class Pipeline:
         now = time.monotonic()
         for record in list(self._ledger.pending.values()):
             self._ledger.apply(Failed(record.request, None, "the pipeline was closed before it was answered", now))
-        while True:
-            try:
-                event = self._submissions.get_nowait()
-            except queue.Empty:
-                break
+        while self._submissions:
+            event = self._submissions.popleft()
             event.future.set_exception(RequestError("the pipeline was closed before this request was sent"))
         with self._wake_lock:
             self._wake_out.close(linger=0)

@@ -91,13 +91,17 @@ def encode(
     return [packed, *payloads]
 
 
-def decode(frames: Sequence, *, limits: Limits = Limits(), kinds: Collection[str] | None = None) -> Message:
+def decode(
+    frames: Sequence, *, limits: Limits = Limits(), kinds: Collection[str] | None = None, own: bool = False
+) -> Message:
     """Validate and decode received frames; raise WireError (and nothing else) on any problem.
 
     `kinds` is the allow-list of message kinds this receiver handles (None: any well-formed kind).
-    Frames may be bytes, bytearray, memoryview or zmq.Frame.
+    Frames may be bytes, bytearray, memoryview or zmq.Frame. `own` True: every decoded tensor owns
+    its memory (writable, outliving the frames), as a result handed to a user must; False: tensors
+    may be read-only views of stable frames (see the module docstring).
     """
-    if not isinstance(frames, Sequence) or isinstance(frames, bytes | bytearray | memoryview | str):
+    if type(frames) is not list and (not isinstance(frames, Sequence) or isinstance(frames, bytes | bytearray | memoryview | str)):
         raise WireError(f"a message is a sequence of frames, got {type(frames).__name__}")
     if len(frames) == 0:
         raise WireError("empty message: no header frame")
@@ -121,7 +125,7 @@ def decode(frames: Sequence, *, limits: Limits = Limits(), kinds: Collection[str
         try:
             tensors.append(
                 decode_tensor(
-                    meta, buf, max_ndim=limits.max_ndim, max_bytes=limits.max_frame_bytes, copy=not stable
+                    meta, buf, max_ndim=limits.max_ndim, max_bytes=limits.max_frame_bytes, copy=own or not stable
                 )
             )
         except WireError as exc:
@@ -158,10 +162,10 @@ def _check_kind(kind: object) -> str:
 
 def _buffer(frame: object) -> tuple[bytes | memoryview, bool]:
     """A frame's bytes, and whether its memory is stable (safe for a decoded tensor to alias)."""
+    if isinstance(frame, zmq.Frame):  # first: what every receive gives
+        return frame.buffer, True
     if isinstance(frame, bytes):
         return frame, True
-    if isinstance(frame, zmq.Frame):
-        return frame.buffer, True
     if isinstance(frame, bytearray | memoryview):
         view = memoryview(frame)
         if not view.contiguous:
@@ -182,7 +186,7 @@ def _unpack_header(buf: bytes | memoryview, limits: Limits) -> dict:
         raise WireError(f"header frame is not valid msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(head, dict):
         raise WireError(f"header must be a msgpack map, got {type(head).__name__}")
-    if set(head) != _HEADER_KEYS:
+    if head.keys() != _HEADER_KEYS:
         raise WireError(
             f"header must have exactly the keys {sorted(_HEADER_KEYS)}, got {sorted(map(str, head))}"
         )
@@ -203,6 +207,7 @@ def _unpack_header(buf: bytes | memoryview, limits: Limits) -> dict:
 
 
 _PLAIN_LEAVES = (type(None), bool, int, float, str, bytes)
+_PLAIN_LEAF_TYPES = frozenset(_PLAIN_LEAVES)  # what msgpack decodes them to: exactly these types
 
 
 def _check_plain(value: object) -> None:
@@ -213,6 +218,8 @@ def _check_plain(value: object) -> None:
     stack = [value]
     while stack:
         item = stack.pop()
+        if type(item) in _PLAIN_LEAF_TYPES:  # the common case, by one set lookup
+            continue
         if isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, list):

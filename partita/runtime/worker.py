@@ -25,10 +25,10 @@ import gc
 import json
 import math
 import os
-import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,7 @@ import zmq
 from partita.errors import PartitaError, WireError
 from partita.runtime.dataplane import DataPlane, DataSettings
 from partita.runtime.executor import StageExecutor, resolve_device
-from partita.runtime.flow import next_wakeup
+from partita.runtime.flow import next_wakeup, readable
 from partita.runtime.handle import Keypair
 from partita.runtime.handlers import SLOW, ControlHandlers, WorkerIdentity
 from partita.runtime.keys import apply_server, auth_stats, stop_auth
@@ -107,7 +107,8 @@ class Worker:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         self.counters: dict[str, int] = {"malformed": 0, "rejected": 0, "control_errors": 0, "downstream_errors": 0}
-        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # Filled by the compute and job threads, emptied by the I/O thread (deque's append and popleft are atomic).
+        self._events: deque[tuple[str, Any]] = deque()
         capacity = config.memory_bytes if config.memory_bytes is not None else _available_memory(self.device)
         self.executor = StageExecutor(
             self.device,
@@ -197,7 +198,7 @@ class Worker:
 
     def _notify(self, what: str, item: Any) -> None:
         """Called from the compute thread: queue an event and wake the I/O loop."""
-        self._events.put((what, item))
+        self._events.append((what, item))
         self._wake_out.send(_WAKE)
 
     # -- the I/O loop -----------------------------------------------------------------------
@@ -214,9 +215,10 @@ class Worker:
             if self._data in ready:
                 data_plane.on_data()
             if self._wake_in in ready:
-                while self._wake_in.poll(0):
+                while readable(self._wake_in):
                     self._wake_in.recv()
-            self._drain_events()
+            if self._events:
+                self._drain_events()
             data_plane.on_outlinks(ready)
             if self._stop.is_set() and self._finished_draining():
                 return
@@ -233,15 +235,13 @@ class Worker:
         if self._draining_since is None:
             self._draining_since = now
             print(f"partita worker {self.config.name}: draining requests in flight", flush=True)
-        idle = self.executor.pending == 0 and self._events.empty() and self.data_plane.idle()
+        idle = self.executor.pending == 0 and not self._events and self.data_plane.idle()
         return idle or now - self._draining_since > DRAIN_TIMEOUT_S
 
     def _drain_events(self) -> None:
-        while True:
-            try:
-                what, item = self._events.get_nowait()
-            except queue.Empty:
-                return
+        events = self._events
+        while events:
+            what, item = events.popleft()
             if what == "taken":
                 self.data_plane.on_taken(item)
             elif what == "job":
@@ -253,7 +253,7 @@ class Worker:
 
     # -- control plane ----------------------------------------------------------------------
     def _on_control(self) -> None:
-        while self._control.poll(0):
+        while readable(self._control):
             frames = self._control.recv_multipart(copy=False)
             sender = frames[0].bytes
             try:
@@ -313,7 +313,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - a failing job must answer, never take the worker down
                 error = _error(exc)
                 kind, header, tensors = error.KIND, error.header(), ()
-            self._events.put(("job", (sender, kind, {**header, "id": tag}, tuple(tensors))))
+            self._events.append(("job", (sender, kind, {**header, "id": tag}, tuple(tensors))))
             # ZeroMQ sockets are not thread-safe: this thread wakes the I/O loop through its own socket.
             try:
                 wake = self._ctx.socket(zmq.PUSH)
