@@ -99,7 +99,7 @@ def readable(sock: zmq.Socket) -> bool:
     The same answer as `sock.poll(0)`, for less: that builds a Poller on every call, and an event
     loop asks once per message and once more to find its socket empty.
     """
-    return bool(sock.get(zmq.EVENTS) & zmq.POLLIN)
+    return bool(int(sock.get(zmq.EVENTS)) & zmq.POLLIN)  # an int option (pyzmq's stubs allow bytes too)
 
 
 def frames_nbytes(frames: Sequence[Any]) -> int:
