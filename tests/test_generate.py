@@ -19,7 +19,14 @@ from zoo import local_cluster  # noqa: E402
 
 import partita  # noqa: E402
 from partita.cluster import ClusterSpec, DeviceSpec  # noqa: E402
-from partita.errors import ModelRefError, PlanError, RequestError, StageFormatError, StageInputError  # noqa: E402
+from partita.errors import (  # noqa: E402
+    ModelRefError,
+    PlanError,
+    RequestError,
+    StageFormatError,
+    StageInputError,
+    WorkerError,
+)
 from partita.model.decoder import decoder_segments, decoder_spec  # noqa: E402
 from partita.model.decoder_stage import CACHE_MISSING, DecoderStage, decoder_stages  # noqa: E402
 from partita.model.hf import load_hf, save_tiny  # noqa: E402
@@ -240,6 +247,43 @@ def test_decoder_bundles_are_checked_before_loading(gpt2_stage):
         dst.writestr("payload.pkl", b"\x80\x04")
     with pytest.raises(StageFormatError, match="exactly"):
         DecoderStage.from_bytes(extra.getvalue())
+
+
+def test_an_emulated_device_paces_each_decoder_step_by_its_reference_time_at_its_size(gpt2_stage):
+    """Prefill and decode steps take reference / speed on an emulated device, whatever this host's load.
+
+    A decode step at position 4 is paced on the line through the reference points (10, 0.2 s) and
+    (1, 0.02 s): 0.08 s, not the anchor's 0.2 s, nor the few milliseconds it really took here.
+    """
+    import queue
+
+    from partita.runtime.emulation import reference_at
+    from partita.runtime.executor import Done, Job, StageExecutor
+    from partita.runtime.protocol import Load
+
+    steps = {"prefill": ((4.0, 0.12), (2.0, 0.06)), "decode": ((10.0, 0.2), (1.0, 0.02))}
+    assert reference_at(steps["decode"], 10) == 0.2 and reference_at(steps["decode"], 4) == pytest.approx(0.08)
+    assert reference_at(((10.0, 0.2), (1.0, 0.3)), 4) == 0.2  # noisy points: never faster for a larger step
+    sent = Load(3, "0" * 64, None, reference_steps=steps)
+    assert Load.parse(sent.header(), ()).reference_steps == steps
+    with pytest.raises(WorkerError, match="reference steps"):
+        Load.parse({**sent.header(), "reference_steps": {"decode": [[1, -2.0]]}}, ())
+    done: queue.Queue[Done] = queue.Queue()
+    executor = StageExecutor(torch.device("cpu"), capacity_bytes=2**30, on_taken=lambda job: None,
+                             on_done=done.put, speed=0.5, dilation=1.0)
+    executor.load(0, gpt2_stage, memory_bytes=0.0, reference_host_s=None, owner="test", reference_steps=steps)
+    executor.start()
+    try:
+        executor.submit(Job(0, 1, 1, (torch.tensor([[5, 6, 7, 8]]), torch.tensor([200, 0])), b"peer", 0.0))
+        prefill = done.get(timeout=60)
+        token = torch.tensor([[int(prefill.outputs[0].argmax())]])
+        executor.submit(Job(0, 2, 1, (token, torch.tensor([200, 4])), b"peer", 0.0))
+        decode = done.get(timeout=60)
+    finally:
+        executor.stop()
+    assert prefill.error is None and decode.error is None
+    assert prefill.host_s < 0.12 and prefill.device_s >= 0.12 / 0.5  # paced: reference / speed
+    assert 0.08 / 0.5 <= decode.device_s < 0.2 / 0.5
 
 
 # --------------------------------------------------------------------------------- sampling, planning

@@ -103,6 +103,20 @@ class DecoderStage:
         slot[2] = position + tokens
         return y, step
 
+    def step_work(self, tensors: Sequence[torch.Tensor]) -> tuple[str, float] | None:
+        """What a request is, for pacing an emulated device: ("prefill", tokens) or ("decode", position).
+
+        None for input `run` refuses. The worker paces a step by the reference host time of its
+        kind at its size (`partita.runtime.emulation.reference_at`).
+        """
+        if len(tensors) != 2:
+            return None
+        x, step = tensors
+        if step.dtype != torch.int64 or step.shape != (2,) or x.dim() < 2:
+            return None
+        position = int(step[1])
+        return ("prefill", float(x.shape[1])) if position == 0 else ("decode", float(position))
+
     def holds(self, sequence: int) -> int:
         """Positions of `sequence` this stage holds (0: none)."""
         slot = self._slots.get(sequence)

@@ -37,7 +37,8 @@ from typing import Any, ClassVar, cast
 
 import torch
 
-from partita.errors import WorkerError
+from partita.errors import EmulationError, WorkerError
+from partita.runtime.emulation import check_reference_steps
 from partita.runtime.wire import Message
 
 __all__ = [
@@ -140,7 +141,10 @@ class Load(Command):
     when it holds none, nothing is loaded and the reply says `{"missing": true}` (send the bytes
     then). `memory_bytes` is what the plan says the stage needs (weights plus peak activations; 0:
     only its weights count). `reference_host_s` is its calibrated host time, the emulation basis of
-    an emulated worker (None: the worker measures it).
+    an emulated worker (None: the worker measures it). `reference_steps` does the same for a stage
+    whose steps differ in size (a decoder stage): per kind of step ("prefill", "decode"), one or
+    two (size, host seconds) points (`partita.runtime.emulation.reference_at`); it takes
+    precedence over `reference_host_s` for the steps the stage names (`step_work`).
     """
 
     KIND: ClassVar[str] = "load"
@@ -149,10 +153,13 @@ class Load(Command):
     archive: torch.Tensor | None
     memory_bytes: float = 0.0
     reference_host_s: float | None = None
+    reference_steps: Mapping[str, tuple[tuple[float, float], ...]] | None = None
 
     def header(self) -> dict[str, Any]:
+        steps = None if self.reference_steps is None else {
+            kind: [list(point) for point in points] for kind, points in self.reference_steps.items()}
         return {"stage": self.stage, "sha256": self.sha256, "memory_bytes": self.memory_bytes,
-                "reference_host_s": self.reference_host_s}
+                "reference_host_s": self.reference_host_s, "reference_steps": steps}
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return () if self.archive is None else (self.archive,)
@@ -162,9 +169,14 @@ class Load(Command):
         if type(header.get("stage")) is not int or not isinstance(header.get("sha256"), str) or len(tensors) > 1:
             raise WorkerError("load needs integer 'stage', string 'sha256' and at most one archive tensor")
         reference = header.get("reference_host_s")
+        try:
+            steps = check_reference_steps(header.get("reference_steps"))
+        except EmulationError as exc:
+            raise WorkerError(f"load: {exc}") from None
         return cls(header["stage"], header["sha256"], tensors[0] if tensors else None,
                    memory_bytes=float(_number("load", "memory_bytes", header.get("memory_bytes") or 0.0) or 0.0),
-                   reference_host_s=float(reference) if isinstance(reference, int | float) else None)
+                   reference_host_s=float(reference) if isinstance(reference, int | float) else None,
+                   reference_steps=steps)
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,8 @@ class Network:
 
     `links(a, b)` is the emulated setting of link a -> b; `planned` is the cluster the plan assumed
     (for predicted link times); `reference_host_s(device, stage)` is the calibrated host time an
-    emulated device's stage is paced by (None: a real device).
+    emulated device's stage is paced by (None: a real device); `reference_steps(device, stage)` the
+    same per kind of step, for a stage whose steps differ in size (a decoder's prefill and decode).
     """
 
     source: str
@@ -135,6 +136,7 @@ class Network:
     planned: ClusterSpec
     sink: Sink
     reference_host_s: Callable[[str, StagePlan], float | None] = lambda device, stage: None
+    reference_steps: Callable[[str, StagePlan], Mapping[str, Any] | None] = lambda device, stage: None
     cached: Mapping[str, frozenset[str]] = field(default_factory=dict)  # device -> sha256 its archive cache holds
 
 
@@ -171,6 +173,7 @@ class Ship:
     segments: tuple[int, int]
     cached: bool = False
     tile: bool = False  # a tile of a tiled stage (paced by its own measured time when emulated)
+    reference_steps: Mapping[str, Any] | None = None  # per kind of step (a decoder stage), see Network
 
 
 @dataclass(frozen=True)
@@ -279,7 +282,8 @@ def plan_transition(
             if change.action == "load":
                 actions.append(Ship(device, stage.index, stage.program, float(stage.plan.memory_bytes),
                                     network.reference_host_s(device, stage.plan), (stage.plan.start, stage.plan.end),
-                                    cached=stage.program.sha256 in network.cached.get(device, ())))
+                                    cached=stage.program.sha256 in network.cached.get(device, ()),
+                                    reference_steps=network.reference_steps(device, stage.plan)))
     routes, predicted = _routes(target, network)
     last = target.stages[-1]
     actions.append(AuthorizeSink(tuple(k for d in last.devices if (k := network.public_keys.get(d)))))
@@ -405,7 +409,9 @@ class TransitionEngine:
 
     `sink_socket` is the coordinator's result socket (its authorized keys follow the last stage).
     `busy(device)` marks a long control call to the heartbeat, so a device loading a big archive
-    is not taken for dead. `host_segment_s` and `host_speeds` pace emulated devices.
+    is not taken for dead. `host_segment_s` and `host_speeds` pace emulated devices; `host_step_s`
+    (kind -> ((size, host seconds per segment), ...)) paces the steps of stages whose steps differ in
+    size (a decoder's prefill and decode, see `Network.reference_steps`).
 
     `slot` is the deployment's slot on the cluster: stage ids on the wire are offset by it. An
     `exclusive` engine (the only deployment on the cluster) unloads everything a device holds
@@ -420,6 +426,7 @@ class TransitionEngine:
         *,
         planned: ClusterSpec,
         host_segment_s: Sequence[float] | None = None,
+        host_step_s: Mapping[str, Sequence[tuple[float, Sequence[float]]]] | None = None,
         busy: Callable[[str], AbstractContextManager[Any]] | None = None,
         slot: int = 0,
         exclusive: bool = True,
@@ -437,6 +444,7 @@ class TransitionEngine:
         self.shipped_bytes: dict[str, int] = {}  # archive bytes sent to each device by the last `apply`
         self.load_seconds: list[float] = []  # recent loads: seconds besides moving the bytes (switch costs)
         self._host_s = tuple(host_segment_s) if host_segment_s is not None else None
+        self._host_steps = dict(host_step_s) if host_step_s else None
         self._busy = busy or (lambda device: nullcontext())
         self._sink_socket: zmq.Socket | None = None
 
@@ -465,6 +473,13 @@ class TransitionEngine:
                 return None
             return sum(host_s[stage.start:stage.end])
 
+        def reference_steps(device: str, stage: StagePlan) -> dict[str, Any] | None:
+            if self._host_steps is None or device not in speeds:
+                return None
+            return {kind: tuple((float(size), float(sum(per_segment[stage.start:stage.end])))
+                                for size, per_segment in points)
+                    for kind, points in self._host_steps.items()}
+
         return Network(
             source=cluster.spec.source,
             data={name: str(info["data"]) for name, info in infos.items()},
@@ -473,6 +488,7 @@ class TransitionEngine:
             planned=self.planned,
             sink=self.sink,
             reference_host_s=reference,
+            reference_steps=reference_steps,
             cached={device: frozenset(held) for device, held in self.archives.items()},
         )
 
@@ -560,14 +576,16 @@ class TransitionEngine:
         if action.cached:
             started = time.perf_counter()
             reply = client.send(protocol.Load(stage_id, sha, None, memory_bytes=action.memory_bytes,
-                                              reference_host_s=action.reference_host_s), timeout_s=SHIP_TIMEOUT_S)
+                                              reference_host_s=action.reference_host_s,
+                                              reference_steps=action.reference_steps), timeout_s=SHIP_TIMEOUT_S)
             if not (isinstance(reply, protocol.Ok) and reply.fields.get("missing")):
                 self._loaded_in(time.perf_counter() - started)
                 return
         data = action.program.to_bytes()
         started = time.perf_counter()
         client.send(protocol.Load(stage_id, sha, blob_tensor(data), memory_bytes=action.memory_bytes,
-                                  reference_host_s=action.reference_host_s), timeout_s=SHIP_TIMEOUT_S)
+                                  reference_host_s=action.reference_host_s, reference_steps=action.reference_steps),
+                    timeout_s=SHIP_TIMEOUT_S)
         elapsed = time.perf_counter() - started
         self.shipped_bytes[device] = self.shipped_bytes.get(device, 0) + len(data)
         self._cached(device, sha)
