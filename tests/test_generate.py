@@ -286,6 +286,46 @@ def test_an_emulated_device_paces_each_decoder_step_by_its_reference_time_at_its
     assert 0.08 / 0.5 <= decode.device_s < 0.2 / 0.5
 
 
+def test_a_decoder_stage_bundle_carries_each_weight_once(gpt2_stage):
+    """The prefill and decode programs share one copy of the stage's tensors, on the wire and in memory.
+
+    Both archives are hollow (placeholders of one element per tensor); weights.safetensors holds
+    each tensor once, so the tensor bytes in the whole bundle are one copy of the stage's.
+    """
+    import io
+    import re
+    import zipfile
+
+    from safetensors.torch import load, save
+
+    data = gpt2_stage.to_bytes()
+    archive_payload = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as bundle:
+        for name in ("prefill.pt2", "decode.pt2"):
+            with zipfile.ZipFile(io.BytesIO(bundle.read(name))) as archive:
+                archive_payload += sum(i.file_size for i in archive.infolist()
+                                       if re.search(r"/data/(weights/weight|constants/tensor)_\d+$", i.filename))
+        stored = load(bundle.read("weights.safetensors")) if "weights.safetensors" in bundle.namelist() else {}
+        parts = {name: bundle.read(name) for name in bundle.namelist()}
+    programs = (gpt2_stage.prefill.exported_program, gpt2_stage.decode.exported_program)
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for ep in programs
+            for t in (*ep.state_dict.values(), *ep.constants.values()) if isinstance(t, torch.Tensor)}
+    one_copy = sum(held.values())
+    assert one_copy >= gpt2_stage.prefill.param_bytes > 100_000
+    stored_bytes = sum(t.numel() * t.element_size() for t in stored.values())
+    assert archive_payload + stored_bytes < one_copy + 1024  # not one copy per program
+    assert stored_bytes == one_copy and archive_payload < 1024  # the archives hold one-element placeholders
+    prefill, decode = (dict(ep.state_dict) for ep in programs)
+    assert prefill.keys() == decode.keys()
+    assert all(prefill[k].data_ptr() == decode[k].data_ptr() for k in prefill)  # one copy in memory too
+    lacking = io.BytesIO()
+    with zipfile.ZipFile(lacking, "w") as dst:
+        for name, content in parts.items():
+            dst.writestr(name, save({}) if name == "weights.safetensors" else content)
+    with pytest.raises(StageFormatError, match="lacks"):
+        DecoderStage.from_bytes(lacking.getvalue())
+
+
 # --------------------------------------------------------------------------------- sampling, planning
 
 def test_sampling_is_greedy_at_zero_temperature_and_reproducible_with_a_seed():
