@@ -427,6 +427,11 @@ def test_an_hf_reference_that_is_not_a_model_directory_is_one_clear_error(tmp_pa
         load_hf(f"hf:{tmp_path / 'missing'}")
     with pytest.raises(ModelRefError, match="config.json"):
         load_hf(f"hf:{tmp_path}")
+    with pytest.raises(ModelRefError, match="not a file"):
+        load_hf(f"hf:{tmp_path / 'missing.gguf'}")
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(ModelRefError, match="cannot load model"):
+        load_hf(f"hf:{tmp_path / 'broken.gguf'}")
 
 
 
