@@ -310,8 +310,7 @@ class StageExecutor:
         if loaded.reference_steps:
             work = getattr(loaded.program, "step_work", None)
             step = work(tensors) if work is not None else None
-            points = loaded.reference_steps.get(step[0]) if step is not None else None
-            if points:
+            if step is not None and (points := loaded.reference_steps.get(step[0])):
                 return reference_at(points, step[1])
         return loaded.reference_host_s if loaded.reference_host_s is not None else measured_s
 

@@ -445,8 +445,10 @@ def calibrated(programs: Sequence[Any], decode_s: Sequence[float], prefill_s: Se
                     small[layer] = times[layer] * measured_small / measured if measured > 0 else measured_small / n
     finally:
         torch.set_num_threads(previous)
-    steps = {"decode": ((float(past), tuple(decode_out)), (1.0, tuple(decode_small))),
-             "prefill": ((float(prompt_tokens), tuple(prefill_out)), (float(small_prompt), tuple(prefill_small)))}
+    steps: dict[str, tuple[tuple[float, tuple[float, ...]], ...]] = {
+        "decode": ((float(past), tuple(decode_out)), (1.0, tuple(decode_small))),
+        "prefill": ((float(prompt_tokens), tuple(prefill_out)), (float(small_prompt), tuple(prefill_small))),
+    }
     return tuple(decode_out), tuple(prefill_out), steps
 
 
