@@ -326,6 +326,26 @@ def test_a_decoder_stage_bundle_carries_each_weight_once(gpt2_stage):
         DecoderStage.from_bytes(lacking.getvalue())
 
 
+def test_an_archive_larger_than_a_frame_travels_in_frames_within_the_limit(monkeypatch):
+    """A stage of a large model (SmolLM2-135M whole: 519 MiB) is more than one 512 MiB frame: it goes in several."""
+    from partita.runtime import protocol
+    from partita.runtime.wire import Limits, WireError, blob_bytes, blob_tensor, decode, encode
+
+    monkeypatch.setattr(protocol, "ARCHIVE_FRAME_BYTES", 1000)
+    data = bytes(range(256)) * 10  # 2560 bytes: three frames of at most 1000
+    limits = Limits(max_frame_bytes=1000)
+    for command in (protocol.Load(0, "0" * 64, blob_tensor(data)), protocol.Stash("0" * 64, blob_tensor(data))):
+        frames = encode(command.KIND, command.header(), command.tensors())
+        assert len(frames) == 4
+        received = protocol.command_from(decode([bytearray(f) for f in frames], limits=limits))
+        assert blob_bytes(received.archive) == data
+    with pytest.raises(WireError, match="limit"):  # one frame over the limit is still refused
+        decode([bytearray(f) for f in encode("load", {"stage": 0, "sha256": "0" * 64}, (blob_tensor(data),))],
+               limits=limits)
+    with pytest.raises(WorkerError, match="uint8"):
+        protocol.Load.parse({"stage": 0, "sha256": "0" * 64}, (blob_tensor(data), torch.zeros(3)))
+
+
 # --------------------------------------------------------------------------------- sampling, planning
 
 def test_sampling_is_greedy_at_zero_temperature_and_reproducible_with_a_seed():
