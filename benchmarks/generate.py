@@ -73,8 +73,9 @@ def prompts(tokenizer, count: int) -> list[list[int]]:
 
 
 def reference(lm, prompt: list[int], tokens: int) -> list[int]:
+    """transformers' greedy tokens, ending at the model's EOS as partita's sequences do (EOS included)."""
     with torch.no_grad():
-        out = lm.model.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False, eos_token_id=None)
+        out = lm.model.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False)
     return out[0, len(prompt):].tolist()
 
 
