@@ -19,7 +19,14 @@ from zoo import local_cluster  # noqa: E402
 
 import partita  # noqa: E402
 from partita.cluster import ClusterSpec, DeviceSpec  # noqa: E402
-from partita.errors import ModelRefError, PlanError, RequestError, StageFormatError, StageInputError  # noqa: E402
+from partita.errors import (  # noqa: E402
+    ModelRefError,
+    PlanError,
+    RequestError,
+    StageFormatError,
+    StageInputError,
+    WorkerError,
+)
 from partita.model.decoder import decoder_segments, decoder_spec  # noqa: E402
 from partita.model.decoder_stage import CACHE_MISSING, DecoderStage, decoder_stages  # noqa: E402
 from partita.model.hf import load_hf, save_tiny  # noqa: E402
@@ -242,6 +249,104 @@ def test_decoder_bundles_are_checked_before_loading(gpt2_stage):
         DecoderStage.from_bytes(extra.getvalue())
 
 
+def test_an_emulated_device_paces_each_decoder_step_by_its_reference_time_at_its_size(gpt2_stage):
+    """Prefill and decode steps take reference / speed on an emulated device, whatever this host's load.
+
+    A decode step at position 4 is paced on the line through the reference points (10, 0.2 s) and
+    (1, 0.02 s): 0.08 s, not the anchor's 0.2 s, nor the few milliseconds it really took here.
+    """
+    import queue
+
+    from partita.runtime.emulation import reference_at
+    from partita.runtime.executor import Done, Job, StageExecutor
+    from partita.runtime.protocol import Load
+
+    steps = {"prefill": ((4.0, 0.12), (2.0, 0.06)), "decode": ((10.0, 0.2), (1.0, 0.02))}
+    assert reference_at(steps["decode"], 10) == 0.2 and reference_at(steps["decode"], 4) == pytest.approx(0.08)
+    assert reference_at(((10.0, 0.2), (1.0, 0.3)), 4) == 0.2  # noisy points: never faster for a larger step
+    sent = Load(3, "0" * 64, None, reference_steps=steps)
+    assert Load.parse(sent.header(), ()).reference_steps == steps
+    with pytest.raises(WorkerError, match="reference steps"):
+        Load.parse({**sent.header(), "reference_steps": {"decode": [[1, -2.0]]}}, ())
+    done: queue.Queue[Done] = queue.Queue()
+    executor = StageExecutor(torch.device("cpu"), capacity_bytes=2**30, on_taken=lambda job: None,
+                             on_done=done.put, speed=0.5, dilation=1.0)
+    executor.load(0, gpt2_stage, memory_bytes=0.0, reference_host_s=None, owner="test", reference_steps=steps)
+    executor.start()
+    try:
+        executor.submit(Job(0, 1, 1, (torch.tensor([[5, 6, 7, 8]]), torch.tensor([200, 0])), b"peer", 0.0))
+        prefill = done.get(timeout=60)
+        token = torch.tensor([[int(prefill.outputs[0].argmax())]])
+        executor.submit(Job(0, 2, 1, (token, torch.tensor([200, 4])), b"peer", 0.0))
+        decode = done.get(timeout=60)
+    finally:
+        executor.stop()
+    assert prefill.error is None and decode.error is None
+    assert prefill.host_s < 0.12 and prefill.device_s >= 0.12 / 0.5  # paced: reference / speed
+    assert 0.08 / 0.5 <= decode.device_s < 0.2 / 0.5
+
+
+def test_a_decoder_stage_bundle_carries_each_weight_once(gpt2_stage):
+    """The prefill and decode programs share one copy of the stage's tensors, on the wire and in memory.
+
+    Both archives are hollow (placeholders of one element per tensor); weights.safetensors holds
+    each tensor once, so the tensor bytes in the whole bundle are one copy of the stage's.
+    """
+    import io
+    import re
+    import zipfile
+
+    from safetensors.torch import load, save
+
+    data = gpt2_stage.to_bytes()
+    archive_payload = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as bundle:
+        for name in ("prefill.pt2", "decode.pt2"):
+            with zipfile.ZipFile(io.BytesIO(bundle.read(name))) as archive:
+                archive_payload += sum(i.file_size for i in archive.infolist()
+                                       if re.search(r"/data/(weights/weight|constants/tensor)_\d+$", i.filename))
+        stored = load(bundle.read("weights.safetensors")) if "weights.safetensors" in bundle.namelist() else {}
+        parts = {name: bundle.read(name) for name in bundle.namelist()}
+    programs = (gpt2_stage.prefill.exported_program, gpt2_stage.decode.exported_program)
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for ep in programs
+            for t in (*ep.state_dict.values(), *ep.constants.values()) if isinstance(t, torch.Tensor)}
+    one_copy = sum(held.values())
+    assert one_copy >= gpt2_stage.prefill.param_bytes > 100_000
+    stored_bytes = sum(t.numel() * t.element_size() for t in stored.values())
+    assert archive_payload + stored_bytes < one_copy + 1024  # not one copy per program
+    assert stored_bytes == one_copy and archive_payload < 1024  # the archives hold one-element placeholders
+    prefill, decode = (dict(ep.state_dict) for ep in programs)
+    assert prefill.keys() == decode.keys()
+    assert all(prefill[k].data_ptr() == decode[k].data_ptr() for k in prefill)  # one copy in memory too
+    lacking = io.BytesIO()
+    with zipfile.ZipFile(lacking, "w") as dst:
+        for name, content in parts.items():
+            dst.writestr(name, save({}) if name == "weights.safetensors" else content)
+    with pytest.raises(StageFormatError, match="lacks"):
+        DecoderStage.from_bytes(lacking.getvalue())
+
+
+def test_an_archive_larger_than_a_frame_travels_in_frames_within_the_limit(monkeypatch):
+    """A stage of a large model (SmolLM2-135M whole: 519 MiB) is more than one 512 MiB frame: it goes in several."""
+    from partita.runtime import protocol
+    from partita.runtime.protocol import commands
+    from partita.runtime.wire import Limits, WireError, blob_bytes, blob_tensor, decode, encode
+
+    monkeypatch.setattr(commands, "ARCHIVE_FRAME_BYTES", 1000)
+    data = bytes(range(256)) * 10  # 2560 bytes: three frames of at most 1000
+    limits = Limits(max_frame_bytes=1000)
+    for command in (protocol.Load(0, "0" * 64, blob_tensor(data)), protocol.Stash("0" * 64, blob_tensor(data))):
+        frames = encode(command.KIND, command.header(), command.tensors())
+        assert len(frames) == 4
+        received = protocol.command_from(decode([bytearray(f) for f in frames], limits=limits))
+        assert blob_bytes(received.archive) == data
+    with pytest.raises(WireError, match="limit"):  # one frame over the limit is still refused
+        decode([bytearray(f) for f in encode("load", {"stage": 0, "sha256": "0" * 64}, (blob_tensor(data),))],
+               limits=limits)
+    with pytest.raises(WorkerError, match="uint8"):
+        protocol.Load.parse({"stage": 0, "sha256": "0" * 64}, (blob_tensor(data), torch.zeros(3)))
+
+
 # --------------------------------------------------------------------------------- sampling, planning
 
 def test_sampling_is_greedy_at_zero_temperature_and_reproducible_with_a_seed():
@@ -343,6 +448,11 @@ def test_an_hf_reference_that_is_not_a_model_directory_is_one_clear_error(tmp_pa
         load_hf(f"hf:{tmp_path / 'missing'}")
     with pytest.raises(ModelRefError, match="config.json"):
         load_hf(f"hf:{tmp_path}")
+    with pytest.raises(ModelRefError, match="not a file"):
+        load_hf(f"hf:{tmp_path / 'missing.gguf'}")
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(ModelRefError, match="cannot load model"):
+        load_hf(f"hf:{tmp_path / 'broken.gguf'}")
 
 
 

@@ -1,6 +1,7 @@
 """`partita generate MODEL --cluster FILE --prompt TEXT`: generate text with a decoder split across the cluster.
 
-MODEL is `hf:PATH`, a local Hugging Face model directory (needs `partita[llm]`). Devices of the
+MODEL is `hf:PATH`, a local Hugging Face model directory (needs `partita[llm]`), or `hf:FILE.gguf`
+(needs `partita[gguf]`). Devices of the
 cluster file with an `address` are real workers; the others are emulated here (a LocalCluster).
 Tokens are printed as they come; `--json` prints one object instead:
 `{token_ids, text, plan, ttft_s, per_token_s, tokens_per_s}` (token_ids: the new tokens only;
@@ -18,7 +19,7 @@ import typer
 
 
 def generate(
-    model: Annotated[str, typer.Argument(help="hf:PATH, a local Hugging Face causal LM directory.")],
+    model: Annotated[str, typer.Argument(help="hf:PATH, a local Hugging Face causal LM directory (or hf:FILE.gguf).")],
     cluster: Annotated[Path, typer.Option("--cluster", help="Cluster file (YAML).")],
     prompt: Annotated[str, typer.Option("--prompt", help="The text to continue.")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="New tokens at most.")] = 64,

@@ -14,8 +14,12 @@ and the coordinator rebuilds the sequence by prefill. The reply is `(y, step)`: 
 input (logits [1, 1, vocab] from the last stage) and the same step.
 
 On the wire a decoder stage is one stored zip (`to_bytes`) holding its two stage archives
-(`prefill.pt2`, `decode.pt2`, each checked by `archive.check` before torch.export.load reads it)
-and `partita_decoder.json`; `load_stage_archive` tells it from a plain stage archive.
+(`prefill.pt2`, `decode.pt2`, each checked by `archive.check` before torch.export.load reads it),
+the stage's tensors once (`weights.safetensors`: raw tensors under a JSON header, no pickle) and
+`partita_decoder.json`; `load_stage_archive` tells it from a plain stage archive. The two programs
+use the same weights, so both archives are hollow (`StageProgram.hollow_bytes`: each tensor a
+one-element placeholder) and `partita_decoder.json` maps each program's tensors to their entry
+in `weights.safetensors`: a stage ships (and holds in memory) one copy of its weights.
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ from partita.model.decoder import DecoderSpec, decoder_segments, split_decoder
 from partita.model.stage import StageProgram, TensorSpec
 
 BUNDLE_FILE = "partita_decoder.json"
-_ENTRIES = {"prefill.pt2", "decode.pt2", BUNDLE_FILE}
+WEIGHTS_FILE = "weights.safetensors"
+_ENTRIES = {"prefill.pt2", "decode.pt2", WEIGHTS_FILE, BUNDLE_FILE}
+_PROGRAMS = ("prefill", "decode")
 CACHE_MISSING = "kv-cache-missing"
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
 
 
 class DecoderStage:
@@ -103,6 +109,20 @@ class DecoderStage:
         slot[2] = position + tokens
         return y, step
 
+    def step_work(self, tensors: Sequence[torch.Tensor]) -> tuple[str, float] | None:
+        """What a request is, for pacing an emulated device: ("prefill", tokens) or ("decode", position).
+
+        None for input `run` refuses. The worker paces a step by the reference host time of its
+        kind at its size (`partita.runtime.emulation.reference_at`).
+        """
+        if len(tensors) != 2:
+            return None
+        x, step = tensors
+        if step.dtype != torch.int64 or step.shape != (2,) or x.dim() < 2:
+            return None
+        position = int(step[1])
+        return ("prefill", float(x.shape[1])) if position == 0 else ("decode", float(position))
+
     def holds(self, sequence: int) -> int:
         """Positions of `sequence` this stage holds (0: none)."""
         slot = self._slots.get(sequence)
@@ -145,12 +165,14 @@ class DecoderStage:
 
     def to_bytes(self) -> bytes:
         if self._data is None:
+            archives, weights, names = _hollow_programs((self.prefill, self.decode))
             meta = {"format": BUNDLE_FORMAT, "index": self.index, "sequences": self.sequences,
-                    "spec": self.spec.to_json()}
+                    "spec": self.spec.to_json(), "tensors": names}
             buffer = io.BytesIO()
             with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as bundle:
-                bundle.writestr("prefill.pt2", self.prefill.to_bytes())
-                bundle.writestr("decode.pt2", self.decode.to_bytes())
+                for program, archive_bytes in zip(_PROGRAMS, archives, strict=True):
+                    bundle.writestr(f"{program}.pt2", archive_bytes)
+                bundle.writestr(WEIGHTS_FILE, weights)
                 bundle.writestr(BUNDLE_FILE, json.dumps(meta))
             self._data = buffer.getvalue()
         return self._data
@@ -164,17 +186,26 @@ class DecoderStage:
         parts = _bundle_parts(data)
         try:
             meta = json.loads(parts[BUNDLE_FILE])
-            spec = DecoderSpec.from_json(meta["spec"])
-            index, sequences = int(meta["index"]), int(meta["sequences"])
             if meta.get("format") != BUNDLE_FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, this partita reads {BUNDLE_FORMAT}")
-        except (ValueError, KeyError, TypeError) as exc:
+            spec = DecoderSpec.from_json(meta["spec"])
+            index, sequences = int(meta["index"]), int(meta["sequences"])
+            names = {program: dict(meta["tensors"][program]) for program in _PROGRAMS}
+            if not all(isinstance(k, str) and isinstance(v, str) for m in names.values() for k, v in m.items()):
+                raise ValueError("tensor names must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StageFormatError(f"malformed {BUNDLE_FILE} in decoder stage archive: {exc}") from exc
-        prefill = StageProgram.from_bytes(parts["prefill.pt2"])
-        decode = StageProgram.from_bytes(parts["decode.pt2"])
+        stored = _load_weights(parts[WEIGHTS_FILE])
+        programs = []
+        for program in _PROGRAMS:
+            missing = sorted(entry for entry in names[program].values() if entry not in stored)
+            if missing:
+                raise StageFormatError(f"decoder stage archive: {WEIGHTS_FILE} lacks {missing[:3]} ({program})")
+            tensors = {name: stored[entry] for name, entry in names[program].items()}
+            programs.append(StageProgram.from_bytes(parts[f"{program}.pt2"], tensors=tensors))
+        prefill, decode = programs
         if (prefill.start, prefill.end) != (decode.start, decode.end):
             raise StageFormatError("decoder stage archive: prefill and decode programs hold different layers")
-        _share_weights(prefill, decode)
         return cls(prefill, decode, spec, index=index, sequences=sequences, data=data)
 
 
@@ -206,14 +237,54 @@ def _bundle_parts(data: bytes) -> dict[str, bytes]:
         raise StageFormatError(f"not a decoder stage archive: {exc}") from exc
 
 
-def _share_weights(prefill: StageProgram, decode: StageProgram) -> None:
-    """Let the decode program use the prefill program's weights (same names, equal values): one copy in memory."""
-    own, other = prefill.exported_program.state_dict, decode.exported_program.state_dict
-    for name, tensor in list(other.items()):
-        mine = own.get(name)
-        if isinstance(mine, torch.Tensor) and mine.shape == tensor.shape and mine.dtype == tensor.dtype \
-                and torch.equal(mine, tensor):
-            other[name] = mine
+def _hollow_programs(programs: Sequence[StageProgram]) -> tuple[list[bytes], bytes, dict[str, dict[str, str]]]:
+    """Each program's hollow archive, their tensors once (safetensors bytes), and each program's name -> entry.
+
+    A tensor is stored once when it is the same view of the same memory as one stored before (tied
+    weights, and the two programs' weights, which come from one module), or equal to the tensor of
+    the same name in an earlier program.
+    """
+    from safetensors.torch import save
+
+    archives: list[bytes] = []
+    stored: dict[str, torch.Tensor] = {}
+    by_view: dict[tuple[Any, ...], str] = {}
+    by_name: dict[str, str] = {}
+    names: dict[str, dict[str, str]] = {}
+    storages: set[int] = set()
+    for program, label in zip(programs, _PROGRAMS, strict=True):
+        archive_bytes, tensors = program.hollow_bytes()
+        archives.append(archive_bytes)
+        mapping = names[label] = {}
+        for name, tensor in tensors.items():
+            t = tensor.detach()
+            view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            entry = by_view.get(view)
+            if entry is None and name in by_name:
+                earlier = stored[by_name[name]]
+                if earlier.shape == t.shape and earlier.dtype == t.dtype and torch.equal(earlier, t):
+                    entry = by_name[name]
+            if entry is None:
+                entry = f"t{len(stored)}"
+                kept = t.contiguous()
+                if kept.untyped_storage().data_ptr() in storages:  # safetensors stores no two views of one memory
+                    kept = kept.clone()
+                storages.add(kept.untyped_storage().data_ptr())
+                stored[entry] = kept
+            by_view.setdefault(view, entry)
+            by_name.setdefault(name, entry)
+            mapping[name] = entry
+    return archives, save(stored), names
+
+
+def _load_weights(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a bundle's weights.safetensors (raw tensors: no pickle); StageFormatError when malformed."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as exc:  # safetensors raises its own error types for a bad header or size
+        raise StageFormatError(f"decoder stage archive's {WEIGHTS_FILE} is malformed: {type(exc).__name__}: {exc}") from exc
 
 
 def decoder_stages(model: Any, spec: DecoderSpec, bounds: Sequence[tuple[int, int]], *,

@@ -1,8 +1,10 @@
 """`hf:PATH` model references: a local Hugging Face causal language model directory.
 
 The directory holds what `save_pretrained` writes: `config.json`, the weights (`*.safetensors`)
-and the tokenizer files. Loading never downloads (this runs with the hub switched off), and needs
-the optional extra `partita[llm]` (transformers).
+and the tokenizer files. `hf:FILE.gguf` loads a GGUF file instead (weights, config and tokenizer
+in one file, dequantised by transformers to float32; needs the extra `partita[gguf]`). Loading
+never downloads (this runs with the hub switched off), and needs the optional extra
+`partita[llm]` (transformers).
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ def _transformers() -> Any:
 
 
 def load_hf(ref: str) -> CausalLM:
-    """Load `hf:PATH` (a local directory) as a causal LM with its tokenizer; ModelRefError on any problem."""
+    """Load `hf:PATH` (a local directory, or a .gguf file) as a causal LM with its tokenizer; ModelRefError on any problem."""
     path = Path(ref.strip().removeprefix(PREFIX)).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return _load_gguf(ref, path)
     if not path.is_dir():
         raise ModelRefError(f"cannot load model {ref!r}: {path} is not a directory (hf:PATH names a local "
                             "Hugging Face model directory with config.json, weights and tokenizer)")
@@ -62,6 +66,25 @@ def load_hf(ref: str) -> CausalLM:
     except Exception as exc:  # as above
         raise ModelRefError(f"cannot load the tokenizer of {ref!r}: {type(exc).__name__}: {exc}") from exc
     return CausalLM(path.name, model.eval(), tokenizer)
+
+
+def _load_gguf(ref: str, path: Path) -> CausalLM:
+    """`hf:FILE.gguf`: transformers reads the model, its config and its tokenizer from the one file."""
+    if not path.is_file():
+        raise ModelRefError(f"cannot load model {ref!r}: {path} is not a file")
+    transformers = _transformers()
+    try:
+        import gguf  # noqa: F401 - transformers needs it to read the file; say so in one line
+    except ImportError as exc:
+        raise ModelRefError("hf:FILE.gguf needs the gguf package: pip install 'partita[gguf]'") from exc
+    where = {"gguf_file": path.name, "local_files_only": True}
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, attn_implementation="sdpa", **where)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **where)
+    except Exception as exc:  # transformers raises many types for a file it cannot read
+        raise ModelRefError(f"cannot load model {ref!r}: {type(exc).__name__}: {exc}") from exc
+    model.hf_quantizer = None  # dequantised on load: what remains is a plain float model
+    return CausalLM(path.stem, model.eval(), tokenizer)
 
 
 def _tokenizer_class(transformers: Any, path: Path) -> Any:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,11 +213,36 @@ class StageProgram:
             self._data = buffer.getvalue()
         return self._data
 
+    def hollow_bytes(self) -> tuple[bytes, dict[str, torch.Tensor]]:
+        """The archive without its tensors' data, and those tensors: ("state/NAME" | "constant/NAME") -> tensor.
+
+        Every weight, buffer and tensor constant is written as a placeholder of its shape and dtype
+        that holds one element, so the archive is a few kilobytes whatever the stage's size.
+        `from_bytes(archive, tensors=...)` puts the tensors back. Programs that share weights (a
+        decoder stage's prefill and decode) ship them once this way (`partita.model.decoder_stage`).
+        """
+        exported = _shippable(self._exported)
+        exported._state_dict = {name: _placeholder(t) for name, t in exported.state_dict.items()}  # noqa: SLF001
+        exported._constants = {  # noqa: SLF001 - the clone's own dict; the program keeps its constants
+            name: _placeholder(t) if isinstance(t, torch.Tensor) else t for name, t in exported.constants.items()
+        }
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():  # torch warns that a placeholder does not cover its storage: by design
+            warnings.filterwarnings("ignore", message="No complete tensor found")
+            torch.export.save(exported, buffer, extra_files={METADATA_FILE: json.dumps(self.metadata())})
+        tensors = {f"state/{name}": t for name, t in self._exported.state_dict.items()}
+        tensors.update({f"constant/{name}": t for name, t in self._exported.constants.items()
+                        if isinstance(t, torch.Tensor)})
+        return buffer.getvalue(), tensors
+
     @classmethod
-    def from_bytes(cls, data: bytes, *, expected_sha256: str | None = None) -> StageProgram:
+    def from_bytes(cls, data: bytes, *, expected_sha256: str | None = None,
+                   tensors: Mapping[str, torch.Tensor] | None = None) -> StageProgram:
         """Load a stage archive; StageFormatError on any problem, before anything is unpickled.
 
-        expected_sha256: hex digest the bytes must have (None skips the check).
+        expected_sha256: hex digest the bytes must have (None skips the check). tensors: the data
+        of a hollow archive (`hollow_bytes`): every weight, buffer and tensor constant must be
+        given, with the placeholder's shape and dtype.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise StageFormatError(f"a stage archive is bytes, got {type(data).__name__}")
@@ -235,6 +261,8 @@ class StageProgram:
         except Exception as exc:  # any failure inside torch.export.load means the archive is unusable
             raise StageFormatError(f"stage archive does not load: {type(exc).__name__}: {exc}") from exc
         meta = _parse_metadata(extra.get(METADATA_FILE))
+        if tensors is not None:
+            _fill(exported, tensors)
         signature = exported.graph_signature
         if len(signature.user_inputs) != len(meta["inputs"]) or len(signature.user_outputs) != len(
             meta["outputs"]
@@ -296,6 +324,31 @@ def _shippable(exported: torch.export.ExportedProgram) -> torch.export.ExportedP
     clone._example_inputs = None  # noqa: SLF001 - torch keeps these private; the loader must not see them
     clone._guards_code = []  # noqa: SLF001 - as above
     return clone
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    """One element of `t`'s dtype seen as `t`'s shape (stride 0): what a hollow archive stores for `t`."""
+    hollow = torch.zeros((), dtype=t.dtype).expand(t.shape)
+    return torch.nn.Parameter(hollow, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else hollow
+
+
+def _fill(exported: torch.export.ExportedProgram, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put a hollow archive's tensors in place; StageFormatError when one is missing or of another shape/dtype."""
+    for kind, held in (("state", exported.state_dict), ("constant", exported.constants)):
+        for name, placeholder in list(held.items()):
+            if not isinstance(placeholder, torch.Tensor):
+                continue
+            given = tensors.get(f"{kind}/{name}")
+            if not isinstance(given, torch.Tensor):
+                raise StageFormatError(f"stage archive's {kind} tensor {name!r} has no data in the bundle")
+            if given.shape != placeholder.shape or given.dtype != placeholder.dtype:
+                raise StageFormatError(
+                    f"stage archive's {kind} tensor {name!r} is {dtype_name(placeholder.dtype)}"
+                    f"{list(placeholder.shape)}, its data {dtype_name(given.dtype)}{list(given.shape)}"
+                )
+            if isinstance(placeholder, torch.nn.Parameter) and not isinstance(given, torch.nn.Parameter):
+                given = torch.nn.Parameter(given, requires_grad=placeholder.requires_grad)
+            held[name] = given
 
 
 def _state_bytes(exported: torch.export.ExportedProgram) -> int:

@@ -171,7 +171,8 @@ def launch(
         session.hello()
         results, sink = _open_sink(session, deployment)
         engine = TransitionEngine(session, sink, planned=prepared.measurements.cluster_spec(cluster.spec),
-                                  host_segment_s=prepared.measurements.host_segment_s, slot=slot,
+                                  host_segment_s=prepared.measurements.host_segment_s,
+                                  host_step_s=prepared.measurements.host_step_s, slot=slot,
                                   exclusive=slot == 0 and len(cluster.pipelines) == 0)
         engine.attach_sink(results)
         with clock("ship_s"):

@@ -241,7 +241,7 @@ class DataPlane:
             return
         arrived_at = time.time()
         job = Job(header["s"], header["r"], header["e"], tensors, sender, time.monotonic())
-        if self._executor.can_run_now(job.stage):  # a short stage: no hand-off to the compute thread and back
+        if self._executor.can_run_now(job.stage, job.tensors):  # a short stage: no hand-off to the compute thread and back
             # Its result leaves first; its credit goes back with others (`_return_credits`).
             self.on_done(self._executor.run_now(job))
             self._credits_due[sender] = self._credits_due.get(sender, 0) + 1

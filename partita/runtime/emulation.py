@@ -16,6 +16,8 @@ converts for reporting.
   ``host_s / speed`` device seconds, i.e. ``host_s / speed * k`` real seconds. When the host is
   slower than that target even under dilation, it cannot wait a negative time: it reports the
   shortfall instead of hiding it.
+- `reference_at`: the reference host time of a step whose work grows with its size (a decoder
+  stage's prefill of T tokens, or decode step at position p), from points measured once at deploy.
 
 Both are thread-safe and can be changed while they run (`.set(...)`); a change applies to the
 messages and computations that start after it.
@@ -26,8 +28,9 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from partita.errors import EmulationError
 
@@ -35,6 +38,48 @@ from partita.errors import EmulationError
 def device_time(real_s: float, dilation: float) -> float:
     """Real seconds measured under dilation k, as device seconds (real / k)."""
     return real_s / dilation
+
+
+def reference_at(points: Sequence[Sequence[float]], x: float) -> float:
+    """The reference host seconds of a step of size `x`, from measured `(size, seconds)` points.
+
+    The first point is the anchor (the size the cost model's prediction is made at: it gets exactly
+    its measured time); a second point gives the slope of a line through the anchor, clamped at 0
+    so that a larger step never takes less time (two noisy measurements can disagree). One point:
+    its time at every size. Never negative.
+    """
+    anchor_x, anchor_s = float(points[0][0]), float(points[0][1])
+    if len(points) < 2 or float(points[1][0]) == anchor_x:
+        return max(0.0, anchor_s)
+    other_x, other_s = float(points[1][0]), float(points[1][1])
+    slope = max(0.0, (other_s - anchor_s) / (other_x - anchor_x))
+    return max(0.0, anchor_s + slope * (x - anchor_x))
+
+
+def check_reference_steps(value: Any) -> dict[str, tuple[tuple[float, float], ...]] | None:
+    """`value` as reference step points ({kind: ((size, seconds), ...)}, 1 or 2 points a kind), or None.
+
+    EmulationError when it is not of that shape (sizes and seconds finite and >= 0).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value:
+        raise EmulationError(f"reference steps must be a mapping of kind to points, got {type(value).__name__}")
+    out: dict[str, tuple[tuple[float, float], ...]] = {}
+    for kind, points in value.items():
+        ok = isinstance(kind, str) and isinstance(points, list | tuple) and 1 <= len(points) <= 2
+        pairs = []
+        for point in points if ok else ():
+            numbers = isinstance(point, list | tuple) and len(point) == 2 and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in point)
+            if not numbers:
+                ok = False
+                break
+            pairs.append((float(point[0]), float(point[1])))
+        if not ok:
+            raise EmulationError(f"reference steps of {kind!r} must be 1 or 2 (size, seconds) pairs of numbers >= 0")
+        out[kind] = tuple(pairs)
+    return out
 
 
 def _check_dilation(dilation: float) -> float:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from partita.errors import WorkerError
+from partita.runtime.emulation import reference_at
 
 _STOP = object()
 #: A job runs in the I/O thread (no hand-off) when its stage's recent host time is at most this (seconds).
@@ -115,11 +116,16 @@ class StageStats:
 
 @dataclass
 class LoadedStage:
-    """A stage program on this worker. `reference_host_s`: its calibrated host time (emulation basis)."""
+    """A stage program on this worker. `reference_host_s`: its calibrated host time (emulation basis).
+
+    `reference_steps`: per kind of step, the points its reference host time is taken from (a
+    decoder stage, whose prefill and decode steps differ in size; see `StageExecutor`).
+    """
 
     program: Any
     memory_bytes: float
     reference_host_s: float | None
+    reference_steps: Mapping[str, Any] | None = None
     stats: StageStats = field(default_factory=StageStats)
     warmed: bool = False
     recent_runs: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT_RUNS))  # host seconds
@@ -143,7 +149,10 @@ class StageExecutor:
 
     `speed` None means no emulation: device time is real time. With emulation, a stage that takes
     `h` host seconds (its `reference_host_s` if given, else the measured time) is made to take
-    `h / speed * dilation` real seconds, by sleeping the difference.
+    `h / speed * dilation` real seconds, by sleeping the difference. A stage whose steps differ in
+    size says what a job is (`program.step_work(tensors)` -> (kind, size), e.g. ("decode", position))
+    and, with `reference_steps` of that kind, `h` is the reference at that size (`reference_at`):
+    so the emulated time follows the calibrated reference, not the momentary load of this host.
     """
 
     def __init__(
@@ -179,7 +188,8 @@ class StageExecutor:
         with self._lock:
             return sum(s.memory_bytes for k, s in self._stages.items() if k != excluding)
 
-    def load(self, index: int, program: Any, *, memory_bytes: float, reference_host_s: float | None, owner: str) -> None:
+    def load(self, index: int, program: Any, *, memory_bytes: float, reference_host_s: float | None, owner: str,
+             reference_steps: Mapping[str, Any] | None = None) -> None:
         """Install stage `index` (replacing one with the same index), or refuse if it does not fit."""
         need = max(float(memory_bytes), float(getattr(program, "param_bytes", 0)))
         used = self.used_bytes(excluding=index)
@@ -198,7 +208,8 @@ class StageExecutor:
             program = program.to(self.device)
         warmed_s = self._warm_up(program)
         with self._lock:
-            self._stages[index] = loaded = LoadedStage(program, need, reference_host_s, warmed=warmed_s is not None)
+            self._stages[index] = loaded = LoadedStage(program, need, reference_host_s, reference_steps,
+                                                       warmed=warmed_s is not None)
             if warmed_s is not None:
                 loaded.record_run(warmed_s)
 
@@ -279,7 +290,7 @@ class StageExecutor:
             self._outstanding += 1
         self._queue.put((time.perf_counter(), job))
 
-    def can_run_now(self, stage: int) -> bool:
+    def can_run_now(self, stage: int, tensors: tuple[torch.Tensor, ...] = ()) -> bool:
         """Whether a job of `stage` should run in the calling thread (`run_now`) rather than be queued.
 
         Yes when the compute thread has nothing queued or running (so arrival order holds), the
@@ -297,8 +308,18 @@ class StageExecutor:
             return False
         if self.speed is None:
             return True
-        basis_s = loaded.reference_host_s if loaded.reference_host_s is not None else recent_s
+        basis_s = self._basis_s(loaded, tensors, recent_s)
         return basis_s / self.speed * self.dilation <= max(recent_s, INLINE_MAX_S / 10)
+
+    @staticmethod
+    def _basis_s(loaded: LoadedStage, tensors: tuple[torch.Tensor, ...], measured_s: float) -> float:
+        """The host seconds a job's emulated time is paced by (see the class docstring)."""
+        if loaded.reference_steps:
+            work = getattr(loaded.program, "step_work", None)
+            step = work(tensors) if work is not None else None
+            if step is not None and (points := loaded.reference_steps.get(step[0])):
+                return reference_at(points, step[1])
+        return loaded.reference_host_s if loaded.reference_host_s is not None else measured_s
 
     def run_now(self, job: Job) -> Done:
         """Run `job` in the calling thread and return its outcome (callbacks are not called; see `can_run_now`)."""
@@ -347,7 +368,7 @@ class StageExecutor:
         host_s = time.perf_counter() - started
         loaded.record_run(host_s)
         if self.speed is not None:
-            basis_s = loaded.reference_host_s if loaded.reference_host_s is not None else host_s
+            basis_s = self._basis_s(loaded, job.tensors, host_s)
             target_s = basis_s / self.speed * self.dilation
             if host_s > target_s:
                 loaded.stats.overruns += 1

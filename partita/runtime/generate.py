@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -343,14 +344,16 @@ def deploy_generator(model: Any, cluster: Any, *, context: int = 256, sequences:
         programs = tuple(split(graph, chosen.cuts()))
         timings = {"measure_s": measured_s, "split_s": time.perf_counter() - split_started}
         # The prediction uses the stage programs as they will run (the plan used per-layer estimates).
-        decode_s, prefill_s = calibrated(programs, decode_s, prefill_s, spec, prompt_tokens=prompt_tokens,
-                                         reps=reps, threads=cluster.threads_per_worker)
+        decode_s, prefill_s, host_steps = calibrated(programs, decode_s, prefill_s, spec, prompt_tokens=prompt_tokens,
+                                                     reps=reps, threads=cluster.threads_per_worker)
         decode_times = {name: tuple(t / speed for t in decode_s) for name, speed in speeds.items()}
         prefill_times = {name: tuple(t / speed for t in prefill_s) for name, speed in speeds.items()}
         chosen = predict(graph, cluster.spec, [(s.devices, s.start, s.end) for s in chosen.stages],
                          objective=objective, planner=chosen.planner, segment_times_s=decode_times,
                          hop_overhead_s=hop_s)
-        measurements = Measurements(decode_times, None, infos)
+        # Emulated devices pace each prefill and decode step by these reference times (/ speed), not
+        # by how long it took this host at the moment: a busy host does not slow the slow devices more.
+        measurements = Measurements(decode_times, None, infos, host_step_s=host_steps)
         prepared = Prepared(graph, measurements, chosen, programs, objective, planner, None, False,
                             pinned=stages is not None, timings=timings)
     except BaseException:
@@ -394,36 +397,63 @@ def layer_times(model: Any, spec: Any, *, reps: int, prompt_tokens: int, threads
 
 
 def calibrated(programs: Sequence[Any], decode_s: Sequence[float], prefill_s: Sequence[float], spec: Any, *,
-               prompt_tokens: int, reps: int, threads: int = 1) -> tuple[tuple[float, ...], tuple[float, ...]]:
+               prompt_tokens: int, reps: int, threads: int = 1
+               ) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, tuple[tuple[float, tuple[float, ...]], ...]]]:
     """Per-layer times rescaled so that each stage's layers sum to its exported programs' measured time.
 
     The eager per-layer times (`layer_times`) choose the plan; the exported programs are what the
     workers run, and can be faster or slower. Each stage's decode program runs one token at half
     the context, its prefill program `prompt_tokens` tokens, on `threads` torch threads.
+
+    Also returns the reference points emulated devices pace each step by (`Measurements.host_step_s`):
+    {"decode": ((half the context, per layer),), "prefill": ((prompt_tokens, per layer), (2, per layer))}.
+    The first point of each is what the cost model predicts with; prefill's second gives its growth
+    with the prompt's tokens (a rebuild replays more), and a stage's layers share its measured time
+    there in the proportions of the first. A decode step is paced by the half-context time at every
+    position: its growth with the positions attended is a few percent for these models, below what
+    two timings on a busy host can tell apart (a line through two noisy points tilted the pacing by
+    up to 20%, and never upwards since a slope is clamped at 0).
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     dtype = getattr(torch, spec.dtype)
     past = max(1, spec.context // 2)
+    small_prompt = 2  # the fewest tokens a prefill program takes
     decode_out, prefill_out = list(decode_s), list(prefill_s)
+    prefill_small = list(prefill_s)
+
+    def inputs(first: bool, tokens: int, positions: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = torch.zeros(1, tokens, dtype=torch.long) if first else torch.zeros(1, tokens, spec.hidden, dtype=dtype)
+        return x, torch.tensor([positions]), torch.zeros(n, 1, spec.kv_heads, positions, spec.head_dim, dtype=dtype)
+
     try:
         for stage in programs:
             n = stage.end - stage.start
             first = stage.start == 0
-            x1 = torch.zeros(1, 1, dtype=torch.long) if first else torch.zeros(1, 1, spec.hidden, dtype=dtype)
-            xp = (torch.zeros(1, prompt_tokens, dtype=torch.long) if first
-                  else torch.zeros(1, prompt_tokens, spec.hidden, dtype=dtype))
-            kv = torch.zeros(n, 1, spec.kv_heads, past, spec.head_dim, dtype=dtype)
-            pos = torch.tensor([past])
-            for times, fn in ((decode_out, lambda stage=stage, x1=x1, kv=kv, pos=pos: stage.decode.run(x1, pos, kv, kv)),
-                              (prefill_out, lambda stage=stage, xp=xp: stage.prefill.run(xp))):
+            x1, pos, kv = inputs(first, 1, past, n)
+            xp = inputs(first, prompt_tokens, 1, n)[0]
+            xps = inputs(first, small_prompt, 1, n)[0]
+            runs = (
+                (decode_out, None, partial(stage.decode.run, x1, pos, kv, kv), None),
+                (prefill_out, prefill_small, partial(stage.prefill.run, xp), partial(stage.prefill.run, xps)),
+            )
+            for times, small, fn, fn_small in runs:
                 measured = _median_s(fn, reps)
                 estimated = sum(times[stage.start:stage.end])
                 for layer in range(stage.start, stage.end):
                     times[layer] = times[layer] * measured / estimated if estimated > 0 else measured / n
+                if small is None or fn_small is None:
+                    continue
+                measured_small = _median_s(fn_small, reps)
+                for layer in range(stage.start, stage.end):
+                    small[layer] = times[layer] * measured_small / measured if measured > 0 else measured_small / n
     finally:
         torch.set_num_threads(previous)
-    return tuple(decode_out), tuple(prefill_out)
+    steps: dict[str, tuple[tuple[float, tuple[float, ...]], ...]] = {
+        "decode": ((float(past), tuple(decode_out)),),
+        "prefill": ((float(prompt_tokens), tuple(prefill_out)), (float(small_prompt), tuple(prefill_small))),
+    }
+    return tuple(decode_out), tuple(prefill_out), steps
 
 
 def _median_s(fn: Any, reps: int) -> float:

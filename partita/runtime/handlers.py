@@ -154,7 +154,8 @@ class ControlHandlers:
             )
         program = load_stage_archive(data, expected_sha256=command.sha256)  # a plain stage or a decoder stage
         executor.load(command.stage, program, memory_bytes=command.memory_bytes,
-                      reference_host_s=command.reference_host_s, owner=self.identity.name)
+                      reference_host_s=command.reference_host_s, owner=self.identity.name,
+                      reference_steps=command.reference_steps)
         if not cached:
             self.archives.put(data, command.sha256)
         self.archives.shrink()  # the stage now takes memory the cache may have used

@@ -39,13 +39,17 @@ class Measurements:
     `host_segment_s` is this host's time per segment (the basis of emulated devices), None when
     no device is emulated here. `device_info` is each worker's hello reply. `links` are the links
     that were probed, keyed (prober, probed) — the source's are probed from the coordinator — in
-    device time; links not probed are as the cluster declares them (`cluster_spec`).
+    device time; links not probed are as the cluster declares them (`cluster_spec`). `host_step_s`:
+    for a model whose steps differ in size (a decoder), this host's seconds per segment per kind of
+    step at one or two sizes, {kind: ((size, per-segment seconds), ...)}: the basis emulated
+    devices pace each step by (`TransitionEngine`); None otherwise.
     """
 
     segment_times_s: Mapping[str, tuple[float, ...]]
     host_segment_s: tuple[float, ...] | None
     device_info: Mapping[str, Mapping[str, Any]]
     links: Mapping[tuple[str, str], LinkSpec] = field(default_factory=dict)
+    host_step_s: Mapping[str, tuple[tuple[float, tuple[float, ...]], ...]] | None = None
 
     def cluster_spec(self, declared: ClusterSpec) -> ClusterSpec:
         """`declared` with the probed links in place of what it says, and what it leaves unknown filled in.

@@ -116,7 +116,8 @@ class Network:
 
     `links(a, b)` is the emulated setting of link a -> b; `planned` is the cluster the plan assumed
     (for predicted link times); `reference_host_s(device, stage)` is the calibrated host time an
-    emulated device's stage is paced by (None: a real device).
+    emulated device's stage is paced by (None: a real device); `reference_steps(device, stage)` the
+    same per kind of step, for a stage whose steps differ in size (a decoder's prefill and decode).
     """
 
     source: str
@@ -126,6 +127,7 @@ class Network:
     planned: ClusterSpec
     sink: Sink
     reference_host_s: Callable[[str, StagePlan], float | None] = lambda device, stage: None
+    reference_steps: Callable[[str, StagePlan], Mapping[str, Any] | None] = lambda device, stage: None
     cached: Mapping[str, frozenset[str]] = field(default_factory=dict)  # device -> sha256 its archive cache holds
 
 
@@ -162,6 +164,7 @@ class Ship:
     segments: tuple[int, int]
     cached: bool = False
     tile: bool = False  # a tile of a tiled stage (paced by its own measured time when emulated)
+    reference_steps: Mapping[str, Any] | None = None  # per kind of step (a decoder stage), see Network
 
 
 @dataclass(frozen=True)
@@ -270,7 +273,8 @@ def plan_transition(
             if change.action == "load":
                 actions.append(Ship(device, stage.index, stage.program, float(stage.plan.memory_bytes),
                                     network.reference_host_s(device, stage.plan), (stage.plan.start, stage.plan.end),
-                                    cached=stage.program.sha256 in network.cached.get(device, ())))
+                                    cached=stage.program.sha256 in network.cached.get(device, ()),
+                                    reference_steps=network.reference_steps(device, stage.plan)))
     routes, predicted = _routes(target, network)
     last = target.stages[-1]
     actions.append(AuthorizeSink(tuple(k for d in last.devices if (k := network.public_keys.get(d)))))

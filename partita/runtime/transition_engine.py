@@ -56,7 +56,9 @@ class TransitionEngine:
 
     `sink_socket` is the coordinator's result socket (its authorized keys follow the last stage).
     `busy(device)` marks a long control call to the heartbeat, so a device loading a big archive
-    is not taken for dead. `host_segment_s` and `host_speeds` pace emulated devices.
+    is not taken for dead. `host_segment_s` and `host_speeds` pace emulated devices; `host_step_s`
+    (kind -> ((size, host seconds per segment), ...)) paces the steps of stages whose steps differ in
+    size (a decoder's prefill and decode, see `Network.reference_steps`).
 
     `slot` is the deployment's slot on the cluster: stage ids on the wire are offset by it. An
     `exclusive` engine (the only deployment on the cluster) unloads everything a device holds
@@ -71,6 +73,7 @@ class TransitionEngine:
         *,
         planned: ClusterSpec,
         host_segment_s: Sequence[float] | None = None,
+        host_step_s: Mapping[str, Sequence[tuple[float, Sequence[float]]]] | None = None,
         busy: Callable[[str], AbstractContextManager[Any]] | None = None,
         slot: int = 0,
         exclusive: bool = True,
@@ -88,6 +91,7 @@ class TransitionEngine:
         self.shipped_bytes: dict[str, int] = {}  # archive bytes sent to each device by the last `apply`
         self.load_seconds: list[float] = []  # recent loads: seconds besides moving the bytes (switch costs)
         self._host_s = tuple(host_segment_s) if host_segment_s is not None else None
+        self._host_steps = dict(host_step_s) if host_step_s else None
         self._busy = busy or (lambda device: nullcontext())
         self._sink_socket: zmq.Socket | None = None
 
@@ -116,6 +120,13 @@ class TransitionEngine:
                 return None
             return sum(host_s[stage.start:stage.end])
 
+        def reference_steps(device: str, stage: StagePlan) -> dict[str, Any] | None:
+            if self._host_steps is None or device not in speeds:
+                return None
+            return {kind: tuple((float(size), float(sum(per_segment[stage.start:stage.end])))
+                                for size, per_segment in points)
+                    for kind, points in self._host_steps.items()}
+
         return Network(
             source=cluster.spec.source,
             data={name: str(info["data"]) for name, info in infos.items()},
@@ -124,6 +135,7 @@ class TransitionEngine:
             planned=self.planned,
             sink=self.sink,
             reference_host_s=reference,
+            reference_steps=reference_steps,
             cached={device: frozenset(held) for device, held in self.archives.items()},
         )
 
@@ -211,14 +223,16 @@ class TransitionEngine:
         if action.cached:
             started = time.perf_counter()
             reply = client.send(protocol.Load(stage_id, sha, None, memory_bytes=action.memory_bytes,
-                                              reference_host_s=action.reference_host_s), timeout_s=SHIP_TIMEOUT_S)
+                                              reference_host_s=action.reference_host_s,
+                                              reference_steps=action.reference_steps), timeout_s=SHIP_TIMEOUT_S)
             if not (isinstance(reply, protocol.Ok) and reply.fields.get("missing")):
                 self._loaded_in(time.perf_counter() - started)
                 return
         data = action.program.to_bytes()
         started = time.perf_counter()
         client.send(protocol.Load(stage_id, sha, blob_tensor(data), memory_bytes=action.memory_bytes,
-                                  reference_host_s=action.reference_host_s), timeout_s=SHIP_TIMEOUT_S)
+                                  reference_host_s=action.reference_host_s, reference_steps=action.reference_steps),
+                    timeout_s=SHIP_TIMEOUT_S)
         elapsed = time.perf_counter() - started
         self.shipped_bytes[device] = self.shipped_bytes.get(device, 0) + len(data)
         self._cached(device, sha)

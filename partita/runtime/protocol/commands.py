@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from partita.errors import WorkerError
+from partita.errors import EmulationError, WorkerError
+from partita.runtime.emulation import check_reference_steps
 from partita.runtime.protocol.base import (
     FL_TRAIN,
     Command,
@@ -41,6 +42,28 @@ class Drain(Command):
     KIND: ClassVar[str] = "drain"
 
 
+#: An archive (a uint8 blob) travels in frames of at most this many bytes, so that an archive larger
+#: than a worker's frame limit (`Limits.max_frame_bytes`, 512 MiB by default) still loads: a stage
+#: of a large model. Every frame stays within the limit; the worker checks the joined archive's
+#: size against its free memory before loading it.
+ARCHIVE_FRAME_BYTES = 128 * 2**20
+
+
+def archive_frames(archive: torch.Tensor, frame_bytes: int = ARCHIVE_FRAME_BYTES) -> tuple[torch.Tensor, ...]:
+    """A uint8 archive blob as consecutive slices of at most `frame_bytes` (one frame when it is smaller)."""
+    n = archive.numel()
+    if n <= frame_bytes:
+        return (archive,)
+    return tuple(archive[i:i + frame_bytes] for i in range(0, n, frame_bytes))
+
+
+def joined_archive(kind: str, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The archive blob sent as `archive_frames`; WorkerError when a frame is not a 1-D uint8 blob."""
+    if any(t.dtype != torch.uint8 or t.dim() != 1 for t in tensors):
+        raise WorkerError(f"{kind}: an archive travels as 1-D uint8 frames")
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 @dataclass(frozen=True)
 class Load(Command):
     """Install `archive` (a `torch.export` stage archive as a uint8 blob) as stage `stage`.
@@ -49,7 +72,10 @@ class Load(Command):
     when it holds none, nothing is loaded and the reply says `{"missing": true}` (send the bytes
     then). `memory_bytes` is what the plan says the stage needs (weights plus peak activations; 0:
     only its weights count). `reference_host_s` is its calibrated host time, the emulation basis of
-    an emulated worker (None: the worker measures it).
+    an emulated worker (None: the worker measures it). `reference_steps` does the same for a stage
+    whose steps differ in size (a decoder stage): per kind of step ("prefill", "decode"), one or
+    two (size, host seconds) points (`partita.runtime.emulation.reference_at`); it takes
+    precedence over `reference_host_s` for the steps the stage names (`step_work`).
     """
 
     KIND: ClassVar[str] = "load"
@@ -58,22 +84,30 @@ class Load(Command):
     archive: torch.Tensor | None
     memory_bytes: float = 0.0
     reference_host_s: float | None = None
+    reference_steps: Mapping[str, tuple[tuple[float, float], ...]] | None = None
 
     def header(self) -> dict[str, Any]:
+        steps = None if self.reference_steps is None else {
+            kind: [list(point) for point in points] for kind, points in self.reference_steps.items()}
         return {"stage": self.stage, "sha256": self.sha256, "memory_bytes": self.memory_bytes,
-                "reference_host_s": self.reference_host_s}
+                "reference_host_s": self.reference_host_s, "reference_steps": steps}
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return () if self.archive is None else (self.archive,)
+        return () if self.archive is None else archive_frames(self.archive, ARCHIVE_FRAME_BYTES)
 
     @classmethod
     def parse(cls, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...]) -> Load:
-        if type(header.get("stage")) is not int or not isinstance(header.get("sha256"), str) or len(tensors) > 1:
-            raise WorkerError("load needs integer 'stage', string 'sha256' and at most one archive tensor")
+        if type(header.get("stage")) is not int or not isinstance(header.get("sha256"), str):
+            raise WorkerError("load needs integer 'stage', string 'sha256' and at most one archive (in frames)")
         reference = header.get("reference_host_s")
-        return cls(header["stage"], header["sha256"], tensors[0] if tensors else None,
+        try:
+            steps = check_reference_steps(header.get("reference_steps"))
+        except EmulationError as exc:
+            raise WorkerError(f"load: {exc}") from None
+        return cls(header["stage"], header["sha256"], joined_archive("load", tensors) if tensors else None,
                    memory_bytes=float(check_number("load", "memory_bytes", header.get("memory_bytes") or 0.0) or 0.0),
-                   reference_host_s=float(reference) if isinstance(reference, int | float) else None)
+                   reference_host_s=float(reference) if isinstance(reference, int | float) else None,
+                   reference_steps=steps)
 
 
 @dataclass(frozen=True)
@@ -91,13 +125,13 @@ class Stash(Command):
         return {"sha256": self.sha256}
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.archive,)
+        return archive_frames(self.archive, ARCHIVE_FRAME_BYTES)
 
     @classmethod
     def parse(cls, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...]) -> Stash:
-        if not isinstance(header.get("sha256"), str) or len(tensors) != 1:
-            raise WorkerError("stash needs string 'sha256' and one archive tensor")
-        return cls(header["sha256"], tensors[0])
+        if not isinstance(header.get("sha256"), str) or not tensors:
+            raise WorkerError("stash needs string 'sha256' and one archive (in frames)")
+        return cls(header["sha256"], joined_archive("stash", tensors))
 
 
 @dataclass(frozen=True)
