@@ -19,6 +19,7 @@ import typer
 
 from partita.commands.inspect import parse_input_shapes
 from partita.commands.interrupt import DRAIN_S, Stopping, exit_interrupted, interruptible
+from partita.commands.plan import basis_line
 
 DISTINCT_INPUTS = 8  # requests cycle through this many random inputs, so --check runs the model 8 times
 
@@ -337,8 +338,6 @@ def print_report(console: Any, result: dict[str, Any]) -> None:
     for table in (stages, links, total):
         console.print(table)
     if result["plan"].get("basis"):
-        from partita.commands.plan import basis_line
-
         console.print(basis_line(result["plan"]["basis"]), highlight=False)
     if result.get("replans"):
         replans = Table(title="re-plans (switch cost: predicted against measured, seconds)")

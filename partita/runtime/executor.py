@@ -21,6 +21,7 @@ loaded stages must fit the worker's capacity.
 from __future__ import annotations
 
 import queue
+import statistics
 import threading
 import time
 from collections import deque
@@ -139,9 +140,7 @@ class LoadedStage:
     def record_run(self, host_s: float) -> None:
         """Add one run's host seconds to `recent_runs` (the median is kept: every request asks for it)."""
         self.recent_runs.append(host_s)
-        ordered = sorted(self.recent_runs)  # the median as statistics.median takes it, without its checks
-        mid = len(ordered) // 2
-        self._recent_median_s = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        self._recent_median_s = statistics.median(self.recent_runs)
 
 
 class StageExecutor:

@@ -75,3 +75,14 @@ class Command:
 
 class Reply(Command):
     """A reply to a command: the same shape (a kind, a header, tensors)."""
+
+
+def check_named_arrays(
+    kind: str, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...], section: str
+) -> tuple[tuple[str, ...], Mapping[str, Any], dict[str, Any]]:
+    """An FL message's parts: `arrays` (one name per tensor), its `section` map, and the other header keys."""
+    arrays = check_strs(kind, "arrays", header.get("arrays", []))
+    if len(arrays) != len(tensors):
+        raise WorkerError(f"{kind} names {len(arrays)} arrays but carries {len(tensors)} tensors")
+    extra = {k: v for k, v in header.items() if k not in ("arrays", section, "id")}
+    return arrays, check_map(kind, section, header.get(section, {})), extra

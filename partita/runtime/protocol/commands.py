@@ -15,9 +15,9 @@ from partita.runtime.protocol.base import (
     Command,
     check_int,
     check_map,
+    check_named_arrays,
     check_number,
     check_str,
-    check_strs,
 )
 
 
@@ -429,9 +429,5 @@ class FlTrain(Command):
 
     @classmethod
     def parse(cls, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...]) -> FlTrain:
-        arrays = check_strs(FL_TRAIN, "arrays", header.get("arrays", []))
-        if len(arrays) != len(tensors):
-            raise WorkerError(f"{FL_TRAIN} names {len(arrays)} arrays but carries {len(tensors)} tensors")
-        config = check_map(FL_TRAIN, "config", header.get("config", {}))
-        extra = {k: v for k, v in header.items() if k not in ("arrays", "config", "id")}
+        arrays, config, extra = check_named_arrays(FL_TRAIN, header, tensors, "config")
         return cls(arrays, config, tensors, extra)

@@ -14,9 +14,9 @@ from partita.runtime.protocol.base import (
     Reply,
     check_int,
     check_map,
+    check_named_arrays,
     check_number,
     check_str,
-    check_strs,
 )
 
 
@@ -189,8 +189,5 @@ class FlUpdate(Reply):
 
     @classmethod
     def parse(cls, header: Mapping[str, Any], tensors: tuple[torch.Tensor, ...]) -> FlUpdate:
-        arrays = check_strs(FL_UPDATE, "arrays", header.get("arrays", []))
-        if len(arrays) != len(tensors):
-            raise WorkerError(f"{FL_UPDATE} names {len(arrays)} arrays but carries {len(tensors)} tensors")
-        extra = {k: v for k, v in header.items() if k not in ("arrays", "metrics", "id")}
-        return cls(arrays, check_map(FL_UPDATE, "metrics", header.get("metrics", {})), tensors, extra)
+        arrays, metrics, extra = check_named_arrays(FL_UPDATE, header, tensors, "metrics")
+        return cls(arrays, metrics, tensors, extra)
