@@ -28,6 +28,7 @@ from partita.model import archive
 #: Name of the metadata file inside the archive (stored under the archive's extra/ folder).
 METADATA_FILE = "partita_stage.json"
 FORMAT_VERSION = 1
+MAX_VALIDATED_SIGNATURES = 64  # distinct batch sizes remembered per stage (any others are checked each call)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -103,6 +104,7 @@ class StageProgram:
         self.out_spec = out_spec
         self._exported = exported
         self._module: torch.nn.Module | None = None
+        self._validated: set[tuple] = set()  # input signatures torch.export's own input check has passed
         self._data = data
         self._sha256: str | None = None
         self.param_bytes = _state_bytes(exported)
@@ -128,8 +130,16 @@ class StageProgram:
         self._check_inputs(tensors)
         if self._module is None:
             self._module = self._exported.module()
+        # The exported module checks every call's inputs against the program's shape constraints, in
+        # Python: a third of a small stage's time. Those checks look only at shapes, dtypes and
+        # devices, so a signature that passed once is not checked again.
+        signature = tuple((t.shape, t.dtype, t.device) for t in tensors)
+        known = signature in self._validated
+        self._module.validate_inputs = not known
         with torch.no_grad():
             result = self._module(*tensors)
+        if not known and len(self._validated) < MAX_VALIDATED_SIGNATURES:
+            self._validated.add(signature)
         return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
     def to(self, device: torch.device | str) -> StageProgram:
