@@ -150,7 +150,11 @@ def test_fednova_is_at_least_as_accurate_as_fedavg_on_non_iid_digits_with_unequa
 # same partition, initial weights and minibatches. The momentum-0 rows and the five-client correlated rows of
 # the same table (FedNova +0.4 to +3.9 points) are measured by benchmarks/fl.py; with them this test would take
 # several minutes of CPU on two cores.
+# 12 rounds, not benchmarks/fl.py's 20, to keep CI fast. Measured here: FedAvg -> FedNova mean accuracy
+# 0.958 -> 0.961, 0.964 -> 0.970 and 0.943 -> 0.961 (worst FedNova run 0.936); the paper's rule at 12 rounds
+# 0.379, 0.626 and 0.212 (worst 0.100), so the divergence this test guards against still shows.
 ROBUST_SEEDS = range(8)
+ROBUST_ROUNDS = 12
 ROBUST_SETTINGS = [(10, False, 0.9), (10, True, 0.9), (5, False, 0.9)]  # (clients, correlated, momentum)
 
 
@@ -175,13 +179,13 @@ def _robust_pair(job: tuple[int, bool, float, int]) -> tuple[float, float]:
     sizes = [task.client_data(i).num_examples for i in range(clients)]
     steps = spread_steps(sizes, correlated, seed)
     profiles = {i: ClientProfile(local_steps=s, lr=0.05, momentum=momentum) for i, s in enumerate(steps)}
-    avg = run_in_process(task, FedAvg(), 20, profiles=profiles, seed=seed).final
-    nova = run_in_process(task, FedNova(), 20, profiles=profiles, seed=seed).final
+    avg = run_in_process(task, FedAvg(), ROBUST_ROUNDS, profiles=profiles, seed=seed).final
+    nova = run_in_process(task, FedNova(), ROBUST_ROUNDS, profiles=profiles, seed=seed).final
     return avg.accuracy, nova.accuracy
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # about 75 s on two idle cores; far longer on a loaded machine
+@pytest.mark.timeout(900)  # about 45 s on two idle cores; far longer on a loaded machine
 def test_fednova_stays_within_a_point_of_fedavg_and_never_diverges_under_unequal_work_and_momentum():
     jobs = [(n, c, m, seed) for n, c, m in ROBUST_SETTINGS for seed in ROBUST_SEEDS]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
