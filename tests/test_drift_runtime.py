@@ -85,7 +85,9 @@ def stream_with_change(cluster, prepared, change, *, requests: int, change_at: i
                 change(pipe, first)
                 changed.append(time.monotonic())
         stats = pipe.stats()
-        stats["estimates"] = pipe.supervisor.policy.estimates()  # what drift saw, for a failure's message
+        # What drift saw and declined, for a failure's message.
+        stats["estimates"] = {"estimates": pipe.supervisor.policy.estimates(),
+                              "declined": pipe.supervisor.policy.declined()}
     return first, stats, outputs, mismatches(model, outputs, batches)
 
 

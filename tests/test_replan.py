@@ -175,6 +175,11 @@ def test_a_switch_needs_the_predicted_gain(cluster, min_gain, switches):
     slow = first_device(policy)
     decisions = run(policy, cluster, lambda d, t, k: 5.0 if d == slow and t >= 5 else 1.0, seconds=30)
     assert len(decisions) == switches
+    declined = policy.declined()
+    assert len(declined) == 1 - switches  # a drift switch not made says why
+    for record in declined:
+        assert record["cause"] == "drift" and slow in record["reason"] and "gain a switch needs" in record["reason"]
+        assert record["new_period_s"] > (1 - min_gain) * record["old_period_s"]
 
 
 def test_drift_without_a_better_plan_keeps_the_plan_with_its_prediction_updated():
@@ -261,6 +266,9 @@ def test_a_switch_that_costs_more_than_it_saves_over_the_horizon_is_not_made():
     before = policy.plan.stages
     assert cut_link(policy, "a") == []
     assert policy.plan.stages == before and policy.history == ()
+    [declined] = policy.declined()
+    assert "bandwidth" in declined["reason"] and "more than the" in declined["reason"]
+    assert declined["predicted_switch_s"] > declined["gain_s"] > 0
     # The drift was looked at once and believed: the plan is re-predicted on the slow link.
     assert policy.plan.period_s > 2 * plan(PROFILE, cluster).period_s
 

@@ -48,6 +48,7 @@ rule fires (then it calls the planner once); the policy is not thread-safe: call
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -73,6 +74,8 @@ from partita.plan.switchcost import SwitchCost, SwitchEstimate, estimate_switch,
 from partita.plan.types import Plan
 
 __all__ = ["CAUSES", "Decision", "FailureScenarios", "Replan", "ReplanPolicy"]
+
+MAX_DECLINED = 20  # re-plans considered and not made, kept for `ReplanPolicy.declined()`
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class ReplanPolicy:
         self._joined_pending: list[str] = []
         self._last_switch_s: float | None = None
         self._history: list[Replan] = []
+        self._declined: deque[dict[str, Any]] = deque(maxlen=MAX_DECLINED)
 
     # -- what the policy holds -------------------------------------------------------------------
     @property
@@ -172,6 +176,16 @@ class ReplanPolicy:
     def replans(self) -> list[dict[str, Any]]:
         """`history` as dicts, for Pipeline.stats()["replans"] and `partita run --json`."""
         return [r.to_dict() for r in self._history]
+
+    def declined(self) -> list[dict[str, Any]]:
+        """The latest re-plans considered and not made (at most MAX_DECLINED), oldest first, and why.
+
+        Each: cause ("drift" or "join"), time_s, reason (what drifted or joined, and the arithmetic
+        that said no), old_period_s / new_period_s (the running plan re-predicted, the best
+        candidate), predicted_switch_s and gain_s. A drift that finds no switch worth making is
+        silent otherwise: the plan stays, re-predicted on the new figures.
+        """
+        return list(self._declined)
 
     def estimates(self) -> dict[str, Any]:
         """The current estimates, believed figures and drift state of every tracked figure."""
@@ -358,7 +372,7 @@ class ReplanPolicy:
             raise PlanError(f"{', '.join(added)} joined but the devices still cannot run the model: {exc}") from exc
         estimate = self._estimate(candidate, cluster)
         if current is not None and not self._worth_it(candidate, current, estimate):
-            self._adopt(current)
+            self._decline("join", now_s, f"{', '.join(added)} joined", candidate, current, estimate)
             return None
         return self._switch("join", now_s, candidate, current, cluster, times, estimate,
                             added=added, reason=f"{', '.join(added)} joined")
@@ -379,7 +393,7 @@ class ReplanPolicy:
         candidate = self._plan_on(cluster, times)
         estimate = self._estimate(candidate, cluster)
         if current is not None and not self._worth_it(candidate, current, estimate):
-            self._adopt(current)
+            self._decline("drift", now_s, reason, candidate, current, estimate)
             return None
         return self._switch("drift", now_s, candidate, current, cluster, times, estimate, reason=reason,
                             blamed=blamed)
@@ -415,6 +429,22 @@ class ReplanPolicy:
         self._plan = plan
         for signal in self._signals.values():
             signal.accept()
+
+    def _decline(self, cause: str, now_s: float, reason: str, candidate: Plan, current: Plan,
+                 estimate: SwitchEstimate) -> None:
+        """Keep `current` (re-predicted on the new figures), and note why the candidate was not taken."""
+        key = "latency_s" if self._options["objective"] == "latency" else "period_s"
+        gain = gain_s(current, candidate, self.switch_cost.horizon_s)
+        before, after = getattr(current, key), getattr(candidate, key)
+        if after > (1.0 - self.min_gain) * before:
+            why = f"{key} {_ms(before)} -> {_ms(after)}, less than the {self.min_gain:.0%} gain a switch needs"
+        else:
+            why = (f"switch {estimate.total_s:.2f} s predicted, more than the {gain:.2f} s it gains over "
+                   f"{self.switch_cost.horizon_s:g} s")
+        self._declined.append({"cause": cause, "time_s": float(now_s), "reason": f"{reason}; kept the plan: {why}",
+                               "old_period_s": current.period_s, "new_period_s": candidate.period_s,
+                               "predicted_switch_s": estimate.total_s, "gain_s": gain})
+        self._adopt(current)
 
     def _worth_it(self, candidate: Plan, current: Plan, estimate: SwitchEstimate) -> bool:
         """At least `min_gain` better, and the work saved over the horizon pays for the switch."""
