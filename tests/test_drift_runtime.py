@@ -86,8 +86,7 @@ def stream_with_change(cluster, prepared, change, *, requests: int, change_at: i
                 changed.append(time.monotonic())
         stats = pipe.stats()
         # What drift saw and declined, for a failure's message.
-        stats["estimates"] = {"estimates": pipe.supervisor.policy.estimates(),
-                              "declined": pipe.supervisor.policy.declined()}
+        stats["estimates"] = {"estimates": pipe.supervisor.policy.estimates(), "declined": stats["replans_declined"]}
     return first, stats, outputs, mismatches(model, outputs, batches)
 
 

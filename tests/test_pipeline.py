@@ -239,5 +239,6 @@ def test_partita_run_streams_checks_and_reports_json():
     assert report["requests"] == report["delivered"] == 20
     assert report["outputs_match"] is True and report["max_abs_error"] == 0.0
     assert report["measured"]["throughput_rps"] > 0 and report["predicted"]["throughput_rps"] > 0
-    assert {"plan", "stages", "replans", "measured", "predicted"} <= set(report)
+    assert {"plan", "stages", "replans", "replans_declined", "measured", "predicted"} <= set(report)
+    assert all({"cause", "reason", "old_period_s", "new_period_s"} <= set(r) for r in report["replans_declined"])
     assert {"ready", "copies", "bytes", "error"} <= set(report["standby"])  # --standby: the copies it pre-shipped

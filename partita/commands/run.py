@@ -174,6 +174,7 @@ def deploy_and_stream(
         "stages": stats["stages"],
         "links": stats["links"],
         "replans": stats["replans"],
+        "replans_declined": stats["replans_declined"],
         "standby": standby,
         "dilation": pipe.dilation,
         "deploy_s": deploy_s,
@@ -350,6 +351,10 @@ def print_report(console: Any, result: dict[str, Any]) -> None:
                             f"{measured:.2f}" if measured is not None else "—",
                             f"{r['shipped_bytes']:,}" if r.get("shipped_bytes") is not None else "—")
         console.print(replans)
+    declined = result.get("replans_declined") or []
+    if declined:
+        console.print(f"re-plans considered and not made: {len(declined)}; the last: {declined[-1]['reason']}",
+                      highlight=False)
     standby = result.get("standby")
     if standby:
         console.print(f"standby: {len(standby['copies'])} stage archive(s) pre-shipped ({standby['bytes']:,} bytes)"

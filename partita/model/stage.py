@@ -135,7 +135,8 @@ class StageProgram:
         # devices, so a signature that passed once is not checked again.
         signature = tuple((t.shape, t.dtype, t.device) for t in tensors)
         known = signature in self._validated
-        self._module.validate_inputs = not known
+        if self._module.validate_inputs == known:  # nn.Module's __setattr__ is slow: set only on a change
+            self._module.validate_inputs = not known
         with torch.no_grad():
             result = self._module(*tensors)
         if not known and len(self._validated) < MAX_VALIDATED_SIGNATURES:

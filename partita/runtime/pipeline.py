@@ -362,6 +362,7 @@ class Pipeline:
             "links": links,
             "counters": dict(self._counters),
             "replans": self.supervisor.replans() if self.supervisor is not None else [],
+            "replans_declined": self.supervisor.declined() if self.supervisor is not None else [],
             # Links deploy probed (the plan used these instead of the cluster file's), device time.
             "links_measured": [
                 {"from": a, "to": b, "bandwidth_bytes_per_s": link.bandwidth_bytes_per_s, "latency_s": link.latency_s}

@@ -118,6 +118,10 @@ class Supervisor:
         """Every re-plan so far (`Replan.to_dict()`), oldest first."""
         return self.policy.replans()
 
+    def declined(self) -> list[dict[str, Any]]:
+        """The latest re-plans considered and not made, and why (`ReplanPolicy.declined`)."""
+        return self.policy.declined()
+
     def add_device(self, device: DeviceSpec | str, *, timeout_s: float = 120.0) -> dict[str, Any] | None:
         """See `Pipeline.add_device`. Blocks until the join is handled; re-raises what it raised."""
         if not self.config.joins:

@@ -83,6 +83,7 @@ class LocalModel:
                         "predicted_compute_s": stage.compute_s, "measured_compute_s": None, "measured_queue_s": None}],
             "links": [],
             "replans": [],
+            "replans_declined": [],
         }
 
     def close(self) -> None:
