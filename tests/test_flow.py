@@ -180,3 +180,11 @@ def test_link_times_count_a_message_from_when_the_link_took_it_not_its_wait_in_t
     assert times.figures()["b"]["mean_transfer_s"] == pytest.approx(0.011)
     times.reset()
     assert times.get("a") is None and times.figures() == {}
+
+
+def test_peer_names_are_the_device_part_of_a_socket_identity():
+    from partita.runtime.flow import PeerNames
+
+    name = PeerNames()
+    assert name(b"pi-a/3") == "pi-a" and name(b"pi-a/4") == "pi-a" and name(b"client") == "client"
+    assert name(b"\xffbad/1") == "\ufffdbad"  # a malformed identity still names something, never raises

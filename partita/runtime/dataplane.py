@@ -32,7 +32,7 @@ import zmq
 from partita.errors import WireError
 from partita.runtime.emulation import LinkShaper, shaper_for
 from partita.runtime.executor import Done, Job, StageExecutor
-from partita.runtime.flow import LinkTimes, Outlink, credits_at_once, readable, socket_sender
+from partita.runtime.flow import LinkTimes, Outlink, PeerNames, credits_at_once, readable, socket_sender
 from partita.runtime.keys import apply_client, set_authorized
 from partita.runtime.protocol import Destination, LinkChange, Route
 from partita.runtime.wire import Limits, blob_tensor, decode, encode
@@ -82,7 +82,7 @@ class DataPlane:
         self._credits_due: dict[bytes, int] = {}  # sender -> credits of jobs run inline, not yet returned
         self._windows: dict[int, int] = {}  # pipeline slot -> its credit window
         self._credits_threshold: dict[bytes, int] = {}  # sender -> credits returned in one message
-        self._senders: dict[bytes, str] = {}  # a sender's socket identity (`name/epoch`) -> its name
+        self._sender_name = PeerNames()
 
     # -- wiring (from control commands) -----------------------------------------------------------
     def allow(self, pipeline: int, peers: Sequence[str]) -> None:
@@ -253,12 +253,8 @@ class DataPlane:
 
     def _record_link_in(self, sender: bytes, sent_at: object, arrived_at: float) -> None:
         """Count one message's transfer on the link from `sender` (`sent_at`: its stamp; not a float: none)."""
-        if not isinstance(sent_at, float):
-            return
-        name = self._senders.get(sender)
-        if name is None:
-            name = self._senders[sender] = sender.decode(errors="replace").split("/")[0]
-        self._link_in.record(name, sent_at, arrived_at)
+        if isinstance(sent_at, float):
+            self._link_in.record(self._sender_name(sender), sent_at, arrived_at)
 
     def _check_act(self, header: dict, tensors: tuple[torch.Tensor, ...]) -> str | None:
         """Why this activation cannot be run here, or None if it can."""

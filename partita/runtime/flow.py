@@ -70,6 +70,14 @@ class LinkStats:
             "refused_sends": self.refused_sends,
         }
 
+    def count_sent(self, nbytes: int, now: float) -> None:
+        """One message of `nbytes` handed to the socket at `now`."""
+        self.messages += 1
+        self.bytes += nbytes
+        if self.first_sent_at is None:
+            self.first_sent_at = now
+        self.last_sent_at = now
+
 
 @dataclass
 class _Parcel:
@@ -165,13 +173,8 @@ class Outlink:
             self._credits -= 1
             self._in_link.append(_Parcel(build, now, frames, frames_nbytes(frames), now))
             return RETRY_S
-        now = self.clock()
         self._credits -= 1
-        self.stats.messages += 1
-        self.stats.bytes += frames_nbytes(frames)
-        if self.stats.first_sent_at is None:
-            self.stats.first_sent_at = now
-        self.stats.last_sent_at = now
+        self.stats.count_sent(frames_nbytes(frames), self.clock())
         return None
 
     def grant(self, n: int) -> None:
@@ -208,11 +211,7 @@ class Outlink:
                 self.stats.refused_sends += 1
                 return RETRY_S
             self._in_link.popleft()
-            self.stats.messages += 1
-            self.stats.bytes += parcel.nbytes
-            if self.stats.first_sent_at is None:
-                self.stats.first_sent_at = now
-            self.stats.last_sent_at = now
+            self.stats.count_sent(parcel.nbytes, now)
         if self._in_link:
             return max(0.0, self._in_link[0].due_at - now)
         return None
@@ -232,6 +231,23 @@ def next_wakeup(delays: Sequence[float | None], default_s: float) -> float:
     """The poll timeout for an event loop: the soonest due delay, else `default_s` (seconds)."""
     due = [d for d in delays if d is not None]
     return min(due) if due else default_s
+
+
+class PeerNames:
+    """The device name in a peer's socket identity (`name/epoch`), decoded once per identity.
+
+    Receivers name each message's sender (for `LinkTimes`, and to find a tile's index) on every
+    message; the identities are few, so each is decoded once.
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[bytes, str] = {}
+
+    def __call__(self, identity: bytes) -> str:
+        name = self._names.get(identity)
+        if name is None:
+            name = self._names[identity] = identity.decode(errors="replace").split("/")[0]
+        return name
 
 
 class LinkTimes:

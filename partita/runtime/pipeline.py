@@ -33,7 +33,7 @@ import zmq
 from partita.errors import PartitaError, RequestError, WireError
 from partita.model.tiles import stitch
 from partita.runtime.deployment import ChainStage, Deployment, TiledStage
-from partita.runtime.flow import LinkTimes, Outlink, credits_at_once, next_wakeup, readable
+from partita.runtime.flow import LinkTimes, Outlink, PeerNames, credits_at_once, next_wakeup, readable
 from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Record, Replayed
 from partita.runtime.wire import Limits, decode, encode
 
@@ -103,7 +103,7 @@ class Pipeline:
         # I/O thread (a switch to a new epoch touches the ledger and the sockets).
         self.supervisor: Any = None
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
-        self._senders: dict[bytes, str] = {}  # a last-stage socket identity -> its device's name
+        self._sender_name = PeerNames()  # a last stage's (or a tile's) device, from its socket identity
         self._wake_addr = f"inproc://pipeline-{id(self)}"
         self._wake_in = context.socket(zmq.PULL)
         self._wake_in.bind(self._wake_addr)
@@ -495,13 +495,6 @@ class Pipeline:
             if n >= at_once:
                 self._results.send_multipart([sender, *encode("credit", {"n": n})])
                 del owed[sender]
-
-    def _sender_name(self, sender: bytes) -> str:
-        """The device name in a worker's socket identity (`name/epoch`), remembered per identity."""
-        name = self._senders.get(sender)
-        if name is None:
-            name = self._senders[sender] = sender.decode(errors="replace").split("/")[0]
-        return name
 
     def _on_tile(self, tiled: TiledStage, sender: bytes, kind: str, h: dict, tensors: tuple[torch.Tensor, ...]) -> None:
         """One tile's output: keep it; with every tile in, stitch them and send the map on (or deliver it)."""
