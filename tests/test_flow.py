@@ -7,10 +7,11 @@ from concurrent.futures import Future
 
 import pytest
 import torch
+import zmq
 
 from partita.errors import RequestError
 from partita.runtime.emulation import LinkShaper
-from partita.runtime.flow import RETRY_S, Outlink
+from partita.runtime.flow import RETRY_S, Outlink, readable, recv_frames, send_frames, socket_sender
 from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Replayed
 
 
@@ -188,3 +189,31 @@ def test_peer_names_are_the_device_part_of_a_socket_identity():
     name = PeerNames()
     assert name(b"pi-a/3") == "pi-a" and name(b"pi-a/4") == "pi-a" and name(b"client") == "client"
     assert name(b"\xffbad/1") == "\ufffdbad"  # a malformed identity still names something, never raises
+
+
+def test_send_frames_and_recv_frames_carry_a_multipart_message_whole_and_refuse_without_blocking():
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://frames")
+        b.connect("inproc://frames")
+        assert not readable(a)
+        payload = torch.arange(6, dtype=torch.float32)
+        send_frames(b, [b"head", memoryview(payload.numpy()).cast("B"), b""])
+        assert readable(a)
+        got = recv_frames(a)
+        assert [f.bytes for f in got] == [b"head", payload.numpy().tobytes(), b""]
+        assert not readable(a)
+        send_frames(a, got)  # received frames go out again as they are
+        assert [f.bytes for f in recv_frames(b)] == [b"head", payload.numpy().tobytes(), b""]
+        alone = ctx.socket(zmq.DEALER)  # no peer: a non-blocking send cannot be queued
+        try:
+            assert socket_sender(alone)([b"x", b"y"]) is False
+            with pytest.raises(zmq.Again):
+                send_frames(alone, [b"x"], zmq.NOBLOCK)
+        finally:
+            alone.close(linger=0)
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+        ctx.term()

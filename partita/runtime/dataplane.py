@@ -32,7 +32,15 @@ import zmq
 from partita.errors import WireError
 from partita.runtime.emulation import LinkShaper, shaper_for
 from partita.runtime.executor import Done, Job, StageExecutor
-from partita.runtime.flow import LinkTimes, Outlink, PeerNames, credits_at_once, readable, socket_sender
+from partita.runtime.flow import (
+    LinkTimes,
+    Outlink,
+    PeerNames,
+    credits_at_once,
+    readable,
+    recv_frames,
+    socket_sender,
+)
 from partita.runtime.keys import apply_client, set_authorized
 from partita.runtime.protocol import Destination, LinkChange, Route
 from partita.runtime.wire import Limits, blob_tensor, decode, encode
@@ -160,7 +168,7 @@ class DataPlane:
 
     def on_data(self) -> None:
         while readable(self._data):
-            frames = self._data.recv_multipart(copy=False)
+            frames = recv_frames(self._data)
             sender = frames[0].bytes
             try:
                 msg = decode(frames[1:], limits=self.settings.limits, kinds=DATA_KINDS)
@@ -303,7 +311,7 @@ class DataPlane:
     def _on_outlink(self, sock: zmq.Socket, outlink: Outlink) -> None:
         while readable(sock):
             try:
-                msg = decode(sock.recv_multipart(copy=False), limits=self.settings.limits, kinds=OUTLINK_KINDS)
+                msg = decode(recv_frames(sock), limits=self.settings.limits, kinds=OUTLINK_KINDS)
             except WireError:
                 self._counters["malformed"] += 1
                 continue

@@ -33,7 +33,16 @@ import zmq
 from partita.errors import PartitaError, RequestError, WireError
 from partita.model.tiles import stitch
 from partita.runtime.deployment import ChainStage, Deployment, TiledStage
-from partita.runtime.flow import LinkTimes, Outlink, PeerNames, credits_at_once, next_wakeup, readable
+from partita.runtime.flow import (
+    LinkTimes,
+    Outlink,
+    PeerNames,
+    credits_at_once,
+    next_wakeup,
+    readable,
+    recv_frames,
+    send_frames,
+)
 from partita.runtime.ledger import Accepted, Delivered, Dispatched, Failed, Ledger, Record, Replayed
 from partita.runtime.wire import Limits, decode, encode
 
@@ -459,7 +468,7 @@ class Pipeline:
         done_id = self.deployment.stage_id(len(self.deployment.placement))  # where the last stage's results go
         owed = self._credits_owed
         while readable(self._results):
-            frames = self._results.recv_multipart(copy=False)
+            frames = recv_frames(self._results)
             sender = frames[0].bytes
             try:
                 # Results go to the user: each tensor owns its memory (one copy, not a view of the frame).
@@ -493,7 +502,7 @@ class Pipeline:
         at_once = credits_at_once(self.deployment.window)
         for sender, n in list(owed.items()):  # credits go back half a window at a time (dataplane.credits_at_once)
             if n >= at_once:
-                self._results.send_multipart([sender, *encode("credit", {"n": n})])
+                send_frames(self._results, [sender, *encode("credit", {"n": n})])
                 del owed[sender]
 
     def _on_tile(self, tiled: TiledStage, sender: bytes, kind: str, h: dict, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -532,7 +541,7 @@ class Pipeline:
     def _on_credit(self, sock: zmq.Socket, outlink: Outlink) -> None:
         while readable(sock):
             try:
-                msg = decode(sock.recv_multipart(copy=False), limits=self._limits, kinds=CREDIT_KINDS)
+                msg = decode(recv_frames(sock), limits=self._limits, kinds=CREDIT_KINDS)
             except WireError:
                 self._counters["malformed"] += 1
                 continue

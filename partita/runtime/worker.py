@@ -40,7 +40,7 @@ import zmq
 from partita.errors import PartitaError, WireError
 from partita.runtime.dataplane import DataPlane, DataSettings
 from partita.runtime.executor import StageExecutor, resolve_device
-from partita.runtime.flow import next_wakeup, readable
+from partita.runtime.flow import next_wakeup, readable, send_frames
 from partita.runtime.handle import Keypair
 from partita.runtime.handlers import SLOW, ControlHandlers, WorkerIdentity
 from partita.runtime.keys import apply_server, auth_stats, stop_auth
@@ -333,7 +333,7 @@ class Worker:
         return auth_stats(self._control)["refused"] + auth_stats(self._data)["refused"]
 
     def _reply(self, sock: zmq.Socket, to: bytes, kind: str, header: dict, tensors: tuple = ()) -> None:
-        sock.send_multipart([to, *encode(kind, header, tensors)], copy=False)
+        send_frames(sock, [to, *encode(kind, header, tensors)])
 
 
 def _available_memory(device: torch.device) -> float:
