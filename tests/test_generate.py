@@ -182,15 +182,26 @@ def test_cli_generate_json_prints_the_contracted_fields(models, cluster, tmp_pat
     import contextlib
 
     import partita.runtime.connect
+    import partita.runtime.generate
     from partita.cli import main
 
     monkeypatch.setattr(partita.runtime.connect, "open_cluster", lambda *a, **k: contextlib.nullcontext(cluster))
+    warmups = []
+    generate_many = partita.runtime.generate.Generator.generate_many
+
+    def recorded(self, prompts, sampling=partita.runtime.generate.Sampling()):
+        warmups.append((list(prompts), sampling.max_new_tokens))
+        return generate_many(self, prompts, sampling)
+
+    monkeypatch.setattr(partita.runtime.generate.Generator, "generate_many", recorded)
     path, _, expected = models["gpt2"]
     with pytest.raises(SystemExit) as info:
         main(["generate", f"hf:{path}", "--cluster", str(tmp_path / "unused.yaml"), "--prompt", PROMPTS[1],
               "--max-new-tokens", "12", "--context", "64", "--json"])
     out, err = capsys.readouterr()
     assert info.value.code in (0, None), err
+    assert warmups == [([PROMPTS[1]], 2)], "the workers are warmed by 2 untimed tokens of the prompt"
+    assert "warmed the workers" in err
     printed = json.loads(out.strip().splitlines()[-1])
     assert {"token_ids", "text", "plan", "ttft_s", "per_token_s", "tokens_per_s"} <= set(printed)
     assert printed["token_ids"] == expected[1][:12]

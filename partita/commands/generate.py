@@ -3,7 +3,9 @@
 MODEL is `hf:PATH`, a local Hugging Face model directory (needs `partita[llm]`), or `hf:FILE.gguf`
 (needs `partita[gguf]`). Devices of the
 cluster file with an `address` are real workers; the others are emulated here (a LocalCluster).
-Tokens are printed as they come; `--json` prints one object instead:
+Before the timed run, 2 tokens of the prompt warm the workers (`--no-warmup` skips it), so that
+the time to first token is that of warm workers, as the prediction assumes. Tokens are printed as
+they come; `--json` prints one object instead:
 `{token_ids, text, plan, ttft_s, per_token_s, tokens_per_s}` (token_ids: the new tokens only;
 times in device seconds), plus the cost model's `predicted` figures.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +31,9 @@ def generate(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampler.")] = 0,
     context: Annotated[int, typer.Option("--context", min=2, help="Positions per sequence (prompt + new tokens).")] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    warmup: Annotated[bool, typer.Option(
+        "--warmup/--no-warmup",
+        help="First run 2 tokens of the prompt, untimed, so the figures are those of warm workers.")] = True,
     secret_key: Annotated[
         Path | None, typer.Option("--secret-key", help="The coordinator's NAME.key_secret (for workers with addresses).")
     ] = None,
@@ -54,6 +60,13 @@ def generate(
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     with open_cluster(cluster, secret_key=secret_key, insecure=insecure) as handle:
         with deploy_generator(lm, handle, context=context, sequences=1) as generator:
+            if warmup:
+                # A stage program's first calls on a worker cost more than the later ones (allocations,
+                # torch's lazy set-up); untimed, they would count in the time to first token.
+                started = time.perf_counter()
+                with console.status("warming the workers (2 tokens of the prompt, untimed)"):
+                    generator.generate_many([prompt], Sampling(max_new_tokens=2))
+                console.print(f"warmed the workers in {time.perf_counter() - started:.1f} s (--no-warmup skips this)")
             result: Generation | None = None
             for event in generator.stream_many([prompt], sampling):
                 if isinstance(event, Token) and not as_json:
