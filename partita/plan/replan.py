@@ -371,8 +371,9 @@ class ReplanPolicy:
             # Only possible while no plan runs (a running plan is itself a fit); say what is still missing.
             raise PlanError(f"{', '.join(added)} joined but the devices still cannot run the model: {exc}") from exc
         estimate = self._estimate(candidate, cluster)
-        if current is not None and not self._worth_it(candidate, current, estimate):
-            self._decline("join", now_s, f"{', '.join(added)} joined", candidate, current, estimate)
+        if current is not None and (why := self._why_not(candidate, current, estimate)) is not None:
+            self._decline("join", now_s, f"{', '.join(added)} joined; kept the plan: {why}", candidate, current,
+                          estimate)
             return None
         return self._switch("join", now_s, candidate, current, cluster, times, estimate,
                             added=added, reason=f"{', '.join(added)} joined")
@@ -392,8 +393,8 @@ class ReplanPolicy:
         current = self._repredicted(cluster, times)
         candidate = self._plan_on(cluster, times)
         estimate = self._estimate(candidate, cluster)
-        if current is not None and not self._worth_it(candidate, current, estimate):
-            self._decline("drift", now_s, reason, candidate, current, estimate)
+        if current is not None and (why := self._why_not(candidate, current, estimate)) is not None:
+            self._decline("drift", now_s, f"{reason}; kept the plan: {why}", candidate, current, estimate)
             return None
         return self._switch("drift", now_s, candidate, current, cluster, times, estimate, reason=reason,
                             blamed=blamed)
@@ -433,25 +434,27 @@ class ReplanPolicy:
     def _decline(self, cause: str, now_s: float, reason: str, candidate: Plan, current: Plan,
                  estimate: SwitchEstimate) -> None:
         """Keep `current` (re-predicted on the new figures), and note why the candidate was not taken."""
-        key = "latency_s" if self._options["objective"] == "latency" else "period_s"
-        gain = gain_s(current, candidate, self.switch_cost.horizon_s)
-        before, after = getattr(current, key), getattr(candidate, key)
-        if after > (1.0 - self.min_gain) * before:
-            why = f"{key} {_ms(before)} -> {_ms(after)}, less than the {self.min_gain:.0%} gain a switch needs"
-        else:
-            why = (f"switch {estimate.total_s:.2f} s predicted, more than the {gain:.2f} s it gains over "
-                   f"{self.switch_cost.horizon_s:g} s")
-        self._declined.append({"cause": cause, "time_s": float(now_s), "reason": f"{reason}; kept the plan: {why}",
+        self._declined.append({"cause": cause, "time_s": float(now_s), "reason": reason,
                                "old_period_s": current.period_s, "new_period_s": candidate.period_s,
-                               "predicted_switch_s": estimate.total_s, "gain_s": gain})
+                               "predicted_switch_s": estimate.total_s,
+                               "gain_s": gain_s(current, candidate, self.switch_cost.horizon_s)})
         self._adopt(current)
 
-    def _worth_it(self, candidate: Plan, current: Plan, estimate: SwitchEstimate) -> bool:
-        """At least `min_gain` better, and the work saved over the horizon pays for the switch."""
+    def _why_not(self, candidate: Plan, current: Plan, estimate: SwitchEstimate) -> str | None:
+        """Why the switch is not worth making, or None if it is.
+
+        A switch is worth making when the candidate is at least `min_gain` better, and the work it
+        saves over the horizon pays for the switch.
+        """
         key = "latency_s" if self._options["objective"] == "latency" else "period_s"
-        if getattr(candidate, key) > (1.0 - self.min_gain) * getattr(current, key):
-            return False
-        return gain_s(current, candidate, self.switch_cost.horizon_s) > estimate.total_s
+        before, after = getattr(current, key), getattr(candidate, key)
+        if after > (1.0 - self.min_gain) * before:
+            return f"{key} {_ms(before)} -> {_ms(after)}, less than the {self.min_gain:.0%} gain a switch needs"
+        gain = gain_s(current, candidate, self.switch_cost.horizon_s)
+        if gain <= estimate.total_s:
+            return (f"switch {estimate.total_s:.2f} s predicted, more than the {gain:.2f} s it gains over "
+                    f"{self.switch_cost.horizon_s:g} s")
+        return None
 
     def _figures(self) -> tuple[ClusterSpec, dict[str, tuple[float, ...]]]:
         """The cluster and segment times to plan with: believed figures, drifting ones replaced by estimates."""
