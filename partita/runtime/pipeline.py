@@ -19,7 +19,6 @@ pending request, and every new one until the next `install`, with `error`).
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 import time
 from collections import deque
@@ -33,6 +32,7 @@ import zmq
 from partita.errors import PartitaError, RequestError, WireError
 from partita.model.tiles import stitch
 from partita.runtime.deployment import ChainStage, Deployment, TiledStage
+from partita.runtime.figures import link_figures, stage_figures, stream_figures
 from partita.runtime.flow import (
     LinkTimes,
     Outlink,
@@ -326,49 +326,16 @@ class Pipeline:
         plan = deployment.plan
         k = self.dilation
         ledger = self._ledger
-        times = ledger.delivered_at[self._stream_from:]
-        period_s = (times[-1] - times[0]) / (len(times) - 1) / k if len(times) >= 2 else None
-        latencies = sorted(x / k for x in ledger.latencies_s[self._stream_from:])
         workers = self._collect_worker_stats()
-        stages = []
-        for index, (stage_plan, devices) in enumerate(zip(plan.stages, deployment.placement, strict=True)):
-            stage_id = str(deployment.stage_id(index))
-            per_device = [workers.get(d, {}).get("stages", {}).get(stage_id, {}) for d in devices]
-            measured = [s["mean_device_s"] for s in per_device if s.get("requests")]
-            stages.append({
-                "index": index,
-                "kind": stage_plan.kind,
-                **({"grid": list(stage_plan.grid)} if stage_plan.grid is not None else {}),
-                "devices": list(devices),
-                "segments": [stage_plan.start, stage_plan.end],
-                "predicted_compute_s": stage_plan.compute_s,
-                "measured_compute_s": statistics.fmean(measured) if measured else None,
-                "requests": sum(s.get("requests", 0) for s in per_device),
-                "overruns": sum(s.get("overruns", 0) for s in per_device),
-                "host_compute_s": statistics.fmean(s["mean_host_s"] for s in per_device) if measured else None,
-                "measured_queue_s": statistics.fmean(s.get("mean_queue_s", 0.0) for s in per_device if s.get("requests")) if measured else None,
-            })
-        links = []
-        for link in self._predicted_links:
-            receiver = link["to"]
-            incoming: Any = self._link_in if link.get("to_source") else workers.get(receiver, {}).get("links_in", {})
-            record = incoming.get(link["from"])
-            measured_s = record["mean_transfer_s"] / k if record and record.get("messages") else None
-            links.append({**link, "measured_transfer_s": measured_s})
         return {
             "epoch": deployment.epoch,
             "dilation": k,
             "requests": self._next_id,
             **ledger.figures(),
-            "measured": {
-                "throughput_rps": 1.0 / period_s if period_s else None,
-                "period_s": period_s,
-                "latency_p50_s": _quantile(latencies, 0.5),
-                "latency_p95_s": _quantile(latencies, 0.95),
-            },
+            "measured": stream_figures(ledger.delivered_at[self._stream_from:], ledger.latencies_s[self._stream_from:], k),
             "predicted": {"throughput_rps": plan.throughput_rps, "period_s": plan.period_s, "latency_s": plan.latency_s},
-            "stages": stages,
-            "links": links,
+            "stages": stage_figures(deployment, workers),
+            "links": link_figures(self._predicted_links, self._link_in.figures(), workers, k),
             "counters": dict(self._counters),
             "replans": self.supervisor.replans() if self.supervisor is not None else [],
             "replans_declined": self.supervisor.declined() if self.supervisor is not None else [],
@@ -564,9 +531,3 @@ class Pipeline:
         for sock, _ in self._first_links:
             sock.close(linger=0)
 
-
-def _quantile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
