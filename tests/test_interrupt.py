@@ -123,6 +123,8 @@ def test_ctrl_c_says_what_it_stops_and_ends_promptly_and_twice_stops_at_once(tmp
         os.killpg(once.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
         os.killpg(twice.pid, signal.SIGINT)
         assert out_twice.wait_for("stopping: ", 30), out_twice.text
+        # The first Ctrl-C's clean-up must still be running, or the second one has nothing to cut short.
+        second_after_s, ended_before_second = time.monotonic() - sent, twice.poll() is not None
         os.killpg(twice.pid, signal.SIGINT)  # while the first one is still stopping the workers
         once.wait(timeout=60)
         once_s = time.monotonic() - sent
@@ -134,7 +136,9 @@ def test_ctrl_c_says_what_it_stops_and_ends_promptly_and_twice_stops_at_once(tmp
         assert "stopped" in text_once.split("stopping: ", 1)[1], text_once
         assert once_s < STOP_BOUND_S, f"took {once_s:.1f} s to stop\n{text_once}"
         assert twice.returncode == 130, text_twice
-        assert "stopping at once" in text_twice, text_twice
+        assert "stopping at once" in text_twice, (
+            f"second Ctrl-C {second_after_s:.1f} s after the first; the run had "
+            f"{'already' if ended_before_second else 'not yet'} ended then\n{text_twice}")
         # A killed worker can take a moment to vanish on a loaded host (its memory is torn down
         # first); one that was never stopped would still be there after the wait.
         _, alive = psutil.wait_procs(started, timeout=10)
