@@ -469,6 +469,19 @@ def test_an_hf_reference_that_is_not_a_model_directory_is_one_clear_error(tmp_pa
         load_hf(f"hf:{tmp_path / 'broken.gguf'}")
 
 
+def test_the_gguf_reader_draws_no_progress_bar_while_partita_loads_and_its_bar_comes_back_after(capsys):
+    """transformers' GGUF reader calls tqdm directly (disable_progress_bar does not reach it)."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    from partita.model.hf import quiet_gguf_reader
+
+    with quiet_gguf_reader():
+        list(reader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "de-quantizing" not in capsys.readouterr().err
+    list(reader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "de-quantizing" in capsys.readouterr().err  # restored: only partita's own loads are quiet
+
+
 
 # --------------------------------------------------------------------------------- OpenAI-compatible API
 

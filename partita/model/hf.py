@@ -9,8 +9,11 @@ never downloads (this runs with the hub switched off), and needs the optional ex
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,12 +82,36 @@ def _load_gguf(ref: str, path: Path) -> CausalLM:
         raise ModelRefError("hf:FILE.gguf needs the gguf package: pip install 'partita[gguf]'") from exc
     where = {"gguf_file": path.name, "local_files_only": True}
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, attn_implementation="sdpa", **where)
+        with quiet_gguf_reader():
+            model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, attn_implementation="sdpa", **where)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **where)
     except Exception as exc:  # transformers raises many types for a file it cannot read
         raise ModelRefError(f"cannot load model {ref!r}: {type(exc).__name__}: {exc}") from exc
     model.hf_quantizer = None  # dequantised on load: what remains is a plain float model
     return CausalLM(path.stem, model.eval(), tokenizer)
+
+
+@contextmanager
+def quiet_gguf_reader() -> Iterator[None]:
+    """Silence the progress bar transformers' GGUF reader draws on stderr while it dequantises.
+
+    The reader uses tqdm directly, which `disable_progress_bar` does not reach; partita prints its
+    own progress, and a second bar on stderr garbles `--json` runs and terminals alike.
+    """
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:  # a transformers without GGUF support: nothing draws a bar
+        yield
+        return
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:  # a later transformers that no longer uses tqdm there
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def _tokenizer_class(transformers: Any, path: Path) -> Any:
