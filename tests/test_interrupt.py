@@ -45,7 +45,15 @@ def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [c for c in children if "partita.commands.worker" in " ".join(c.cmdline())]
+    return [c for c in children if "partita.commands.worker" in _cmdline(c)]
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    """A process's command line; "" for one that is gone or a zombie (a short-lived helper of the run's, say)."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def wait_for_workers(proc: subprocess.Popen, count: int, timeout_s: float = 120.0) -> list[psutil.Process]:
@@ -57,6 +65,17 @@ def wait_for_workers(proc: subprocess.Popen, count: int, timeout_s: float = 120.
         assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
         time.sleep(0.1)
     raise AssertionError(f"partita run did not start {count} workers within {timeout_s} s")
+
+
+def wait_until_ready(worker: psutil.Process, timeout_s: float = 120.0) -> None:
+    """Wait for a worker's ready file, which it writes once it listens (and handles SIGTERM)."""
+    args = worker.cmdline()
+    ready = Path(args[args.index("--ready-file") + 1])
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        assert worker.is_running(), f"worker {worker.pid} ended before it was ready"
+        assert time.monotonic() < deadline, f"worker {worker.pid} was not ready within {timeout_s} s"
+        time.sleep(0.05)
 
 
 def stop(proc: subprocess.Popen, workers: list[psutil.Process]) -> None:
@@ -118,6 +137,10 @@ def test_ctrl_c_says_what_it_stops_and_ends_promptly_and_twice_stops_at_once(tmp
         workdirs = {Path(w.cmdline()[w.cmdline().index("--ready-file") + 1]).parent for w in started}
         # A worker that does not stop (SIGSTOP) holds the first Ctrl-C's clean-up for up to 15 s, so the
         # second Ctrl-C surely lands while it runs: on a quick clean-up it could come after the end.
+        # It must handle SIGTERM by then (it has written its ready file): a stopped process whose
+        # SIGTERM still has the default action is killed at once by the kernel, and the clean-up is
+        # over before the second Ctrl-C (seen once in 8 runs on a loaded host).
+        wait_until_ready(twice_workers[0])
         twice_workers[0].suspend()
         sent = time.monotonic()
         os.killpg(once.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
