@@ -6,8 +6,10 @@ pydantic so that a bad file gets one message naming the file and the field, is
 `partita.cluster_file`), from the device catalog, or from measurements (`partita.runtime.measure`,
 which `deploy` and `partita run` use).
 
-Links are symmetric. A node has unlimited bandwidth and no latency to itself. The source is a node
-with its own links; when it is also a device, a stage on that device reaches it for free.
+A link carries the same bandwidth both ways unless it says otherwise (`LinkSpec.directions`: an
+ADSL line, a Wi-Fi client's slower uplink); `ClusterSpec.link(a, b)` is always the direction from a
+to b. A node has unlimited bandwidth and no latency to itself. The source is a node with its own
+links; when it is also a device, a stage on that device reaches it for free.
 
 Every figure has a basis: `declared` (written in the file), `catalog` (taken from a device type or
 a link preset) or `measured` (by a probe: `partita cluster probe`, deploy). A device that has an
@@ -115,19 +117,26 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """A symmetric link: achieved bandwidth (bytes/s; math.inf within a device) and one-way latency (s).
+    """A link: achieved bandwidth (bytes/s; math.inf within a device) and one-way latency (s).
+
+    The bandwidth is the same both ways unless `directions` gives each direction's, as (a -> b,
+    b -> a) with a and b the link's two ends in name order; `bandwidth_bytes_per_s` is then the
+    slower of the two, and `ClusterSpec.link(a, b)` returns the direction asked for (a link of its
+    own, without `directions`). The latency is the same both ways.
 
     `basis` is declared, catalog (a preset) or measured. `measured` holds what a probe found, for a
     measured link: each direction's bandwidth (`bandwidth_a_to_b`, `bandwidth_b_to_a`, a and b in
-    name order; `bandwidth_bytes_per_s` is the slower of the two, because the cost model's links
-    are symmetric), `rtt_s`, the relative spreads of the repeats (`bandwidth_spread`,
-    `latency_spread`), their count (`samples`) and whether they agreed within the target (`stable`).
+    name order; they become `directions` when they differ by more than a probe's noise, see
+    `partita.runtime.measure.probed_link`), `rtt_s`, the relative spreads of the repeats
+    (`bandwidth_spread`, `latency_spread`), their count (`samples`) and whether they agreed within
+    the target (`stable`).
     """
 
     bandwidth_bytes_per_s: float
     latency_s: float
     basis: str = field(default="declared", compare=False)
     measured: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    directions: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.basis not in BASES:
@@ -136,9 +145,24 @@ class LinkSpec:
         bw = self.bandwidth_bytes_per_s
         if isinstance(bw, bool) or not isinstance(bw, int | float) or math.isnan(bw) or bw <= 0:
             raise ClusterSpecError(f"link bandwidth_bytes_per_s must be > 0 (math.inf allowed), got {bw!r}")
+        if self.directions is not None:
+            self._check_directions()
         lat = self.latency_s
         if isinstance(lat, bool) or not isinstance(lat, int | float) or not math.isfinite(lat) or lat < 0:
             raise ClusterSpecError(f"link latency_s must be a finite number >= 0, got {lat!r}")
+
+
+    def _check_directions(self) -> None:
+        directions = tuple(self.directions or ())
+        if len(directions) != 2 or not all(positive_finite(v) or v == math.inf for v in directions):
+            raise ClusterSpecError(f"link directions must be two bandwidths > 0 (a -> b, b -> a), got {self.directions!r}")
+        there, back = (float(v) for v in directions)
+        if self.bandwidth_bytes_per_s != min(there, back):
+            raise ClusterSpecError(
+                f"a link with directions {there:g} and {back:g} bytes/s has the slower as its bandwidth_bytes_per_s, "
+                f"got {self.bandwidth_bytes_per_s:g}"
+            )
+        object.__setattr__(self, "directions", None if there == back else (there, back))
 
 
 SELF_LINK = LinkSpec(math.inf, 0.0)
@@ -191,8 +215,9 @@ class _FrozenLinks(Mapping):
 class ClusterSpec:
     """Devices, the links between nodes, and the source node where requests enter and results return.
 
-    `pair_links` maps frozenset({a, b}) to the link between nodes a and b (symmetric); every other
-    pair of distinct nodes uses `default_link`. Nodes are the devices plus the source.
+    `pair_links` maps frozenset({a, b}) to the link between nodes a and b (both directions; see
+    `LinkSpec.directions` for one whose directions differ); every other pair of distinct nodes uses
+    `default_link`, the same both ways. Nodes are the devices plus the source.
     `default_link` None: there is none; a pair not in `pair_links` is unknown until measured.
     """
 
@@ -201,6 +226,8 @@ class ClusterSpec:
     default_link: LinkSpec | None
     pair_links: Mapping[frozenset[str], LinkSpec] = field(default_factory=_FrozenLinks)
     _index: Mapping[str, DeviceSpec] = field(init=False, repr=False, compare=False, hash=False)
+    # (a, b) -> the link from a to b, for the pair links whose directions differ
+    _one_way: Mapping[tuple[str, str], LinkSpec] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         devices = tuple(self.devices)
@@ -219,6 +246,9 @@ class ClusterSpec:
             raise ClusterSpecError(f"source must be a non-empty node name, got {self.source!r}")
         if self.default_link is not None and not isinstance(self.default_link, LinkSpec):
             raise ClusterSpecError("default_link must be a LinkSpec or None")
+        if self.default_link is not None and self.default_link.directions is not None:
+            raise ClusterSpecError("the default link is the same both ways; give a link whose directions differ "
+                                   "as a pair (links.pairs, with bandwidth_b_to_a)")
         links = _FrozenLinks(self.pair_links)
         nodes = set(index) | {self.source}
         for pair, link in links.items():
@@ -233,6 +263,13 @@ class ClusterSpec:
             if not isinstance(link, LinkSpec):
                 raise ClusterSpecError(f"link {'-'.join(sorted(pair))} must be a LinkSpec")
         object.__setattr__(self, "pair_links", links)
+        one_way: dict[tuple[str, str], LinkSpec] = {}
+        for pair, link in links.items():
+            if link.directions is not None:
+                a, b = sorted(pair)
+                for ends, bandwidth in zip(((a, b), (b, a)), link.directions, strict=True):
+                    one_way[ends] = LinkSpec(bandwidth, link.latency_s, link.basis, link.measured)
+        object.__setattr__(self, "_one_way", MappingProxyType(one_way))
 
     # --- lookups -------------------------------------------------------------------------------
 
@@ -257,7 +294,10 @@ class ClusterSpec:
             ) from None
 
     def link(self, a: str, b: str) -> LinkSpec:
-        """The link between nodes a and b (symmetric); a node to itself: infinite bandwidth, no latency."""
+        """The link from node a to node b; a node to itself: infinite bandwidth, no latency.
+
+        For a pair whose directions differ, the direction a -> b alone (its `directions` is None).
+        """
         if a == b:
             return SELF_LINK
         link = self.pair_links.get(frozenset((a, b)), self.default_link)
@@ -266,7 +306,7 @@ class ClusterSpec:
                 f"the link {a}-{b} is not known: the cluster file declares no default link and no pair {a}-{b}; "
                 "measure it (`partita cluster probe`, or deploy) or declare it"
             )
-        return link
+        return self._one_way[(a, b)] if link.directions is not None else link
 
     def knows_link(self, a: str, b: str) -> bool:
         """True when the link a-b has a figure (declared, catalog or measured)."""
@@ -316,7 +356,7 @@ class ClusterSpec:
         return dataclasses.replace(self, devices=devices, pair_links=_FrozenLinks(pairs))
 
     def with_link(self, a: str, b: str, link: LinkSpec) -> ClusterSpec:
-        """A copy where the link between a and b (both directions) is `link`."""
+        """A copy where the link between a and b (both directions; `link.directions` in name order) is `link`."""
         if a == b:
             raise ClusterSpecError(f"a link joins two different nodes; got {a!r} twice")
         pairs = dict(self.pair_links)
@@ -370,7 +410,10 @@ class ClusterSpec:
 
 
 def _link_dict(link: LinkSpec) -> dict[str, Any]:
+    """A link in the file format; a pair's ends are in name order, so `directions` reads as a -> b, b -> a."""
     out: dict[str, Any] = {"bandwidth_bytes_per_s": link.bandwidth_bytes_per_s, "latency_s": link.latency_s}
+    if link.directions is not None:
+        out["bandwidth_bytes_per_s"], out["bandwidth_b_to_a"] = link.directions
     if link.basis != "declared":
         out["basis"] = link.basis
     if link.measured:

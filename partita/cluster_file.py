@@ -13,6 +13,10 @@ units or friendly spellings (see `partita.units`)::
       pairs:
         - {a: jetson, b: client, bandwidth_bytes_per_s: 1.25e8, latency_s: 0.0005}
         - {a: pi-a, b: jetson, preset: ethernet-1G}
+        - {a: client, b: pi-b, bandwidth: 50Mbit/s, bandwidth_b_to_a: 10Mbit/s, latency: 5ms}  # one way slower
+
+A link's bandwidth holds both ways, unless a pair gives `bandwidth_b_to_a`: then `bandwidth` is the
+direction a -> b alone.
 
 A device with an `address` (a running `partita worker`) may leave out its compute and memory, and
 the file may leave out its links (all of `links:` when every device has an address): deploy and
@@ -23,6 +27,7 @@ and `measured: {...}` (both directions, RTT, spreads) on a link.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -138,6 +143,16 @@ def _preset_name(value: object) -> object:
 class _PairModel(_LinkModel):
     a: str
     b: str
+    # b -> a, where it differs from a -> b (then `bandwidth` is a -> b alone): an ADSL line, a slow uplink
+    bandwidth_b_to_a: _Bandwidth | None = None
+
+    def spec(self) -> LinkSpec:
+        link = super().spec()
+        if self.bandwidth_b_to_a is None:
+            return link
+        there, back = link.bandwidth_bytes_per_s, self.bandwidth_b_to_a
+        directions = (there, back) if self.a < self.b else (back, there)  # LinkSpec's are in name order
+        return dataclasses.replace(link, bandwidth_bytes_per_s=min(directions), directions=directions)
 
 
 class _LinksModel(BaseModel):

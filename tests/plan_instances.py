@@ -11,8 +11,14 @@ from partita.cluster import ClusterSpec
 SOURCE = "src"
 
 
-def random_instance(rng: random.Random, n_devices: int, n_segments: int, *, types: int | None = None):
-    """A random profile and cluster; memory limits bind and links are unequal (a pair link each)."""
+def random_instance(rng: random.Random, n_devices: int, n_segments: int, *, types: int | None = None,
+                    one_way: bool = False):
+    """A random profile and cluster; memory limits bind and links are unequal (a pair link each).
+
+    `one_way`: each pair link also has a random bandwidth from b to a (the same as a to b one time in four).
+    """
+    if one_way and types is not None:
+        raise ValueError("one_way links are drawn per pair, which would break the interchangeable kinds of `types`")
     segments = []
     for i in range(n_segments):
         segments.append({
@@ -43,6 +49,8 @@ def random_instance(rng: random.Random, n_devices: int, n_segments: int, *, type
             pair_spec[key] = (rng.choice([1e6, 5e6, 2e7, 1e8]), rng.choice([0.0, 0.001, 0.01]))
         bandwidth, latency = pair_spec[key]
         pairs.append({"a": a, "b": b, "bandwidth_bytes_per_s": bandwidth, "latency_s": latency})
+        if one_way:
+            pairs[-1]["bandwidth_b_to_a"] = rng.choice([1e6, 5e6, 2e7, 1e8])
     cluster = ClusterSpec.from_dict({
         "source": SOURCE,
         "devices": devices,

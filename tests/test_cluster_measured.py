@@ -100,9 +100,12 @@ def test_a_probe_fills_what_is_unknown_marks_it_measured_and_keeps_both_directio
     assert a.basis_of("flops_per_s") == "measured" and a.spread["flops_per_s"] == 0.04
     client_b = spec.link("client", "b")
     assert client_b.basis == "measured"
-    assert client_b.bandwidth_bytes_per_s == 1e6  # the slower direction: the cost model's links are symmetric
     # "b" < "client": a is b, b is client; the probe went client -> b (1 MB/s) and back (2 MB/s)
     assert client_b.measured["bandwidth_a_to_b"] == 2e6 and client_b.measured["bandwidth_b_to_a"] == 1e6
+    # 2x apart, past a probe's noise: each direction is planned with its own figure
+    assert client_b.bandwidth_bytes_per_s == 1e6 and spec.link("b", "client").bandwidth_bytes_per_s == 2e6
+    client_a = spec.link("client", "a")  # 12 and 10 MB/s: within the noise, one link at the slower figure
+    assert client_a.bandwidth_bytes_per_s == spec.link("a", "client").bandwidth_bytes_per_s == 10e6
     assert client_b.measured["bandwidth_spread"] == 0.05 and client_b.measured["stable"] is False
     assert spec.unknown_figures() == []
 

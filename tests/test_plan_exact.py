@@ -14,23 +14,26 @@ from itertools import combinations
 import pytest
 from plan_instances import SOURCE, random_instance
 
-from partita.plan import plan
+from partita.plan import plan, predict
 from partita.plan.classes import group_devices
 from partita.plan.cost import CostTables
 from partita.plan.large import lower_bound_period_s
 
 
 def _link(cluster_dict_links, a, b):
+    """(bandwidth, latency) from a to b."""
     if a == b:
         return math.inf, 0.0
-    return cluster_dict_links.get(frozenset((a, b)), cluster_dict_links["default"])
+    return cluster_dict_links.get((a, b), cluster_dict_links["default"])
 
 
 def _tables(profile, cluster):
     segs = profile["segments"]
     links = {"default": (cluster.default_link.bandwidth_bytes_per_s, cluster.default_link.latency_s)}
     for pair, link in cluster.pair_links.items():
-        links[pair] = (link.bandwidth_bytes_per_s, link.latency_s)
+        a, b = sorted(pair)  # a link's `directions` are (a -> b, b -> a) in name order
+        there, back = link.directions or (link.bandwidth_bytes_per_s, link.bandwidth_bytes_per_s)
+        links[a, b], links[b, a] = (there, link.latency_s), (back, link.latency_s)
     flops = {d.name: d.flops_per_s for d in cluster.devices}
     memory = {d.name: d.memory_bytes for d in cluster.devices}
 
@@ -144,6 +147,22 @@ def test_optimal_matches_exhaustive_search_without_replication(n_devices, n_segm
         got = plan(profile, cluster, objective=objective, replicate=False)
         value = got.period_s if objective == "throughput" else got.latency_s
         assert value == pytest.approx(expected, rel=1e-9), (objective, str(got))
+
+
+@pytest.mark.parametrize(("n_devices", "n_segments", "seed"), [(2 + k % 4, 3 + (k * 5) % 8, 700 + k) for k in range(10)])
+def test_optimal_matches_exhaustive_search_on_links_slower_one_way(n_devices, n_segments, seed):
+    """Each direction of a pair has its own bandwidth: requests go out on one and come back on the other."""
+    profile, cluster, _ = random_instance(random.Random(seed), n_devices, n_segments, one_way=True)
+    assert any(link.directions for link in cluster.pair_links.values())
+    optimum = exhaustive_single(profile, cluster)
+    for objective in ("throughput", "latency"):
+        if math.isinf(optimum[objective]):
+            continue
+        got = plan(profile, cluster, objective=objective, replicate=False)
+        value = got.period_s if objective == "throughput" else got.latency_s
+        assert value == pytest.approx(optimum[objective], rel=1e-9), (objective, str(got))
+        assert predict(profile, cluster, [(s.devices[0], s.start, s.end) for s in got.stages],
+                       objective=objective).period_s == pytest.approx(got.period_s, rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -66,6 +66,21 @@ def test_topology_search_matches_exhaustive_search(seed, n, segments):
 
 @SMALL
 @given(seed=st.integers(0, 10**6), n=st.integers(2, 6), segments=st.integers(2, 8))
+def test_topology_search_matches_exhaustive_search_on_links_slower_one_way(seed, n, segments):
+    profile, cluster, _ = random_instance(random.Random(seed), n, segments, one_way=True)
+    optimum = exhaustive_single(profile, cluster)
+    _, net = _network(profile, cluster)
+    for objective in OBJECTIVES:
+        result = _search(net, objective)
+        if math.isinf(optimum[objective]):
+            assert result.chain is None
+            continue
+        assert chain_value(net, result.chain, objective) == pytest.approx(optimum[objective], rel=1e-9)
+        assert result.bound <= optimum[objective] * (1 + 1e-12)
+
+
+@SMALL
+@given(seed=st.integers(0, 10**6), n=st.integers(2, 6), segments=st.integers(2, 8))
 def test_bounds_hold_when_the_search_runs_out_of_budget(seed, n, segments):
     profile, cluster, _ = random_instance(random.Random(seed), n, segments)
     optimum = exhaustive_single(profile, cluster)

@@ -247,3 +247,22 @@ def test_a_killed_worker_mid_stream_loses_nothing_and_with_standby_ships_nothing
     failures = [r for r in replans if r["cause"] == "failure"]
     assert failures, replans
     assert failures[0]["shipped_bytes"] == 0 and failures[0]["predicted_ship_bytes"] == 0, failures
+
+
+def test_a_link_slower_one_way_is_probed_and_planned_in_each_direction(tmp_path):
+    """A host whose uplink (10 Mbit/s) is a quarter of its downlink (40), as on an ADSL line.
+
+    The probe keeps the two directions apart (they differ by more than its noise), the measured
+    cluster file says so, and the link the planner reads each way is that direction's.
+    """
+    from partita.runtime.probe import probe_cluster
+
+    with WorkerTestbed([Host("adsl", uplink_mbit=10, downlink_mbit=40)], tmp_path) as bed:
+        result = probe_cluster(bed.file, secret_key=bed.coordinator_secret)
+    spec = result.cluster
+    down, up = spec.link("client", "adsl"), spec.link("adsl", "client")
+    assert 0.8 <= down.bandwidth_bytes_per_s * 8 / 1e6 / 40 <= 1.2, down
+    assert 0.8 <= up.bandwidth_bytes_per_s * 8 / 1e6 / 10 <= 1.2, up
+    assert spec.pair_links[frozenset(("client", "adsl"))].directions is not None
+    spec.to_yaml(tmp_path / "measured.yaml")
+    assert ClusterSpec.from_yaml(tmp_path / "measured.yaml") == spec

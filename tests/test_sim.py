@@ -16,7 +16,8 @@ from partita.sim import simulate, trace
 def instances():
     for seed in range(6):
         rng = random.Random(2000 + seed)
-        profile, cluster, _ = random_instance(rng, 5, 9, types=2 if seed % 2 else None)
+        # two of the six: links slower one way (each hop of the simulation is one direction)
+        profile, cluster, _ = random_instance(rng, 5, 9, types=2 if seed % 2 else None, one_way=seed % 4 == 0)
         yield seed, profile, cluster
 
 

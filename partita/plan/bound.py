@@ -103,12 +103,12 @@ def _optimistic_cluster(tables: CostTables, cluster: ClusterSpec, groups: list[l
 
 def _best_link(bandwidth: np.ndarray, latency: np.ndarray, left: list[int], right: list[int], *,
                distinct: bool = False) -> LinkSpec:
-    """The widest bandwidth and the smallest latency over the links between the two index lists.
+    """The widest bandwidth and the smallest latency over the links between the two index lists, either way.
 
     `distinct`: leave out a node's link to itself (two stages never share a device; but a stage on the
     source's own device reaches the source for free, so that counts).
     """
-    width = bandwidth[np.ix_(left, right)].copy()
+    width = np.maximum(bandwidth[np.ix_(left, right)], bandwidth[np.ix_(right, left)].T)
     delay = latency[np.ix_(left, right)].copy()
     if distinct:
         np.fill_diagonal(width, -np.inf)

@@ -84,7 +84,8 @@ def _joins(cluster: ClusterSpec, times, name: str, members: list[str], intra: Li
     inside = set(members) | {name}
     # Links to outside nodes: only linked nodes and the source can differ from the default.
     for other in linked | {cluster.source}:
-        if other not in inside and cluster.link(name, other) != cluster.link(rep, other):
+        if other not in inside and (cluster.link(name, other) != cluster.link(rep, other)
+                                    or cluster.link(other, name) != cluster.link(other, rep)):
             return False
     wanted = intra if intra is not None else cluster.link(name, rep)
-    return all(cluster.link(name, member) == wanted for member in members)
+    return all(cluster.link(name, member) == wanted == cluster.link(member, name) for member in members)

@@ -109,7 +109,7 @@ def hop_terms(cluster: ClusterSpec, senders: Sequence[str], receivers: Sequence[
 
 
 def link_matrices(cluster: ClusterSpec, nodes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(bandwidth_bytes_per_s, latency_s) between every two of `nodes`, as len(nodes)^2 arrays.
+    """(bandwidth_bytes_per_s, latency_s) from each of `nodes` (row) to each (column), as len(nodes)^2 arrays.
 
     The same values as `cluster.link`, built from the default and the pair links in O(n^2 + pairs).
     """
@@ -121,10 +121,11 @@ def link_matrices(cluster: ClusterSpec, nodes: Sequence[str]) -> tuple[np.ndarra
     bandwidth = np.full((n, n), default.bandwidth_bytes_per_s if default else math.nan, dtype=np.float64)
     latency = np.full((n, n), default.latency_s if default else math.nan, dtype=np.float64)
     for pair, link in cluster.pair_links.items():
-        a, b = tuple(pair)
+        a, b = sorted(pair)  # `directions` are in name order
+        there, back = link.directions or (link.bandwidth_bytes_per_s, link.bandwidth_bytes_per_s)
         for i in index.get(a, ()):
             for j in index.get(b, ()):
-                bandwidth[i, j] = bandwidth[j, i] = link.bandwidth_bytes_per_s
+                bandwidth[i, j], bandwidth[j, i] = there, back
                 latency[i, j] = latency[j, i] = link.latency_s
     for positions in index.values():  # a node to itself (also when it is listed twice)
         for i in positions:

@@ -55,7 +55,7 @@ SECONDS_PER_TRANSITION = 3.0e-5
 
 
 class _Links:
-    """Per-(class, class) link terms and source links, as bandwidth and latency arrays."""
+    """Per-(class, class) link terms (from row to column), and the links from and to the source, as arrays."""
 
     def __init__(self, cluster: ClusterSpec, classes: list[DeviceClass]) -> None:
         k = len(classes)
@@ -70,6 +70,8 @@ class _Links:
                 self.bw[a, b], self.lat[a, b] = link.bandwidth_bytes_per_s, link.latency_s
         self.src_bw = np.array([cluster.link(cluster.source, c.members[0]).bandwidth_bytes_per_s for c in classes])
         self.src_lat = np.array([cluster.link(cluster.source, c.members[0]).latency_s for c in classes])
+        self.dst_bw = np.array([cluster.link(c.members[0], cluster.source).bandwidth_bytes_per_s for c in classes])
+        self.dst_lat = np.array([cluster.link(c.members[0], cluster.source).latency_s for c in classes])
 
 
 def solve(tables: CostTables, cluster: ClusterSpec, classes: list[DeviceClass], caps: list[int], *,
@@ -155,8 +157,8 @@ def solve(tables: CostTables, cluster: ClusterSpec, classes: list[DeviceClass], 
             if not np.isfinite(value[L]):
                 continue
             _, c, rc = key
-            out = cut[L] / links.src_bw[c]
-            final = max(value[L], out / rc) if throughput else value[L] + links.src_lat[c] + out
+            out = cut[L] / links.dst_bw[c]
+            final = max(value[L], out / rc) if throughput else value[L] + links.dst_lat[c] + out
             if best_here is None or final < best_here[0]:
                 best_here = (final, key)
         if best_here is not None:

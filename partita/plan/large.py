@@ -53,9 +53,11 @@ def lower_bound_period_s(tables: CostTables, cluster: ClusterSpec, classes: list
         bound = max(bound, float(tables.flops.sum()) / sum(c.size * c.spec.flops for c in usable))
     if not replicate:
         bound = max(bound, float(fastest.max()))
-    bandwidths = [cluster.link(cluster.source, name).bandwidth_bytes_per_s for c in usable for name in c.members]
-    reach = sum(bandwidths) if replicate else max(bandwidths)
-    for nbytes in (tables.cut_bytes[0], tables.cut_bytes[L]):
+    names = [name for c in usable for name in c.members]
+    for nbytes, ends in ((tables.cut_bytes[0], [(cluster.source, name) for name in names]),
+                         (tables.cut_bytes[L], [(name, cluster.source) for name in names])):
+        bandwidths = [cluster.link(*pair).bandwidth_bytes_per_s for pair in ends]
+        reach = sum(bandwidths) if replicate else max(bandwidths)
         bound = max(bound, float(nbytes) / reach)
     return bound
 

@@ -47,6 +47,7 @@ rule fires (then it calls the planner once); the policy is not thread-safe: call
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -217,7 +218,11 @@ class ReplanPolicy:
 
     def observe_link(self, a: str, b: str, *, time_s: float, bandwidth_bytes_per_s: float | None = None,
                      latency_s: float | None = None) -> None:
-        """The link a-b (symmetric) was measured at `time_s`: its bandwidth and/or its one-way latency."""
+        """The link from a to b was measured at `time_s`: its bandwidth and/or its one-way latency.
+
+        A drifting bandwidth is planned with for both directions of the pair (the traffic of a chain
+        crosses a pair one way); its baseline is the believed a -> b direction.
+        """
         if self._skip(a) or self._skip(b):
             return
         if a == b:
@@ -465,10 +470,14 @@ class ReplanPolicy:
             {"compute_factor": factors, "bandwidth_bytes_per_s": bandwidths, "latency_s": latencies}[kind][key] = (
                 signal.planning_value())
         links = {}
+        believed = self._believed()
         for pair in set(bandwidths) | set(latencies):
             a, b = sorted(pair)
-            link = self._believed().link(a, b)
-            links[pair] = LinkSpec(bandwidths.get(pair, link.bandwidth_bytes_per_s), latencies.get(pair, link.latency_s))
+            link = believed.pair_links.get(pair) or believed.link(a, b)
+            if pair in bandwidths:  # measured on the traffic's way, and taken for both (as observe_link says)
+                links[pair] = LinkSpec(bandwidths[pair], latencies.get(pair, link.latency_s))
+            else:  # only the latency drifted: each direction keeps its bandwidth
+                links[pair] = dataclasses.replace(link, latency_s=latencies[pair])
         present = self._believed().names
         named = [d for d in present if d in self._measured or factors.get(d, 1.0) != 1.0]
         times = scaled_segment_times({d: self._base[d] for d in named}, factors)

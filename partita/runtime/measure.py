@@ -30,6 +30,8 @@ from partita.runtime.wire import blob_tensor
 
 PROFILE_TIMEOUT_S = 600.0
 PROBE_TIMEOUT_S = 120.0
+#: A measured link's directions are planned apart when one is more than this many times the other.
+ASYMMETRY = 1.5
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,11 @@ def measured_device_figures(device: Any, info: Mapping[str, Any]) -> dict[str, A
 def probed_link(prober: str, probed: str, figures: Mapping[str, Any]) -> LinkSpec:
     """The measured LinkSpec of a probe's figures (`measure_link`'s dict) from `prober` to `probed`.
 
-    Its bandwidth is the slower direction's (the cost model's links are symmetric); `measured`
-    keeps both directions, named by the ends in name order, with the RTT and the spreads.
+    Directions that differ by more than `ASYMMETRY` times become the link's `directions`, each
+    planned with its own bandwidth; closer ones are one link at the slower figure (two probes of a
+    link shaped the same both ways differ by up to 20-40% on a busy host, and a plan should not
+    follow that noise). `measured` keeps both directions, named by the ends in name order, with the
+    RTT and the spreads.
     """
     forward = float(figures["bandwidth_bytes_per_s"])
     backward = float(figures.get("bandwidth_back_bytes_per_s") or forward)
@@ -105,7 +110,8 @@ def probed_link(prober: str, probed: str, figures: Mapping[str, Any]) -> LinkSpe
         "samples": int(figures.get("samples") or 1),
         "stable": bool(figures.get("stable", True)),
     }
-    return LinkSpec(min(forward, backward), float(figures["latency_s"]), "measured", measured)
+    directions = (ab, ba) if max(ab, ba) > ASYMMETRY * min(ab, ba) else None
+    return LinkSpec(min(forward, backward), float(figures["latency_s"]), "measured", measured, directions)
 
 
 def measure(
