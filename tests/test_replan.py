@@ -542,3 +542,16 @@ def test_failure_plans_are_the_plans_a_failure_of_each_device_switches_to(cluste
         policy = ReplanPolicy(PROFILE, cluster, plan(PROFILE, cluster))
         policy.on_failure([device], time_s=1.0)
         assert policy.decide(1.0).plan == expected and device not in expected.devices
+
+
+def test_a_drifting_latency_keeps_each_direction_of_a_link_slower_one_way():
+    """Only the latency of a link whose directions differ drifts: the figures planned with keep both bandwidths."""
+    pair = {"a": "client", "b": "a", "bandwidth_bytes_per_s": 1e8, "bandwidth_b_to_a": 1e7, "latency_s": 0.001}
+    cluster = make_cluster(pairs=[pair])
+    policy = ReplanPolicy(PROFILE, cluster, plan(PROFILE, cluster))
+    for k in range(100):
+        policy.observe_link("client", "a", latency_s=0.001 if k < 20 else 0.05, time_s=k * 0.1)
+    believed = policy.failure_scenarios().cluster
+    assert believed.link("client", "a").latency_s == pytest.approx(0.05, rel=0.05)  # the drift is taken
+    assert believed.link("client", "a").bandwidth_bytes_per_s == 1e8
+    assert believed.link("a", "client").bandwidth_bytes_per_s == 1e7
