@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/planner.py [--quick]
 
-Prints five tables (plus the simulator's speed and agreement) and writes
+Prints six tables (plus the simulator's speed and agreement) and writes
 benchmarks/results/planner.json. Everything is measured in this run; nothing is hard-coded.
 1. optimality gap of `optimal` against an exhaustive search on random instances with a link per
    pair (up to 8 devices; must be 0);
@@ -13,6 +13,9 @@ benchmarks/results/planner.json. Everything is measured in this run; nothing is 
 5. topology: geometric fields of 5 to 100 devices (every pair its own link), several seeds:
    period and latency against `seifer` and the best other baseline, the gap to the certified bound,
    plan time, and whether a field's plan is ever worse than the plan on a subset of its devices.
+6. links slower one way (ADSL, LTE, Wi-Fi uplinks): the plan made with each direction's bandwidth
+   against the plan made with the slower direction both ways (what partita did before it planned
+   directions), both simulated on the real, one-way links.
 """
 
 from __future__ import annotations
@@ -360,10 +363,81 @@ def _whole_process_seconds(profile, cluster: ClusterSpec) -> float:
         return time.perf_counter() - started
 
 
+# --- 6. links slower one way ------------------------------------------------------------------------------
+
+
+def one_way_clusters() -> dict[str, ClusterSpec]:
+    """Clusters whose source links are slower up than down, as home and mobile links are."""
+    def build(devices: list[dict], pairs: list[dict], default: str) -> ClusterSpec:
+        return ClusterSpec.from_dict({"source": "client", "devices": devices,
+                                      "links": {"default": default, "pairs": pairs}})
+
+    def access(name: str, up: str, down: str, latency: str) -> dict:
+        """The link from `name` to the client (`up`) and back (`down`)."""
+        return {"a": name, "b": "client", "bandwidth": up, "bandwidth_b_to_a": down, "latency": latency}
+
+    pis = [{"name": f"pi-{i}", "type": "raspberry-pi-4"} for i in range(3)]
+    return {
+        "home + cloud T4 over ADSL (client up 10, down 50 Mbit/s)": build(
+            [{"name": "laptop", "type": "laptop-i7-1165g7"}, {"name": "cloud", "type": "nvidia-t4"}],
+            [{"a": "client", "b": "cloud", "bandwidth": "10Mbit/s", "bandwidth_b_to_a": "50Mbit/s", "latency": "15ms"},
+             {"a": "laptop", "b": "cloud", "bandwidth": "10Mbit/s", "bandwidth_b_to_a": "50Mbit/s", "latency": "15ms"}],
+            "wifi5"),
+        "3 Pi 4 + Orin on Wi-Fi, uplinks a third of downlinks": build(
+            [*pis, {"name": "orin", "type": "jetson-orin-nano"}],
+            [access(d["name"], "30Mbit/s", "90Mbit/s", "3ms") for d in [*pis, {"name": "orin"}]], "wifi4"),
+        "Orin + laptop on LTE (up 10, down 40 Mbit/s)": build(
+            [{"name": "orin", "type": "jetson-orin-nano"}, {"name": "laptop", "type": "laptop-i7-1165g7"}],
+            [access("orin", "10Mbit/s", "40Mbit/s", "40ms"), access("laptop", "40Mbit/s", "10Mbit/s", "40ms")],
+            "ethernet-1G"),
+    }
+
+
+def slower_both_ways(cluster: ClusterSpec) -> ClusterSpec:
+    """The same cluster with every pair at its slower direction both ways."""
+    from partita.cluster import LinkSpec
+
+    for pair, link in cluster.pair_links.items():
+        a, b = sorted(pair)
+        cluster = cluster.with_link(a, b, LinkSpec(link.bandwidth_bytes_per_s, link.latency_s, link.basis))
+    return cluster
+
+
+def bench_one_way(quick: bool) -> list[dict]:
+    profiles = {name: load_profile(PROFILES / f"{name}.json") for name in MODELS}
+    requests = 300 if quick else 2000
+    table = Table(title="6. links slower one way: planned with each direction against the slower both ways "
+                        "(simulated on the real links; × = each way / slower both ways)")
+    for column in ("cluster", "model", "objective", "each way", "slower both ways", "×", "same plan"):
+        table.add_column(column, justify="left" if column in ("cluster", "model", "objective") else "right")
+    rows = []
+    for cluster_name, cluster in one_way_clusters().items():
+        symmetric = slower_both_ways(cluster)
+        for model, profile in profiles.items():
+            for objective in ("throughput", "latency"):
+                try:
+                    each, both = plan(profile, cluster, objective=objective), plan(profile, symmetric, objective=objective)
+                except PlanError:
+                    continue
+                if objective == "throughput":
+                    values = [simulate(p, cluster, profile, requests=requests).throughput_rps for p in (each, both)]
+                    cells, ratio = [f"{v:.3g} req/s" for v in values], values[0] / values[1]
+                else:
+                    values = [simulate(p, cluster, profile, requests=1, in_flight=1).latency_mean_s for p in (each, both)]
+                    cells, ratio = [f"{v * 1e3:.1f} ms" for v in values], values[1] / values[0]
+                same = [s.devices for s in each.stages] == [s.devices for s in both.stages] and each.cuts() == both.cuts()
+                rows.append({"cluster": cluster_name, "model": model, "objective": objective, "each_way": values[0],
+                             "slower_both_ways": values[1], "ratio": ratio, "same_plan": same})
+                table.add_row(cluster_name, model, objective, *cells, f"{ratio:.2f}×", "yes" if same else "no")
+        table.add_section()
+    console.print(table)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer instances and requests (CI smoke run)")
-    parser.add_argument("--only", choices=["exactness", "scale", "baselines", "defer", "topology"],
+    parser.add_argument("--only", choices=["exactness", "scale", "baselines", "defer", "topology", "one_way"],
                         help="run one table (the JSON then holds only that one)")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -373,6 +447,7 @@ def main() -> None:
         "baselines": bench_baselines,
         "defer": bench_defer,
         "topology": lambda: bench_topology(args.quick),
+        "one_way": lambda: bench_one_way(args.quick),
     }
     results = {name: run() for name, run in tables.items() if args.only in (None, name)}
     results["total_s"] = time.perf_counter() - started

@@ -22,6 +22,7 @@ Nothing is sent anywhere but the addresses of the namespaces this object made.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -33,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from partita.errors import PartitaError
+
+# Testbeds made by this process so far: the second and later get names of their own (they may coexist).
+_made_here = itertools.count()
 
 
 class TestbedError(PartitaError):
@@ -90,7 +94,9 @@ class Testbed:
         self.hosts = {h.name: h for h in hosts}
         subnet = subnet or _free_subnet()
         self.subnet = subnet
-        self.prefix = prefix or f"pt{os.getpid() % 100000}"
+        made = next(_made_here)
+        # Interface names are at most 15 characters: "pt12345x1c" is the longest the root end gets.
+        self.prefix = prefix or f"pt{os.getpid() % 100000}" + (f"x{made}" if made else "")
         self.hub = f"{self.prefix}-hub"
         self.coordinator_address = f"{subnet}.1"
         self._made: list[str] = []

@@ -146,6 +146,7 @@ def test_cluster_probe_writes_a_measured_cluster_that_plans_the_same_three_times
             for figure in ("bandwidth_bytes_per_s", "bandwidth_back_bytes_per_s"):
                 mbit = r[figure] * 8 / 1e6
                 assert 0.8 <= mbit / shaped_mbit(r["from"], r["to"]) <= 1.2, (r, figure)
+            assert not r["planned_each_way"], r  # shaped the same both ways: one link, at the slower figure
         print("probe", run, [(r["from"], r["to"], round(r["bandwidth_bytes_per_s"] * 8e-6, 1),
                               round(r["bandwidth_back_bytes_per_s"] * 8e-6, 1), r["samples"]) for r in result["links"]],
               "unstable:", result["unstable"])
@@ -255,11 +256,14 @@ def test_a_link_slower_one_way_is_probed_and_planned_in_each_direction(tmp_path)
     The probe keeps the two directions apart (they differ by more than its noise), the measured
     cluster file says so, and the link the planner reads each way is that direction's.
     """
+    from partita.commands.cluster import probe_json
     from partita.runtime.probe import probe_cluster
 
     with WorkerTestbed([Host("adsl", uplink_mbit=10, downlink_mbit=40)], tmp_path) as bed:
         result = probe_cluster(bed.file, secret_key=bed.coordinator_secret)
     spec = result.cluster
+    [row] = probe_json(result, spec, tmp_path / "measured.yaml", result.unstable)["links"]
+    assert row["planned_each_way"], row
     down, up = spec.link("client", "adsl"), spec.link("adsl", "client")
     assert 0.8 <= down.bandwidth_bytes_per_s * 8 / 1e6 / 40 <= 1.2, down
     assert 0.8 <= up.bandwidth_bytes_per_s * 8 / 1e6 / 10 <= 1.2, up

@@ -111,7 +111,9 @@ def _link_rows(result: Any) -> list[dict[str, Any]]:
         rows.append({"from": prober, "to": probed, "bandwidth_bytes_per_s": forward,
                      "bandwidth_back_bytes_per_s": backward, "rtt_s": m["rtt_s"],
                      "bandwidth_spread": m["bandwidth_spread"], "latency_spread": m["latency_spread"],
-                     "samples": m["samples"], "stable": m["stable"]})
+                     "samples": m["samples"], "stable": m["stable"],
+                     # planned with each direction's figure (they differ past a probe's noise), or the slower both ways
+                     "planned_each_way": link.directions is not None})
     return rows
 
 
@@ -150,13 +152,14 @@ def _print(console: Any, result: Any, out: Path, unstable: list[str]) -> None:
         devices.add_row(d.name, compute, memory, runs_on, basis)
     console.print(devices)
     links = Table(title="links (measured both ways)")
-    for column in ("from", "to", "Mbit/s →", "Mbit/s ←", "RTT ms", "spread", "repeats", "stable"):
+    for column in ("from", "to", "Mbit/s →", "Mbit/s ←", "RTT ms", "spread", "repeats", "stable", "planned"):
         links.add_column(column, justify="left" if column in ("from", "to") else "right")
     for row in _link_rows(result):
         links.add_row(row["from"], row["to"], f"{row['bandwidth_bytes_per_s'] * 8 / 1e6:.1f}",
                       f"{row['bandwidth_back_bytes_per_s'] * 8 / 1e6:.1f}", f"{row['rtt_s'] * 1e3:.2f}",
                       f"±{row['bandwidth_spread']:.0%}", str(row["samples"]),
-                      "yes" if row["stable"] else "[yellow]no[/]")
+                      "yes" if row["stable"] else "[yellow]no[/]",
+                      "each way" if row["planned_each_way"] else "slower, both ways")
     console.print(links)
     if unstable:
         console.print(f"[yellow]not stable within ±10%:[/] {'; '.join(unstable)}", highlight=False)

@@ -91,9 +91,10 @@ def probed_link(prober: str, probed: str, figures: Mapping[str, Any]) -> LinkSpe
     """The measured LinkSpec of a probe's figures (`measure_link`'s dict) from `prober` to `probed`.
 
     Directions that differ by more than `ASYMMETRY` times become the link's `directions`, each
-    planned with its own bandwidth; closer ones are one link at the slower figure (two probes of a
-    link shaped the same both ways differ by up to 20-40% on a busy host, and a plan should not
-    follow that noise). `measured` keeps both directions, named by the ends in name order, with the
+    planned with its own bandwidth; closer ones are one link at the slower figure. A probe is held
+    to within 20% of a link's rate each way (the real-network tests' band), so the two directions
+    of a link shaped the same both ways may read up to 1.5x apart, and a plan should not follow
+    that noise. `measured` keeps both directions, named by the ends in name order, with the
     RTT and the spreads.
     """
     forward = float(figures["bandwidth_bytes_per_s"])
