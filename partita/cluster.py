@@ -151,7 +151,6 @@ class LinkSpec:
         if isinstance(lat, bool) or not isinstance(lat, int | float) or not math.isfinite(lat) or lat < 0:
             raise ClusterSpecError(f"link latency_s must be a finite number >= 0, got {lat!r}")
 
-
     def _check_directions(self) -> None:
         directions = tuple(self.directions or ())
         if len(directions) != 2 or not all(positive_finite(v) or v == math.inf for v in directions):
