@@ -555,3 +555,17 @@ def test_a_drifting_latency_keeps_each_direction_of_a_link_slower_one_way():
     assert believed.link("client", "a").latency_s == pytest.approx(0.05, rel=0.05)  # the drift is taken
     assert believed.link("client", "a").bandwidth_bytes_per_s == 1e8
     assert believed.link("a", "client").bandwidth_bytes_per_s == 1e7
+
+
+@pytest.mark.parametrize(("sender", "receiver"), [("client", "a"), ("a", "client")])
+def test_a_drifting_bandwidth_replaces_the_direction_it_was_measured_on(sender, receiver):
+    """client -> a is 1e8 and a -> client 1e7; the direction measured drops to 1e6, the other keeps its figure."""
+    pair = {"a": "client", "b": "a", "bandwidth_bytes_per_s": 1e8, "bandwidth_b_to_a": 1e7, "latency_s": 0.001}
+    cluster = make_cluster(pairs=[pair])
+    policy = ReplanPolicy(PROFILE, cluster, plan(PROFILE, cluster))
+    before = cluster.link(sender, receiver).bandwidth_bytes_per_s
+    for k in range(100):
+        policy.observe_link(sender, receiver, bandwidth_bytes_per_s=before if k < 20 else 1e6, time_s=k * 0.1)
+    believed = policy.failure_scenarios().cluster
+    assert believed.link(sender, receiver).bandwidth_bytes_per_s == pytest.approx(1e6, rel=0.05)
+    assert believed.link(receiver, sender) == cluster.link(receiver, sender)

@@ -152,6 +152,7 @@ class ReplanPolicy:
         self._measured = set(segment_times_s or ())  # devices planned with measured times
         self._plan: Plan | None = current
         self._signals: dict[tuple[str, Any], Signal] = {}
+        self._measured_way: dict[frozenset[str], tuple[str, str]] = {}  # pair -> the direction its bandwidth was measured
         self._lost_pending: list[str] = []
         self._joined_pending: list[str] = []
         self._last_switch_s: float | None = None
@@ -220,8 +221,9 @@ class ReplanPolicy:
                      latency_s: float | None = None) -> None:
         """The link from a to b was measured at `time_s`: its bandwidth and/or its one-way latency.
 
-        A drifting bandwidth is planned with for both directions of the pair (the traffic of a chain
-        crosses a pair one way); its baseline is the believed a -> b direction.
+        A bandwidth is the direction a -> b's (its baseline is the believed a -> b figure; a chain's
+        traffic crosses a pair one way). When it drifts, it replaces that direction of a link slower
+        one way, and both directions of a link that is the same both ways.
         """
         if self._skip(a) or self._skip(b):
             return
@@ -234,6 +236,7 @@ class ReplanPolicy:
                 raise PlanError(f"measured bandwidth of {a}-{b} must be > 0 bytes/s, got {bandwidth_bytes_per_s!r}")
             signal = self._signal(("bandwidth_bytes_per_s", pair), link.bandwidth_bytes_per_s, 0.0)
             signal.observe(bandwidth_bytes_per_s, time_s)
+            self._measured_way[pair] = (a, b)
         if latency_s is not None:
             signal = self._signal(("latency_s", pair), link.latency_s, self.rule.latency_floor_s)
             signal.observe(latency_s, time_s)
@@ -474,10 +477,15 @@ class ReplanPolicy:
         for pair in set(bandwidths) | set(latencies):
             a, b = sorted(pair)
             link = believed.pair_links.get(pair) or believed.link(a, b)
-            if pair in bandwidths:  # measured on the traffic's way, and taken for both (as observe_link says)
-                links[pair] = LinkSpec(bandwidths[pair], latencies.get(pair, link.latency_s))
-            else:  # only the latency drifted: each direction keeps its bandwidth
-                links[pair] = dataclasses.replace(link, latency_s=latencies[pair])
+            latency = latencies.get(pair, link.latency_s)
+            if pair not in bandwidths:  # only the latency drifted: each direction keeps its bandwidth
+                links[pair] = dataclasses.replace(link, latency_s=latency)
+            elif link.directions is None:  # the same both ways: the drifted figure holds both ways
+                links[pair] = LinkSpec(bandwidths[pair], latency)
+            else:  # slower one way: the direction it was measured on drifted, the other keeps its figure
+                measured = self._measured_way.get(pair, (a, b)) == (a, b)
+                directions = (bandwidths[pair], link.directions[1]) if measured else (link.directions[0], bandwidths[pair])
+                links[pair] = LinkSpec(min(directions), latency, directions=directions)
         present = self._believed().names
         named = [d for d in present if d in self._measured or factors.get(d, 1.0) != 1.0]
         times = scaled_segment_times({d: self._base[d] for d in named}, factors)
@@ -536,6 +544,8 @@ class ReplanPolicy:
         """Drop a departed device's figures: when it returns, it starts as profiled."""
         for key in [k for k in self._signals if k[1] == name or (isinstance(k[1], frozenset) and name in k[1])]:
             del self._signals[key]
+        for pair in [p for p in self._measured_way if name in p]:
+            del self._measured_way[pair]
 
 
 def _label(key: Any) -> str:
