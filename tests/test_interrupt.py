@@ -139,7 +139,7 @@ def test_ctrl_c_says_what_it_stops_and_ends_promptly_and_twice_stops_at_once(tmp
         # second Ctrl-C surely lands while it runs: on a quick clean-up it could come after the end.
         # It must handle SIGTERM by then (it has written its ready file): a stopped process whose
         # SIGTERM still has the default action is killed at once by the kernel, and the clean-up is
-        # over before the second Ctrl-C (seen once in 8 runs on a loaded host).
+        # over before the second Ctrl-C (4 of 17 runs on a loaded host, before this wait).
         wait_until_ready(twice_workers[0])
         twice_workers[0].suspend()
         sent = time.monotonic()
