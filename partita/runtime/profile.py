@@ -136,7 +136,10 @@ def measure_link(
     `emulate` = (bandwidth_bytes_per_s, latency_s) shapes the probe as the runtime shapes
     activations on an emulated link (None in either place: not shaped), in both directions,
     with the world `dilation` times slower than real time; the figures returned are then in
-    device time (real / dilation), and the same both ways (the emulation is symmetric). Without
+    device time (real / dilation), and the same both ways: an emulated probe shapes both directions
+    with the one figure it is given (the link prober -> probed), even where the emulated link is
+    slower one way (`LinkSpec.directions`; those are declared, and deploy probes them only when
+    asked to probe every link). Without
     it the probe measures the real transport, in real seconds (`dilation` is ignored).
     """
     shape = _probe_shaper(emulate, dilation)
