@@ -186,7 +186,7 @@ def test_spec_values_are_checked_when_built_in_code():
                     {frozenset(("a", "ghost")): LinkSpec(1e6, 0.0)})
 
 
-@pytest.mark.parametrize("name", ["home-edge.yaml", "defer-8.yaml", "mixed-gpu.yaml", "tiny-2.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_example_clusters_load(name):
     spec = ClusterSpec.from_yaml(EXAMPLES / name)
     assert spec.devices

@@ -6,17 +6,20 @@ is always the direction from a to b, and every planner, the simulator and the em
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from partita.cluster import ClusterSpec, LinkSpec
 from partita.errors import ClusterSpecError
-from partita.plan import plan, predict
+from partita.plan import load_profile, plan, predict
 from partita.plan.classes import group_devices
 from partita.runtime.local import LocalCluster
 from partita.runtime.measure import ASYMMETRY, probed_link
 from partita.sim import simulate
 
 MB = 1e6
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cluster(**pair_b) -> ClusterSpec:
@@ -125,3 +128,14 @@ def test_the_emulation_shapes_each_direction_with_its_own_bandwidth():
     local = LocalCluster(cluster())  # not started: which link it would emulate is a lookup
     assert local.emulated_link("client", "fast").bandwidth_bytes_per_s == 100 * MB
     assert local.emulated_link("fast", "client").bandwidth_bytes_per_s == 1 * MB
+
+
+def test_on_the_lte_example_a_large_input_goes_down_one_device_and_the_result_up_the_other():
+    """examples/clusters/lte-2.yaml: the Orin downloads fast and the laptop uploads fast; BERT-base's 593 kB each way."""
+    spec = ClusterSpec.from_yaml(ROOT / "examples" / "clusters" / "lte-2.yaml")
+    profile = load_profile(ROOT / "benchmarks" / "profiles" / "bert_base.json")
+    chosen = plan(profile, spec)
+    assert [s.devices for s in chosen.stages] == [("orin",), ("laptop",)]
+    slower = ClusterSpec.from_dict({**spec.to_dict(), "links": {"default": "ethernet-1G", "pairs": [
+        {"a": n, "b": "client", "bandwidth": "10Mbit/s", "latency": "40ms"} for n in ("orin", "laptop")]}})
+    assert chosen.throughput_rps > 3.9 * plan(profile, slower).throughput_rps  # 40 against 10 Mbit/s each way
