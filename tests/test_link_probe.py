@@ -122,7 +122,10 @@ def test_a_local_cluster_probes_nothing_unless_asked_and_then_measures_its_emula
         "source": "client",
         "devices": [{"name": n, "flops_per_s": 1e9, "memory_bytes": 2**30, "speed": 0.5} for n in ("a", "b")],
         "links": {"default": {"bandwidth": "50MB/s", "latency": "1ms"},
-                  "pairs": [{"a": "a", "b": "b", "bandwidth": "20MB/s", "latency": "4ms"}]},
+                  "pairs": [{"a": "a", "b": "b", "bandwidth": "20MB/s", "latency": "4ms"},
+                            # slower one way: b -> client at a quarter of client -> b
+                            {"a": "client", "b": "b", "bandwidth": "50MB/s", "bandwidth_b_to_a": "12.5MB/s",
+                             "latency": "1ms"}]},
     })
     model, x = mlp(), torch.randn(4, 32)
     with partita.LocalCluster(spec) as local:
@@ -134,5 +137,7 @@ def test_a_local_cluster_probes_nothing_unless_asked_and_then_measures_its_emula
     probed = links[("a", "b")]
     assert 0.5 <= probed.bandwidth_bytes_per_s / bandwidth <= 1.5
     assert 0.75 <= probed.latency_s / latency_s <= 2.0
-    for pair in (("client", "a"), ("client", "b")):
-        assert 0.5 <= links[pair].bandwidth_bytes_per_s / 50e6 <= 1.5
+    assert 0.5 <= links[("client", "a")].bandwidth_bytes_per_s / 50e6 <= 1.5
+    assert links[("client", "a")].directions is None
+    to_client, from_client = links[("client", "b")].directions  # in name order: b -> client, client -> b
+    assert 0.5 <= to_client / 12.5e6 <= 1.5 and 0.5 <= from_client / 50e6 <= 1.5

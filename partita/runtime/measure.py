@@ -229,13 +229,13 @@ def probe(session: Session, pairs: Sequence[tuple[str, str]], *,
     """Measure each (prober, probed) link; the source's from this process, the others by the prober's worker.
 
     One link at a time: probes that overlapped would share a device's access link and halve each
-    other's figures. `on_link` is called after each (for a progress display).
+    other's figures. `on_link` is called after each (for a progress display). An emulated link
+    slower one way is probed twice, once shaped as each direction (an emulated probe shapes both of
+    its directions alike), and keeps each run's figure for its own direction.
     """
-    from partita.runtime.profile import measure_link
-
     if not pairs:
         return {}
-    cluster, infos = session.cluster, session.hello()
+    cluster = session.cluster
     source = cluster.spec.source
     public = session.public_keys()
     probers: dict[str, list[str]] = {}
@@ -246,36 +246,42 @@ def probe(session: Session, pairs: Sequence[tuple[str, str]], *,
         session.clients[b].send(Allow(tuple(prober_keys)))
     links = {}
     for a, b in pairs:
-        setting = link_setting(cluster, a, b)
-        key = public.get(b)
-        if a == source:
-            sock = session.context.socket(zmq.DEALER)
-            keys = session.keys
-            plain = keys is None or not key
-            apply_client(sock, None if plain or keys is None else (keys.public, keys.secret),
-                         None if plain or key is None else key.encode(), insecure=plain)
-            try:
-                sock.connect(str(infos[b]["data"]))
-                result = measure_link(sock, emulate=(setting.bandwidth_bytes_per_s, setting.latency_s),
-                                      dilation=cluster.dilation)
-            finally:
-                sock.close(linger=0)
-            links[(a, b)] = probed_link(a, b, result)
-            if on_link is not None:
-                on_link((a, b), links[(a, b)])
-            continue
-        command = Probe(str(infos[b]["data"]), key, setting.bandwidth_bytes_per_s, setting.latency_s)
-        try:
-            reply = session.clients[a].send(command, timeout_s=PROBE_TIMEOUT_S)
-        except WorkerError as exc:
-            raise DeployError(f"could not probe the link {a}-{b}: {exc}") from None
-        if not isinstance(reply, Probed):
-            raise DeployError(f"worker {a} answered probe with {reply.KIND!r}")
-        links[(a, b)] = probed_link(a, b, {**reply.fields, "bandwidth_bytes_per_s": reply.bandwidth_bytes_per_s,
-                                           "latency_s": reply.latency_s})
+        setting, back = link_setting(cluster, a, b), link_setting(cluster, b, a)
+        figures = _probe_one(session, a, b, setting)
+        if back != setting:
+            returned = _probe_one(session, a, b, back)
+            figures.update({key: returned[key] for key in ("bandwidth_back_bytes_per_s", "bandwidth_back_spread")})
+        links[(a, b)] = probed_link(a, b, figures)
         if on_link is not None:
             on_link((a, b), links[(a, b)])
     return links
+
+
+def _probe_one(session: Session, a: str, b: str, setting: Any) -> dict[str, Any]:
+    """`measure_link`'s figures of the link from a to b, shaped (when emulated) as `setting`."""
+    from partita.runtime.profile import measure_link
+
+    cluster, infos, key = session.cluster, session.hello(), session.public_keys().get(b)
+    if a == cluster.spec.source:
+        sock = session.context.socket(zmq.DEALER)
+        keys = session.keys
+        plain = keys is None or not key
+        apply_client(sock, None if plain or keys is None else (keys.public, keys.secret),
+                     None if plain or key is None else key.encode(), insecure=plain)
+        try:
+            sock.connect(str(infos[b]["data"]))
+            return measure_link(sock, emulate=(setting.bandwidth_bytes_per_s, setting.latency_s),
+                                dilation=cluster.dilation)
+        finally:
+            sock.close(linger=0)
+    command = Probe(str(infos[b]["data"]), key, setting.bandwidth_bytes_per_s, setting.latency_s)
+    try:
+        reply = session.clients[a].send(command, timeout_s=PROBE_TIMEOUT_S)
+    except WorkerError as exc:
+        raise DeployError(f"could not probe the link {a}-{b}: {exc}") from None
+    if not isinstance(reply, Probed):
+        raise DeployError(f"worker {a} answered probe with {reply.KIND!r}")
+    return {**reply.fields, "bandwidth_bytes_per_s": reply.bandwidth_bytes_per_s, "latency_s": reply.latency_s}
 
 
 def host_profile(segments: Sequence[Any], inputs: tuple, *, reps: int, threads: int) -> tuple[float, ...]:

@@ -137,9 +137,8 @@ def measure_link(
     activations on an emulated link (None in either place: not shaped), in both directions,
     with the world `dilation` times slower than real time; the figures returned are then in
     device time (real / dilation), and the same both ways: an emulated probe shapes both directions
-    with the one figure it is given (the link prober -> probed), even where the emulated link is
-    slower one way (`LinkSpec.directions`; those are declared, and deploy probes them only when
-    asked to probe every link). Without
+    with the one figure it is given (`measure.probe` runs it once per direction on an emulated
+    link slower one way). Without
     it the probe measures the real transport, in real seconds (`dilation` is ignored).
     """
     shape = _probe_shaper(emulate, dilation)
