@@ -49,9 +49,10 @@ def _search(net, objective, **budget):
 
 
 @SMALL
-@given(seed=st.integers(0, 10**6), n=st.integers(2, 6), segments=st.integers(2, 8))
-def test_topology_search_matches_exhaustive_search(seed, n, segments):
-    profile, cluster, _ = random_instance(random.Random(seed), n, segments)
+@given(seed=st.integers(0, 10**6), n=st.integers(2, 6), segments=st.integers(2, 8), one_way=st.booleans())
+def test_topology_search_matches_exhaustive_search(seed, n, segments, one_way):
+    """one_way: each direction of a pair has its own bandwidth (requests go out on one, results come back on the other)."""
+    profile, cluster, _ = random_instance(random.Random(seed), n, segments, one_way=one_way)
     optimum = exhaustive_single(profile, cluster)
     _, net = _network(profile, cluster)
     for objective in OBJECTIVES:
@@ -62,21 +63,6 @@ def test_topology_search_matches_exhaustive_search(seed, n, segments):
         assert result.exact
         assert chain_value(net, result.chain, objective) == pytest.approx(optimum[objective], rel=1e-9)
         assert result.bound <= optimum[objective]
-
-
-@SMALL
-@given(seed=st.integers(0, 10**6), n=st.integers(2, 6), segments=st.integers(2, 8))
-def test_topology_search_matches_exhaustive_search_on_links_slower_one_way(seed, n, segments):
-    profile, cluster, _ = random_instance(random.Random(seed), n, segments, one_way=True)
-    optimum = exhaustive_single(profile, cluster)
-    _, net = _network(profile, cluster)
-    for objective in OBJECTIVES:
-        result = _search(net, objective)
-        if math.isinf(optimum[objective]):
-            assert result.chain is None
-            continue
-        assert chain_value(net, result.chain, objective) == pytest.approx(optimum[objective], rel=1e-9)
-        assert result.bound <= optimum[objective] * (1 + 1e-12)
 
 
 @SMALL

@@ -25,7 +25,7 @@ from partita.runtime.handle import ClusterHandle
 from partita.runtime.keys import apply_client
 from partita.runtime.protocol import Allow, Probe, Probed, Profile, Profiled
 from partita.runtime.session import Session
-from partita.runtime.transition import link_setting
+from partita.runtime.transition import LinkSetting, link_setting
 from partita.runtime.wire import blob_tensor
 
 PROFILE_TIMEOUT_S = 600.0
@@ -257,7 +257,7 @@ def probe(session: Session, pairs: Sequence[tuple[str, str]], *,
     return links
 
 
-def _probe_one(session: Session, a: str, b: str, setting: Any) -> dict[str, Any]:
+def _probe_one(session: Session, a: str, b: str, setting: LinkSetting) -> dict[str, Any]:
     """`measure_link`'s figures of the link from a to b, shaped (when emulated) as `setting`."""
     from partita.runtime.profile import measure_link
 
